@@ -1,0 +1,36 @@
+// swift-tools-version:6.0
+// Continuum: a model server in which every user's model keeps learning.
+import PackageDescription
+
+/// Compute targets are compiled optimised even in debug builds, so `swift test`
+/// and `swift build` run the maths at full speed. The C kernels pick their
+/// AVX2/FMA/F16C path at run time, so the binary stays portable.
+let computeSettings: [SwiftSetting] = [.unsafeFlags(["-O"])]
+
+let package = Package(
+    name: "Continuum",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "continuum", targets: ["continuum"]),
+        .library(name: "Tensor", targets: ["Tensor"]),
+        .library(name: "Model", targets: ["Model"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        .systemLibrary(name: "CBLAS", path: "Sources/CBLAS"),
+        .target(name: "CKernels", cSettings: [.unsafeFlags(["-O3"])]),
+        .target(name: "Tensor", dependencies: ["CBLAS", "CKernels"], swiftSettings: computeSettings),
+        .target(name: "Model", dependencies: ["Tensor"], swiftSettings: computeSettings),
+        .executableTarget(
+            name: "continuum",
+            dependencies: ["Model", "Tensor", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
+        .testTarget(name: "TensorTests", dependencies: ["Tensor"], swiftSettings: computeSettings),
+        .testTarget(
+            name: "ModelTests", dependencies: ["Model", "Tensor"],
+            exclude: ["Fixtures"], swiftSettings: computeSettings
+        ),
+    ]
+)

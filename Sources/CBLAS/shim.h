@@ -1,0 +1,2 @@
+// The one place OpenBLAS enters Continuum: only the Tensor module imports CBLAS.
+#include <cblas.h>

@@ -1,0 +1,52 @@
+// CKernels: the hot inner loops of Continuum's quantised matrix products.
+//
+// What this is: dot products and row dequantisation for the GGUF block
+// formats (Q4_0, Q4_1, Q8_0, F16, BF16) against fp32 activations, with an
+// AVX2/FMA/F16C path chosen at run time and a portable scalar fallback.
+// What this is not: a BLAS. Only the Tensor module imports this; the naive
+// Swift reference kernels in Tensor/Reference.swift are what tests check these
+// against.
+#ifndef CONTINUUM_CKERNELS_H
+#define CONTINUUM_CKERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/// ggml type numbers of the formats these kernels understand.
+enum ck_type {
+    CK_F32 = 0,
+    CK_F16 = 1,
+    CK_Q4_0 = 2,
+    CK_Q4_1 = 3,
+    CK_Q8_0 = 8,
+    CK_BF16 = 30,
+};
+
+/// 1 when this CPU has AVX2+FMA+F16C, else 0.
+int ck_simd_level(void);
+
+/// Y[j, r] = dot(W row r, X[j, :]) for rows r in [row_begin, row_end) and
+/// vectors j in [0, n).
+///   W: rows x cols weights of `type` (row-major, GGUF block layout)
+///   X: n x cols fp32, row stride ldx
+///   Y: n x rows fp32, row stride ldy
+/// cols must be a multiple of the type's block size (32; 1 for F16/BF16/F32).
+/// use_simd: 1 for the AVX2 path (ignored where the CPU lacks it), 0 scalar.
+void ck_matmul_rows(int type, const void *W, size_t cols,
+                    size_t row_begin, size_t row_end,
+                    const float *X, size_t ldx, size_t n,
+                    float *Y, size_t ldy, int use_simd);
+
+/// Dequantise rows [row_begin, row_end) of W (rows x cols, `type`) into
+/// out (row_end-row_begin) x cols fp32, row-major.
+void ck_dequantize_rows(int type, const void *W, size_t cols,
+                        size_t row_begin, size_t row_end, float *out, int use_simd);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,140 @@
+// Generator: prompt → tokens, with stop strings, end-of-sequence, limits and
+// streaming (a callback, or an AsyncSequence).
+import Foundation
+
+/// One generated token and the text it completes (may be empty while a UTF-8
+/// character or a possible stop string is incomplete).
+public struct GeneratedToken: Sendable, Equatable {
+    public let id: Int
+    public let text: String
+}
+
+/// Why generation ended (OpenAI's finish_reason values).
+public enum FinishReason: String, Sendable, Codable {
+    /// End-of-sequence token or a stop string.
+    case stop
+    /// max_tokens or the context length was reached.
+    case length
+}
+
+/// The outcome of a generation.
+public struct GenerationResult: Sendable {
+    public let promptTokens: Int
+    public let tokens: [Int]
+    public let text: String
+    public let finishReason: FinishReason
+}
+
+/// Runs generation for one sequence.
+public struct Generator {
+    public let model: LlamaModel
+
+    public init(model: LlamaModel) {
+        self.model = model
+    }
+
+    /// Generates from `prompt` tokens, calling `onToken` as text becomes
+    /// final. Returns when a stop condition is met or `onToken` returns false.
+    @discardableResult
+    public func generate(prompt: [Int], parameters: SamplingParameters,
+                         onToken: (GeneratedToken) -> Bool = { _ in true }) throws -> GenerationResult {
+        try parameters.validate()
+        guard !prompt.isEmpty else { throw ModelInputError.empty }
+        let limit = model.configuration.maxPositionEmbeddings
+        guard prompt.count < limit else { throw ModelInputError.contextOverflow(needed: prompt.count + 1, limit: limit) }
+        var sampler = Sampler(parameters)
+        var stream = StopStringFilter(stops: parameters.stop)
+        var detok = StreamingDetokenizer(tokenizer: model.tokenizer)
+        let cache = model.makeCache()
+        var history = prompt
+        var generated: [Int] = []
+        var finish = FinishReason.length
+        var text = ""
+        if parameters.maxTokens > 0 {
+            var logits = try model.forward(tokens: prompt, cache: cache)
+            while true {
+                let next = sampler.sample(logits, history: history)
+                if model.tokenizer.eosIDs.contains(next) { finish = .stop; break }
+                generated.append(next)
+                history.append(next)
+                let (out, stopped) = stream.push(detok.append(next))
+                text += out
+                if !onToken(GeneratedToken(id: next, text: out)) || stopped {
+                    finish = .stop
+                    break
+                }
+                if generated.count >= parameters.maxTokens || cache.count + 1 > limit { break }
+                logits = try model.forward(tokens: [next], cache: cache)
+            }
+        }
+        if !stream.stopped {
+            let (tail, _) = stream.push(detok.flush(), final: true)
+            text += tail
+            if !tail.isEmpty { _ = onToken(GeneratedToken(id: -1, text: tail)) }
+        }
+        return GenerationResult(promptTokens: prompt.count, tokens: generated, text: text, finishReason: finish)
+    }
+
+    /// The same generation as an AsyncSequence of tokens, run off the caller's
+    /// task; cancelling the consumer stops generation.
+    public func stream(prompt: [Int], parameters: SamplingParameters) -> AsyncThrowingStream<GeneratedToken, Error> {
+        let model = self.model
+        return AsyncThrowingStream { continuation in
+            let task = Task.detached {
+                do {
+                    try Generator(model: model).generate(prompt: prompt, parameters: parameters) { tok in
+                        if Task.isCancelled { return false }
+                        if case .terminated = continuation.yield(tok) { return false }
+                        return true
+                    }
+                    continuation.finish()
+                } catch {
+                    continuation.finish(throwing: error)
+                }
+            }
+            continuation.onTermination = { _ in task.cancel() }
+        }
+    }
+}
+
+/// Holds back streamed text that might be the start of a stop string, and
+/// cuts the text at the first complete stop string.
+struct StopStringFilter {
+    let stops: [String]
+    private var held = ""
+    private(set) var stopped = false
+
+    init(stops: [String]) {
+        self.stops = stops
+    }
+
+    /// Adds text; returns what can be released and whether a stop string
+    /// was found (the text before it is released, the rest dropped).
+    mutating func push(_ text: String, final: Bool = false) -> (String, Bool) {
+        guard !stopped else { return ("", true) }
+        held += text
+        if stops.isEmpty { defer { held = "" }; return (held, false) }
+        var first: Range<String.Index>?
+        for s in stops {
+            if let r = held.range(of: s), first == nil || r.lowerBound < first!.lowerBound { first = r }
+        }
+        if let r = first {
+            stopped = true
+            let out = String(held[..<r.lowerBound])
+            held = ""
+            return (out, true)
+        }
+        if final { defer { held = "" }; return (held, false) }
+        // Keep the longest suffix that is a prefix of some stop string.
+        var keep = 0
+        for s in stops {
+            for n in stride(from: min(s.count - 1, held.count), to: 0, by: -1) where n > keep {
+                if held.hasSuffix(s.prefix(n)) { keep = n; break }
+            }
+        }
+        let cut = held.index(held.endIndex, offsetBy: -keep)
+        let out = String(held[..<cut])
+        held = String(held[cut...])
+        return (out, false)
+    }
+}

@@ -1,0 +1,190 @@
+// LlamaModel: the Llama-family decoder forward pass over a batch of
+// independent sequences, each with its own KV cache.
+//
+// Shape letters: T tokens in the step (all sequences), D hidden size,
+// H query heads, KVH key/value heads, HS head size, F MLP width, V vocabulary.
+import Foundation
+import Tensor
+
+/// Weights of one decoder block (read-only, shared by every sequence).
+public struct LlamaLayerWeights: Sendable {
+    public let attentionNorm: [Float]   // [D]
+    public let wq: WeightMatrix         // [H*HS, D]
+    public let wk: WeightMatrix         // [KVH*HS, D]
+    public let wv: WeightMatrix         // [KVH*HS, D]
+    public let wo: WeightMatrix         // [D, H*HS]
+    public let mlpNorm: [Float]         // [D]
+    public let wGate: WeightMatrix      // [F, D]
+    public let wUp: WeightMatrix        // [F, D]
+    public let wDown: WeightMatrix      // [D, F]
+}
+
+/// All weights of the model.
+public struct LlamaWeights: Sendable {
+    public let tokenEmbedding: WeightMatrix   // [V, D]
+    public let layers: [LlamaLayerWeights]
+    public let outputNorm: [Float]            // [D]
+    public let output: WeightMatrix           // [V, D] (the embedding when tied)
+
+    /// Bytes of weight data read for one decode step.
+    public var bytesPerToken: Int {
+        layers.reduce(output.byteCount) { s, l in
+            s + [l.wq, l.wk, l.wv, l.wo, l.wGate, l.wUp, l.wDown].reduce(0) { $0 + $1.byteCount }
+        }
+    }
+}
+
+/// Errors of running the model on bad input.
+public enum ModelInputError: Error, CustomStringConvertible, Equatable {
+    case tokenOutOfRange(Int, vocabulary: Int)
+    case contextOverflow(needed: Int, limit: Int)
+    case empty
+
+    public var description: String {
+        switch self {
+        case .tokenOutOfRange(let t, let v): "token id \(t) is outside the vocabulary (0..<\(v))"
+        case .contextOverflow(let n, let l): "sequence of \(n) tokens exceeds the model's context of \(l)"
+        case .empty: "no tokens to run"
+        }
+    }
+}
+
+/// A loaded Llama-family model: configuration, weights, tokenizer.
+public final class LlamaModel: Sendable {
+    public let configuration: LlamaConfiguration
+    public let weights: LlamaWeights
+    public let tokenizer: Tokenizer
+    public let chatTemplate: ChatTemplate
+    public let rope: Rope
+    /// Where the model was loaded from.
+    public let source: String
+
+    public init(configuration: LlamaConfiguration, weights: LlamaWeights, tokenizer: Tokenizer,
+                chatTemplate: ChatTemplate, ropeLayout: Rope.Layout, source: String) {
+        self.configuration = configuration
+        self.weights = weights
+        self.tokenizer = tokenizer
+        self.chatTemplate = chatTemplate
+        self.source = source
+        rope = Rope(headSize: configuration.headDim, base: configuration.ropeTheta, layout: ropeLayout)
+    }
+
+    /// A fresh, empty cache for one sequence.
+    public func makeCache() -> KVCache {
+        KVCache(layers: configuration.numHiddenLayers, kvDim: configuration.keyValueDim,
+                maxLength: configuration.maxPositionEmbeddings)
+    }
+
+    /// One sequence's part of a batched step.
+    public struct Step {
+        public var tokens: [Int]
+        public var cache: KVCache
+        public init(tokens: [Int], cache: KVCache) {
+            self.tokens = tokens
+            self.cache = cache
+        }
+    }
+
+    /// Runs every sequence's new tokens through the model in one step (their
+    /// rows share each weight matrix product), appends them to the caches, and
+    /// returns the final-norm hidden states: [T, D], sequences in order.
+    public func hiddenStates(_ steps: [Step]) throws -> [Float] {
+        let c = configuration
+        let d = c.hiddenSize, qDim = c.queryDim, kvDim = c.keyValueDim, f = c.intermediateSize
+        let t = steps.reduce(0) { $0 + $1.tokens.count }
+        guard t > 0 else { throw ModelInputError.empty }
+        var positions: [Int] = []
+        positions.reserveCapacity(t)
+        for s in steps {
+            for tok in s.tokens where tok < 0 || tok >= c.vocabSize {
+                throw ModelInputError.tokenOutOfRange(tok, vocabulary: c.vocabSize)
+            }
+            let needed = s.cache.count + s.tokens.count
+            guard needed <= s.cache.maxLength else { throw ModelInputError.contextOverflow(needed: needed, limit: s.cache.maxLength) }
+            positions += (s.cache.count..<needed)
+        }
+        // Activations: x [T, D] residual stream; xn [T, D]; q [T, H*HS];
+        // k, v [T, KVH*HS]; att [T, H*HS]; gate, up [T, F]; proj [T, D].
+        var x = [Float](repeating: 0, count: t * d)
+        var xn = x, proj = x
+        var q = [Float](repeating: 0, count: t * qDim), att = q
+        var k = [Float](repeating: 0, count: t * kvDim), v = k
+        var gate = [Float](repeating: 0, count: t * f), up = gate
+        x.withUnsafeMutableBufferPointer { xb in
+            var row = 0
+            for s in steps {
+                for tok in s.tokens {
+                    weights.tokenEmbedding.row(tok, into: xb.baseAddress! + row * d)
+                    row += 1
+                }
+            }
+        }
+        for s in steps { s.cache.reserve(s.tokens.count) }
+        for (l, w) in weights.layers.enumerated() {
+            // Attention block.
+            Ops.rmsNorm(x, weight: w.attentionNorm, eps: c.rmsNormEps, rows: t, dim: d, out: &xn)
+            w.wq.matmul(xn, count: t, into: &q)
+            w.wk.matmul(xn, count: t, into: &k)
+            w.wv.matmul(xn, count: t, into: &v)
+            q.withUnsafeMutableBufferPointer { rope.apply($0.baseAddress!, positions: positions, heads: c.numAttentionHeads) }
+            k.withUnsafeMutableBufferPointer { rope.apply($0.baseAddress!, positions: positions, heads: c.numKeyValueHeads) }
+            var row = 0
+            for s in steps {
+                let n = s.tokens.count, start = s.cache.count
+                let kc = s.cache.keys(l), vc = s.cache.values(l)
+                k.withUnsafeBufferPointer { kc.advanced(by: start * kvDim).update(from: $0.baseAddress! + row * kvDim, count: n * kvDim) }
+                v.withUnsafeBufferPointer { vc.advanced(by: start * kvDim).update(from: $0.baseAddress! + row * kvDim, count: n * kvDim) }
+                q.withUnsafeBufferPointer { qb in
+                    att.withUnsafeMutableBufferPointer { ab in
+                        Attention.causal(q: qb.baseAddress! + row * qDim, k: kc, v: vc, tokens: n, start: start,
+                                         heads: c.numAttentionHeads, kvHeads: c.numKeyValueHeads, headSize: c.headDim,
+                                         out: ab.baseAddress! + row * qDim)
+                    }
+                }
+                row += n
+            }
+            w.wo.matmul(att, count: t, into: &proj)
+            Ops.add(proj, into: &x, t * d)
+            // MLP block.
+            Ops.rmsNorm(x, weight: w.mlpNorm, eps: c.rmsNormEps, rows: t, dim: d, out: &xn)
+            w.wGate.matmul(xn, count: t, into: &gate)
+            w.wUp.matmul(xn, count: t, into: &up)
+            Ops.swiglu(gate: &gate, up: up, count: t * f)
+            w.wDown.matmul(gate, count: t, into: &proj)
+            Ops.add(proj, into: &x, t * d)
+        }
+        for s in steps { s.cache.advance(s.tokens.count) }
+        Ops.rmsNorm(x, weight: weights.outputNorm, eps: c.rmsNormEps, rows: t, dim: d, out: &xn)
+        return xn
+    }
+
+    /// Logits for rows of final hidden states.
+    ///   hidden: [n, D]  →  [n, V]
+    public func logits(hidden: UnsafePointer<Float>, count n: Int) -> [Float] {
+        var out = [Float](repeating: 0, count: n * configuration.vocabSize)
+        weights.output.matmul(hidden, count: n, into: &out)
+        return out
+    }
+
+    /// Runs the steps and returns each sequence's logits for its last new
+    /// token: one [V] array per step.
+    public func forward(_ steps: [Step]) throws -> [[Float]] {
+        let h = try hiddenStates(steps)
+        let d = configuration.hiddenSize
+        // Gather the last row of each sequence: [S, D].
+        var last = [Float](repeating: 0, count: steps.count * d)
+        var row = 0
+        for (i, s) in steps.enumerated() {
+            row += s.tokens.count
+            for j in 0..<d { last[i * d + j] = h[(row - 1) * d + j] }
+        }
+        let all = logits(hidden: last, count: steps.count)
+        let v = configuration.vocabSize
+        return (0..<steps.count).map { Array(all[($0 * v)..<(($0 + 1) * v)]) }
+    }
+
+    /// Logits of the last token after appending `tokens` to `cache`: [V].
+    public func forward(tokens: [Int], cache: KVCache) throws -> [Float] {
+        try forward([Step(tokens: tokens, cache: cache)])[0]
+    }
+}

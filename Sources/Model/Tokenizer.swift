@@ -1,0 +1,270 @@
+// Tokenizer: byte-level BPE (GPT-2 family), loaded from GGUF metadata or a
+// Hugging Face tokenizer.json, agreeing token for token with HF `tokenizers`.
+import Foundation
+import Synchronization
+
+/// Byte-level BPE tokenizer.
+public final class Tokenizer: Sendable {
+    /// Token strings by id: byte-level form (Ġ for space, …) for ordinary
+    /// tokens, literal content for added/special tokens.
+    public let tokens: [String]
+    /// Added tokens (special or not) that are matched in text before BPE,
+    /// by content.
+    public let addedTokens: [String: Int]
+    /// Ids of the added tokens flagged special (skipped by `decode(skipSpecial:)`).
+    public let specialIDs: Set<Int>
+    public let preTokenizer: PreTokenizer
+    /// Beginning-of-sequence token, if the model has one.
+    public let bosID: Int?
+    /// Tokens that end generation.
+    public let eosIDs: Set<Int>
+    /// When true, a piece found whole in the vocabulary is not split by BPE.
+    public let ignoreMerges: Bool
+    /// Stands for a byte the vocabulary has no token for; nil drops such
+    /// bytes (Hugging Face BPE without `unk_token`).
+    public let unknownID: Int?
+
+    private let vocab: [String: Int]
+    private let merges: [UInt64: Merge]
+    private let byteTokens: [Int]
+    private let addedByLength: [(String, Int)]
+    private let cache = Mutex<[String: [Int]]>([:])
+
+    struct Merge: Sendable {
+        let rank: Int32
+        let id: Int32
+    }
+
+    public struct LoadError: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    /// Builds a tokenizer from its vocabulary and merge list.
+    /// - Parameters:
+    ///   - tokens: token strings by id (byte-level form for ordinary tokens)
+    ///   - merges: merge rules in rank order, each a pair of token strings
+    ///   - added: ids of added tokens, with whether each is special
+    ///   - unknownID: token for bytes missing from the vocabulary (nil: drop them)
+    public init(tokens: [String], merges: [(String, String)], added: [(id: Int, special: Bool)],
+                preTokenizer: PreTokenizer, bosID: Int?, eosIDs: Set<Int>, ignoreMerges: Bool = false,
+                unknownID: Int? = nil) throws {
+        self.tokens = tokens
+        self.preTokenizer = preTokenizer
+        self.bosID = bosID
+        self.eosIDs = eosIDs
+        self.ignoreMerges = ignoreMerges
+        self.unknownID = unknownID
+        var vocab: [String: Int] = [:]
+        vocab.reserveCapacity(tokens.count)
+        for (i, t) in tokens.enumerated() where vocab[t] == nil { vocab[t] = i }
+        var addedTokens: [String: Int] = [:]
+        var specials = Set<Int>()
+        for a in added {
+            guard a.id >= 0 && a.id < tokens.count else {
+                throw LoadError(description: "added token id \(a.id) is outside the vocabulary (\(tokens.count) tokens)")
+            }
+            addedTokens[tokens[a.id]] = a.id
+            if a.special { specials.insert(a.id) }
+        }
+        self.addedTokens = addedTokens
+        specialIDs = specials
+        addedByLength = addedTokens.sorted { $0.key.utf8.count > $1.key.utf8.count }
+        // Vocabularies may lack bytes that never occur in text (0xC0, 0xF5…).
+        var byteTokens = [Int](repeating: -1, count: 256)
+        for b in 0..<256 { byteTokens[b] = vocab[String(ByteLevel.byteToScalar[b])] ?? -1 }
+        self.byteTokens = byteTokens
+        var m: [UInt64: Merge] = [:]
+        m.reserveCapacity(merges.count)
+        for (rank, (a, b)) in merges.enumerated() {
+            guard let ia = vocab[a], let ib = vocab[b], let merged = vocab[a + b] else { continue }
+            let key = UInt64(ia) << 32 | UInt64(ib)
+            if m[key] == nil { m[key] = Merge(rank: Int32(rank), id: Int32(merged)) }
+        }
+        self.vocab = vocab
+        self.merges = m
+    }
+
+    /// Number of tokens in the vocabulary.
+    public var count: Int { tokens.count }
+
+    /// The id of a token given in its stored form, if present.
+    public func id(of token: String) -> Int? { vocab[token] }
+
+    // MARK: Encoding
+
+    /// Token ids of `text`. No BOS/EOS is added. When `parseSpecial` is true,
+    /// added-token strings (such as `<|im_start|>`) in the text become their
+    /// ids, as Hugging Face tokenizers do.
+    public func encode(_ text: String, parseSpecial: Bool = true) -> [Int] {
+        var out: [Int] = []
+        if !parseSpecial || addedByLength.isEmpty {
+            encodeOrdinary(text, into: &out)
+            return out
+        }
+        var rest = Substring(text)
+        while !rest.isEmpty {
+            guard let (range, id) = firstAddedToken(in: rest) else {
+                encodeOrdinary(String(rest), into: &out)
+                break
+            }
+            if range.lowerBound > rest.startIndex { encodeOrdinary(String(rest[..<range.lowerBound]), into: &out) }
+            out.append(id)
+            rest = rest[range.upperBound...]
+        }
+        return out
+    }
+
+    /// Leftmost added token in `s`; the longest one where several start there.
+    private func firstAddedToken(in s: Substring) -> (Range<Substring.Index>, Int)? {
+        var best: (Range<Substring.Index>, Int)?
+        for (content, id) in addedByLength {
+            guard let r = s.range(of: content) else { continue }
+            if best == nil || r.lowerBound < best!.0.lowerBound { best = (r, id) }
+        }
+        return best
+    }
+
+    private func encodeOrdinary(_ text: String, into out: inout [Int]) {
+        for piece in preTokenizer.split(text) {
+            let key = String(piece)
+            if let hit = cache.withLock({ $0[key] }) {
+                out.append(contentsOf: hit)
+                continue
+            }
+            let ids = bpe(Array(key.utf8))
+            cache.withLock { c in
+                if c.count > 100_000 { c.removeAll(keepingCapacity: true) }
+                c[key] = ids
+            }
+            out.append(contentsOf: ids)
+        }
+    }
+
+    /// Byte-level BPE of one piece: repeatedly merge the adjacent pair of
+    /// lowest rank (leftmost on ties).
+    func bpe(_ bytes: [UInt8]) -> [Int] {
+        if ignoreMerges, let whole = vocab[String(String.UnicodeScalarView(bytes.map { ByteLevel.byteToScalar[Int($0)] }))] {
+            return [whole]
+        }
+        var syms: [Int] = []
+        syms.reserveCapacity(bytes.count)
+        for b in bytes {
+            let id = byteTokens[Int(b)]
+            if id >= 0 { syms.append(id) } else if let u = unknownID { syms.append(u) }
+        }
+        while syms.count > 1 {
+            var bestRank = Int32.max, bestAt = -1, bestID: Int32 = 0
+            for i in 0..<(syms.count - 1) {
+                if let m = merges[UInt64(syms[i]) << 32 | UInt64(syms[i + 1])], m.rank < bestRank {
+                    bestRank = m.rank
+                    bestAt = i
+                    bestID = m.id
+                }
+            }
+            if bestAt < 0 { break }
+            syms[bestAt] = Int(bestID)
+            syms.remove(at: bestAt + 1)
+        }
+        return syms
+    }
+
+    // MARK: Decoding
+
+    /// The bytes token `id` stands for (its content for added tokens).
+    public func bytes(of id: Int) -> [UInt8] {
+        guard id >= 0 && id < tokens.count else { return [] }
+        let t = tokens[id]
+        if addedTokens[t] == id { return Array(t.utf8) }
+        var out: [UInt8] = []
+        out.reserveCapacity(t.utf8.count)
+        for s in t.unicodeScalars {
+            if let b = ByteLevel.scalarToByte[s] { out.append(b) } else { out.append(contentsOf: String(s).utf8) }
+        }
+        return out
+    }
+
+    /// The UTF-8 bytes of `ids` (special tokens left out when `skipSpecial`).
+    public func decodeBytes(_ ids: [Int], skipSpecial: Bool = false) -> [UInt8] {
+        var out: [UInt8] = []
+        for id in ids where !(skipSpecial && specialIDs.contains(id)) { out += bytes(of: id) }
+        return out
+    }
+
+    /// Text of `ids`; invalid UTF-8 becomes U+FFFD.
+    public func decode(_ ids: [Int], skipSpecial: Bool = false) -> String {
+        String(decoding: decodeBytes(ids, skipSpecial: skipSpecial), as: UTF8.self)
+    }
+}
+
+/// GPT-2's reversible byte ↔ printable-character map.
+public enum ByteLevel {
+    public static let byteToScalar: [Unicode.Scalar] = {
+        var table = [Unicode.Scalar](repeating: " ", count: 256)
+        var n: UInt32 = 0
+        for b in 0..<256 {
+            let printable = (33...126).contains(b) || (161...172).contains(b) || (174...255).contains(b)
+            if printable {
+                table[b] = Unicode.Scalar(UInt32(b))!
+            } else {
+                table[b] = Unicode.Scalar(256 + n)!
+                n += 1
+            }
+        }
+        return table
+    }()
+
+    public static let scalarToByte: [Unicode.Scalar: UInt8] = {
+        var m: [Unicode.Scalar: UInt8] = [:]
+        for (b, s) in byteToScalar.enumerated() { m[s] = UInt8(b) }
+        return m
+    }()
+}
+
+/// Turns a stream of token ids into text pieces that never split a UTF-8
+/// character: bytes of an incomplete character are held until it completes.
+public struct StreamingDetokenizer {
+    let tokenizer: Tokenizer
+    let skipSpecial: Bool
+    var pending: [UInt8] = []
+
+    public init(tokenizer: Tokenizer, skipSpecial: Bool = true) {
+        self.tokenizer = tokenizer
+        self.skipSpecial = skipSpecial
+    }
+
+    /// Feeds one token; returns the text that is now complete (maybe empty).
+    public mutating func append(_ id: Int) -> String {
+        if skipSpecial && tokenizer.specialIDs.contains(id) { return "" }
+        pending += tokenizer.bytes(of: id)
+        let cut = Self.completePrefixLength(pending)
+        guard cut > 0 else { return "" }
+        let text = String(decoding: pending[..<cut], as: UTF8.self)
+        pending.removeFirst(cut)
+        return text
+    }
+
+    /// Whatever is still held, with incomplete characters as U+FFFD.
+    public mutating func flush() -> String {
+        defer { pending.removeAll() }
+        return pending.isEmpty ? "" : String(decoding: pending, as: UTF8.self)
+    }
+
+    /// Length of the longest prefix that does not end inside a UTF-8
+    /// sequence which later bytes could still complete.
+    static func completePrefixLength(_ b: [UInt8]) -> Int {
+        let n = b.count
+        // Look back at most 3 bytes for the lead byte of a trailing sequence.
+        var i = n - 1
+        var back = 0
+        while i >= 0 && back < 4 {
+            let c = b[i]
+            if c & 0xC0 != 0x80 {
+                let need = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1
+                return (n - i) < need ? i : n
+            }
+            i -= 1
+            back += 1
+        }
+        return n
+    }
+}

@@ -1,0 +1,84 @@
+// Attention: causal grouped-query attention of new tokens over a KV cache.
+import CBLAS
+import Foundation
+
+public enum Attention {
+    /// Causal attention for one sequence: T new tokens at positions
+    /// start..<start+T attend to cache positions 0...start+t.
+    ///   q:   [T, H*HS]      queries of the new tokens (after RoPE)
+    ///   k,v: [L, KVH*HS]    the sequence's cache, L = start + T
+    ///   out: [T, H*HS]      (overwritten)
+    /// Query head h reads key/value head h / (H / KVH).
+    public static func causal(q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>,
+                              tokens t: Int, start: Int, heads: Int, kvHeads: Int, headSize hs: Int,
+                              out: UnsafeMutablePointer<Float>) {
+        let l = start + t
+        let qDim = heads * hs, kvDim = kvHeads * hs
+        let group = heads / kvHeads
+        let scale = 1 / Float(hs).squareRoot()
+        if t >= 16 {
+            // Prefill: two sgemms per head.
+            let scores = UnsafeMutablePointer<Float>.allocate(capacity: t * l)
+            defer { scores.deallocate() }
+            for h in 0..<heads {
+                let kvh = h / group
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(t), Int32(l), Int32(hs),
+                            scale, q + h * hs, Int32(qDim), k + kvh * hs, Int32(kvDim), 0, scores, Int32(l))
+                Parallel.forEachChunk(t, minChunk: 16) { rows in
+                    for r in rows {
+                        let row = scores + r * l
+                        let visible = start + r + 1
+                        Ops.softmax(row, visible)
+                        for j in visible..<l { row[j] = 0 }
+                    }
+                }
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(t), Int32(hs), Int32(l),
+                            1, scores, Int32(l), v + kvh * hs, Int32(kvDim), 0, out + h * hs, Int32(qDim))
+            }
+        } else {
+            // Decode: per-head dot products, heads in parallel.
+            Parallel.forEachChunk(heads * t, minChunk: 1) { range in
+                let scores = UnsafeMutablePointer<Float>.allocate(capacity: l)
+                defer { scores.deallocate() }
+                for item in range {
+                    let r = item / heads, h = item % heads
+                    let kvh = h / group
+                    let qh = q + r * qDim + h * hs
+                    let visible = start + r + 1
+                    for j in 0..<visible { scores[j] = Ops.dot(qh, k + j * kvDim + kvh * hs, hs) * scale }
+                    Ops.softmax(scores, visible)
+                    let o = out + r * qDim + h * hs
+                    for i in 0..<hs { o[i] = 0 }
+                    for j in 0..<visible { Ops.axpy(scores[j], v + j * kvDim + kvh * hs, o, hs) }
+                }
+            }
+        }
+    }
+
+    /// The textbook definition, in Double, for tests.
+    public static func reference(q: [Float], k: [Float], v: [Float], tokens t: Int, start: Int,
+                                 heads: Int, kvHeads: Int, headSize hs: Int) -> [Float] {
+        let l = start + t, qDim = heads * hs, kvDim = kvHeads * hs
+        var out = [Float](repeating: 0, count: t * qDim)
+        for r in 0..<t {
+            for h in 0..<heads {
+                let kvh = h / (heads / kvHeads)
+                var s = [Double](repeating: -.infinity, count: l)
+                for j in 0...(start + r) {
+                    var d = 0.0
+                    for i in 0..<hs { d += Double(q[r * qDim + h * hs + i]) * Double(k[j * kvDim + kvh * hs + i]) }
+                    s[j] = d / Double(hs).squareRoot()
+                }
+                let m = s.max()!
+                let e = s.map { exp($0 - m) }
+                let z = e.reduce(0, +)
+                for i in 0..<hs {
+                    var acc = 0.0
+                    for j in 0..<l { acc += e[j] / z * Double(v[j * kvDim + kvh * hs + i]) }
+                    out[r * qDim + h * hs + i] = Float(acc)
+                }
+            }
+        }
+        return out
+    }
+}

@@ -1,0 +1,147 @@
+// Ops: the element-wise and normalisation kernels of a Llama block.
+//
+// Shape letters: T tokens in the step, D model width, H heads, HS head size,
+// F feed-forward width, L key/value positions, V vocabulary.
+// Every buffer argument states its shape; all buffers are row-major fp32.
+import Foundation
+
+public enum Ops {
+    // MARK: SIMD helpers
+
+    /// Σ a[i]·b[i] over n elements.
+    @inlinable
+    public static func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) -> Float {
+        var acc0 = SIMD8<Float>(), acc1 = SIMD8<Float>()
+        var i = 0
+        let ra = UnsafeRawPointer(a), rb = UnsafeRawPointer(b)
+        while i + 16 <= n {
+            acc0 += ra.loadUnaligned(fromByteOffset: 4 * i, as: SIMD8<Float>.self)
+                * rb.loadUnaligned(fromByteOffset: 4 * i, as: SIMD8<Float>.self)
+            acc1 += ra.loadUnaligned(fromByteOffset: 4 * i + 32, as: SIMD8<Float>.self)
+                * rb.loadUnaligned(fromByteOffset: 4 * i + 32, as: SIMD8<Float>.self)
+            i += 16
+        }
+        var s = (acc0 + acc1).sum()
+        while i < n { s += a[i] * b[i]; i += 1 }
+        return s
+    }
+
+    /// y[i] += a · x[i] over n elements.
+    @inlinable
+    public static func axpy(_ a: Float, _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ n: Int) {
+        var i = 0
+        let av = SIMD8<Float>(repeating: a)
+        let rx = UnsafeRawPointer(x), ry = UnsafeMutableRawPointer(y)
+        while i + 8 <= n {
+            let v = ry.loadUnaligned(fromByteOffset: 4 * i, as: SIMD8<Float>.self)
+                + av * rx.loadUnaligned(fromByteOffset: 4 * i, as: SIMD8<Float>.self)
+            ry.storeBytes(of: v, toByteOffset: 4 * i, as: SIMD8<Float>.self)
+            i += 8
+        }
+        while i < n { y[i] += a * x[i]; i += 1 }
+    }
+
+    /// y += x over n elements (the residual connection).
+    @inlinable
+    public static func add(_ x: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, _ n: Int) {
+        for i in 0..<n { y[i] += x[i] }
+    }
+
+    // MARK: RMSNorm
+
+    /// out[t] = x[t] / sqrt(mean(x[t]²) + eps) * weight, as Hugging Face's
+    /// LlamaRMSNorm computes it in fp32.
+    ///   x: [T, D]   weight: [D]   out: [T, D] (may alias x)
+    public static func rmsNorm(_ x: UnsafePointer<Float>, weight: UnsafePointer<Float>, eps: Float,
+                               rows t: Int, dim d: Int, out: UnsafeMutablePointer<Float>) {
+        for r in 0..<t {
+            let xr = x + r * d, o = out + r * d
+            let ms = dot(xr, xr, d) / Float(d)
+            let scale = 1 / (ms + eps).squareRoot()
+            for i in 0..<d { o[i] = (xr[i] * scale) * weight[i] }
+        }
+    }
+
+    // MARK: SwiGLU
+
+    /// gate[i] = silu(gate[i]) * up[i], silu(z) = z / (1 + e^-z).
+    ///   gate: [T, F] (overwritten)   up: [T, F]
+    public static func swiglu(gate: UnsafeMutablePointer<Float>, up: UnsafePointer<Float>, count n: Int) {
+        for i in 0..<n {
+            let g = gate[i]
+            gate[i] = g / (1 + expf(-g)) * up[i]
+        }
+    }
+
+    // MARK: Softmax
+
+    /// In-place softmax over n elements; returns nothing, max-subtracted.
+    public static func softmax(_ x: UnsafeMutablePointer<Float>, _ n: Int) {
+        var m = -Float.infinity
+        for i in 0..<n where x[i] > m { m = x[i] }
+        var s: Float = 0
+        for i in 0..<n {
+            let e = expf(x[i] - m)
+            x[i] = e
+            s += e
+        }
+        let inv = 1 / s
+        for i in 0..<n { x[i] *= inv }
+    }
+}
+
+/// Rotary position embedding tables and their application.
+public struct Rope: Sendable {
+    /// Which rows of a head form a rotated pair.
+    public enum Layout: Sendable {
+        /// (2i, 2i+1): llama.cpp's layout, used by GGUF files whose Q/K rows
+        /// the converter permuted.
+        case adjacentPairs
+        /// (i, i+HS/2): Hugging Face's rotate_half layout.
+        case halfSplit
+    }
+
+    public let headSize: Int
+    public let base: Float
+    public let layout: Layout
+    /// inv_freq[i] = 1 / base^(2i/HS), computed in fp32 as transformers does.
+    public let inverseFrequencies: [Float]
+
+    public init(headSize: Int, base: Float, layout: Layout) {
+        self.headSize = headSize
+        self.base = base
+        self.layout = layout
+        inverseFrequencies = (0..<(headSize / 2)).map { i in 1 / powf(base, Float(2 * i) / Float(headSize)) }
+    }
+
+    /// Rotates each head of each token by its position.
+    ///   x: [T, heads*HS] (in place)   positions: [T]
+    public func apply(_ x: UnsafeMutablePointer<Float>, positions: [Int], heads: Int) {
+        let half = headSize / 2
+        var cosT = [Float](repeating: 0, count: half), sinT = cosT
+        for (t, pos) in positions.enumerated() {
+            for i in 0..<half {
+                let angle = Float(pos) * inverseFrequencies[i]
+                cosT[i] = cosf(angle)
+                sinT[i] = sinf(angle)
+            }
+            for h in 0..<heads {
+                let v = x + (t * heads + h) * headSize
+                switch layout {
+                case .adjacentPairs:
+                    for i in 0..<half {
+                        let a = v[2 * i], b = v[2 * i + 1]
+                        v[2 * i] = a * cosT[i] - b * sinT[i]
+                        v[2 * i + 1] = b * cosT[i] + a * sinT[i]
+                    }
+                case .halfSplit:
+                    for i in 0..<half {
+                        let a = v[i], b = v[i + half]
+                        v[i] = a * cosT[i] - b * sinT[i]
+                        v[i + half] = b * cosT[i] + a * sinT[i]
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,108 @@
+// WeightMatrix: a read-only [rows, cols] weight tensor in any supported
+// format, and the matrix products the model needs from it.
+import CBLAS
+import CKernels
+
+/// A read-only 2-D weight tensor, row-major: `rows` rows of `cols` elements,
+/// stored in `type`'s block layout at `data` (for example memory-mapped from a
+/// GGUF file). `owner` keeps that storage alive.
+public struct WeightMatrix: @unchecked Sendable {
+    public let type: WeightType
+    public let rows: Int
+    public let cols: Int
+    public let data: UnsafeRawPointer
+    public let owner: AnyObject?
+
+    /// Batches at least this large use dequantise-and-sgemm; smaller ones the
+    /// quantised dot-product kernels, which read each weight byte once.
+    public static let gemmThreshold = 8
+
+    public init(type: WeightType, rows: Int, cols: Int, data: UnsafeRawPointer, owner: AnyObject?) {
+        precondition(cols % type.blockSize == 0, "row length \(cols) is not a multiple of \(type)'s block size")
+        self.type = type
+        self.rows = rows
+        self.cols = cols
+        self.data = data
+        self.owner = owner
+    }
+
+    /// Bytes one row takes.
+    public var rowBytes: Int { type.byteCount(elements: cols) }
+
+    /// Bytes the whole matrix takes.
+    public var byteCount: Int { rowBytes * rows }
+
+    /// y = x · Wᵀ.
+    ///   x: [n, cols] fp32, row-major
+    ///   y: [n, rows] fp32, row-major (overwritten)
+    ///   kernels: which kernel implementation to use (tests compare both)
+    public func matmul(_ x: UnsafePointer<Float>, count n: Int, into y: UnsafeMutablePointer<Float>,
+                       kernels: KernelPath = .simd) {
+        if type == .f32 && kernels == .simd {
+            let w = data.assumingMemoryBound(to: Float.self)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(n), Int32(rows), Int32(cols),
+                        1, x, Int32(cols), w, Int32(cols), 0, y, Int32(rows))
+        } else if n < Self.gemmThreshold || kernels == .scalar {
+            let t = Int32(type.rawValue), simd = kernels.flag
+            Parallel.forEachChunk(rows, minChunk: 32) { r in
+                ck_matmul_rows(t, data, cols, r.lowerBound, r.upperBound, x, cols, n, y, rows, simd)
+            }
+        } else {
+            gemmByChunks(x, count: n, into: y)
+        }
+    }
+
+    /// Dequantises row blocks into a bounded scratch buffer and multiplies
+    /// each with sgemm: the prefill path.
+    private func gemmByChunks(_ x: UnsafePointer<Float>, count n: Int, into y: UnsafeMutablePointer<Float>) {
+        let chunkRows = min(rows, max(64, (1 << 20) / cols))
+        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: chunkRows * cols)
+        defer { scratch.deallocate() }
+        var start = 0
+        while start < rows {
+            let count = min(chunkRows, rows - start)
+            dequantizeRows(start..<(start + count), into: scratch)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(n), Int32(count), Int32(cols),
+                        1, x, Int32(cols), scratch, Int32(cols), 0, y + start, Int32(rows))
+            start += count
+        }
+    }
+
+    /// Dequantises rows `range` into `out`: [range.count, cols] fp32.
+    public func dequantizeRows(_ range: Range<Int>, into out: UnsafeMutablePointer<Float>,
+                               kernels: KernelPath = .simd) {
+        precondition(range.lowerBound >= 0 && range.upperBound <= rows)
+        let t = Int32(type.rawValue), simd = kernels.flag
+        Parallel.forEachChunk(range.count, minChunk: 64) { r in
+            ck_dequantize_rows(t, data, cols, range.lowerBound + r.lowerBound, range.lowerBound + r.upperBound,
+                               out + r.lowerBound * cols, simd)
+        }
+    }
+
+    /// Dequantises one row (an embedding lookup): out is [cols] fp32.
+    public func row(_ r: Int, into out: UnsafeMutablePointer<Float>) {
+        precondition(r >= 0 && r < rows, "row \(r) out of range 0..<\(rows)")
+        ck_dequantize_rows(Int32(type.rawValue), data, cols, r, r + 1, out, 1)
+    }
+
+    /// The whole matrix as fp32, row-major [rows, cols].
+    public func dequantized(kernels: KernelPath = .simd) -> [Float] {
+        [Float](unsafeUninitializedCapacity: rows * cols) { buf, count in
+            dequantizeRows(0..<rows, into: buf.baseAddress!, kernels: kernels)
+            count = rows * cols
+        }
+    }
+}
+
+/// Which implementation of the quantised kernels to run.
+public enum KernelPath: Sendable {
+    /// AVX2/FMA/F16C where the CPU has them (else scalar), sgemm for batches.
+    case simd
+    /// The portable scalar C loops, one row at a time (the fallback).
+    case scalar
+
+    /// True when this CPU runs the AVX2/FMA/F16C kernels.
+    public static var simdAvailable: Bool { ck_simd_level() != 0 }
+
+    var flag: Int32 { self == .simd ? 1 : 0 }
+}

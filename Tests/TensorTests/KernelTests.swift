@@ -1,0 +1,158 @@
+// Kernel tests: every fast kernel against the naive reference beside it.
+import Foundation
+import Testing
+@testable import Tensor
+
+/// Deterministic pseudo-random numbers for test data.
+struct TestRNG {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        state = state &* 6364136223846793005 &+ 1442695040888963407
+        return state >> 11
+    }
+    mutating func float(_ lo: Float = -1, _ hi: Float = 1) -> Float {
+        lo + (hi - lo) * Float(next() % 1_000_000) / 1_000_000
+    }
+    mutating func byte() -> UInt8 { UInt8(truncatingIfNeeded: next()) }
+}
+
+/// Owns the bytes of a random weight matrix of a given type.
+final class RandomWeights {
+    let bytes: UnsafeMutableRawPointer
+    let matrix: WeightMatrix
+
+    init(_ type: WeightType, rows: Int, cols: Int, seed: UInt64) {
+        var rng = TestRNG(state: seed)
+        let n = type.byteCount(elements: rows * cols)
+        bytes = UnsafeMutableRawPointer.allocate(byteCount: n, alignment: 64)
+        func half(_ x: Float) -> UInt16 { Float16(x).bitPattern }
+        switch type {
+        case .f32:
+            for i in 0..<(rows * cols) { bytes.storeBytes(of: rng.float(), toByteOffset: 4 * i, as: Float.self) }
+        case .f16:
+            for i in 0..<(rows * cols) { bytes.storeBytes(of: half(rng.float()), toByteOffset: 2 * i, as: UInt16.self) }
+        case .bf16:
+            for i in 0..<(rows * cols) {
+                bytes.storeBytes(of: UInt16(rng.float().bitPattern >> 16), toByteOffset: 2 * i, as: UInt16.self)
+            }
+        case .q4_0, .q4_1, .q8_0:
+            for i in 0..<n { bytes.storeBytes(of: rng.byte(), toByteOffset: i, as: UInt8.self) }
+            // Sensible scales (random bytes would give NaN/Inf halves).
+            for b in 0..<(rows * cols / 32) {
+                let o = b * type.bytesPerBlock
+                bytes.storeBytes(of: half(rng.float(0.001, 0.05)), toByteOffset: o, as: UInt16.self)
+                if type == .q4_1 { bytes.storeBytes(of: half(rng.float(-0.2, 0.2)), toByteOffset: o + 2, as: UInt16.self) }
+            }
+        }
+        matrix = WeightMatrix(type: type, rows: rows, cols: cols, data: bytes, owner: nil)
+    }
+
+    deinit { bytes.deallocate() }
+}
+
+let allTypes: [WeightType] = [.f32, .f16, .bf16, .q4_0, .q4_1, .q8_0]
+
+@Suite("Quantised kernels")
+struct QuantKernelTests {
+    @Test("dequantisation equals the reference exactly", arguments: allTypes)
+    func dequantize(type: WeightType) {
+        let w = RandomWeights(type, rows: 7, cols: 96, seed: 1)
+        let reference = Reference.dequantize(type, w.matrix.data, count: 7 * 96)
+        #expect(w.matrix.dequantized(kernels: .simd) == reference)
+        #expect(w.matrix.dequantized(kernels: .scalar) == reference)
+    }
+
+    @Test("matmul matches the Double reference on every path", arguments: allTypes, [1, 3, 9, 40])
+    func matmul(type: WeightType, n: Int) {
+        let rows = 70, cols = 160
+        let w = RandomWeights(type, rows: rows, cols: cols, seed: 2)
+        var rng = TestRNG(state: 3)
+        let x = (0..<(n * cols)).map { _ in rng.float() }
+        let reference = Reference.matmul(w.matrix, x, count: n)
+        let scale = reference.map(abs).max()!
+        for path in [KernelPath.simd, .scalar] {
+            var y = [Float](repeating: .nan, count: n * rows)
+            w.matrix.matmul(x, count: n, into: &y, kernels: path)
+            let err = zip(y, reference).map { abs($0 - $1) }.max()!
+            #expect(err <= 1e-5 * scale, "\(type) n=\(n) \(path): max |Δ| \(err) vs scale \(scale)")
+        }
+    }
+
+    @Test("the SIMD path is in use on this machine")
+    func simdAvailable() {
+        #if arch(x86_64)
+        #expect(KernelPath.simdAvailable, "AVX2/FMA/F16C kernels were not selected")
+        #endif
+    }
+}
+
+@Suite("Block kernels")
+struct BlockKernelTests {
+    @Test("causal attention matches the textbook definition", arguments: [(1, 0), (1, 37), (5, 3), (24, 0), (20, 11)])
+    func attention(t: Int, start: Int) {
+        let heads = 6, kvHeads = 2, hs = 16
+        var rng = TestRNG(state: UInt64(t * 100 + start))
+        let l = start + t
+        let q = (0..<(t * heads * hs)).map { _ in rng.float() }
+        let k = (0..<(l * kvHeads * hs)).map { _ in rng.float() }
+        let v = (0..<(l * kvHeads * hs)).map { _ in rng.float() }
+        var out = [Float](repeating: .nan, count: t * heads * hs)
+        Attention.causal(q: q, k: k, v: v, tokens: t, start: start, heads: heads, kvHeads: kvHeads, headSize: hs, out: &out)
+        let ref = Attention.reference(q: q, k: k, v: v, tokens: t, start: start, heads: heads, kvHeads: kvHeads, headSize: hs)
+        let err = zip(out, ref).map { abs($0 - $1) }.max()!
+        #expect(err < 1e-5, "max |Δ| \(err)")
+    }
+
+    @Test("RMSNorm matches a Double computation")
+    func rmsNorm() {
+        var rng = TestRNG(state: 9)
+        let d = 100, t = 3
+        let x = (0..<(t * d)).map { _ in rng.float(-3, 3) }
+        let w = (0..<d).map { _ in rng.float(0.5, 1.5) }
+        var out = [Float](repeating: 0, count: t * d)
+        Ops.rmsNorm(x, weight: w, eps: 1e-5, rows: t, dim: d, out: &out)
+        for r in 0..<t {
+            let ms = (0..<d).reduce(0.0) { $0 + Double(x[r * d + $1]) * Double(x[r * d + $1]) } / Double(d)
+            for i in 0..<d {
+                let expected = Double(x[r * d + i]) / (ms + 1e-5).squareRoot() * Double(w[i])
+                #expect(abs(Double(out[r * d + i]) - expected) < 1e-5)
+            }
+        }
+    }
+
+    @Test("RoPE layouts agree under llama.cpp's Q/K row permutation")
+    func ropeLayouts() {
+        let hs = 8, heads = 2
+        var rng = TestRNG(state: 5)
+        let x = (0..<(heads * hs)).map { _ in rng.float() }
+        // llama.cpp stores HF row i (first half) at 2i and row i+HS/2 at 2i+1.
+        var permuted = x
+        for h in 0..<heads {
+            for i in 0..<(hs / 2) {
+                permuted[h * hs + 2 * i] = x[h * hs + i]
+                permuted[h * hs + 2 * i + 1] = x[h * hs + i + hs / 2]
+            }
+        }
+        var a = x, b = permuted
+        Rope(headSize: hs, base: 10000, layout: .halfSplit).apply(&a, positions: [17], heads: heads)
+        Rope(headSize: hs, base: 10000, layout: .adjacentPairs).apply(&b, positions: [17], heads: heads)
+        for h in 0..<heads {
+            for i in 0..<(hs / 2) {
+                #expect(a[h * hs + i] == b[h * hs + 2 * i])
+                #expect(a[h * hs + i + hs / 2] == b[h * hs + 2 * i + 1])
+            }
+        }
+        // Position 0 is the identity.
+        var c = x
+        Rope(headSize: hs, base: 10000, layout: .halfSplit).apply(&c, positions: [0], heads: heads)
+        #expect(c == x)
+    }
+
+    @Test("softmax sums to one and keeps order")
+    func softmax() {
+        var x: [Float] = [1, 3, 2, -100, 0]
+        Ops.softmax(&x, x.count)
+        #expect(abs(x.reduce(0, +) - 1) < 1e-6)
+        #expect(x[1] > x[2] && x[2] > x[0] && x[0] > x[4] && x[4] > x[3])
+    }
+}
