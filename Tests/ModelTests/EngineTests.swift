@@ -1,0 +1,183 @@
+// Engine behaviour: batching independent sequences, sampling, generation limits.
+import Foundation
+import Testing
+import Tensor
+@testable import Model
+
+@Suite("Engine")
+struct EngineTests {
+    @Test("a batch of sequences gives each sequence's own logits")
+    func batch() throws {
+        let model = try SharedModel.get()
+        let t = model.tokenizer
+        let prompts = ["The capital of France is", "def add(a, b):", "Once upon a time, in a land far away,"].map { t.encode($0) }
+        // Alone.
+        var alone: [[Float]] = []
+        var aloneCaches: [KVCache] = []
+        for p in prompts {
+            let c = model.makeCache()
+            alone.append(try model.forward(tokens: p, cache: c))
+            aloneCaches.append(c)
+        }
+        // Together: three prefills in one step.
+        let caches = prompts.map { _ in model.makeCache() }
+        let together = try model.forward(zip(prompts, caches).map { LlamaModel.Step(tokens: $0, cache: $1) })
+        for i in prompts.indices {
+            let scale = alone[i].map(abs).max()!
+            #expect(maxAbsDiff(together[i][...], alone[i][...]) <= 1e-4 * scale)
+            #expect(caches[i].count == prompts[i].count)
+        }
+        // Then one decode step for all three at once (each with its own next token)
+        // equals three separate decode steps, bit for bit.
+        let next = alone.map { Sampler.argmax($0) }
+        let stepped = try model.forward(zip(next, caches).map { LlamaModel.Step(tokens: [$0], cache: $1) })
+        for i in prompts.indices {
+            let single = try model.forward(tokens: [next[i]], cache: aloneCaches[i])
+            let scale = single.map(abs).max()!
+            #expect(maxAbsDiff(stepped[i][...], single[...]) <= 1e-4 * scale)
+            #expect(Sampler.argmax(stepped[i]) == Sampler.argmax(single))
+        }
+    }
+
+    @Test("prefill in one step equals token-by-token decode")
+    func prefillVersusDecode() throws {
+        let model = try SharedModel.get()
+        let ids = model.tokenizer.encode("A quick brown fox jumps over the lazy dog and keeps running")
+        let whole = try model.forward(tokens: ids, cache: model.makeCache())
+        let cache = model.makeCache()
+        var last: [Float] = []
+        for id in ids { last = try model.forward(tokens: [id], cache: cache) }
+        let scale = whole.map(abs).max()!
+        #expect(maxAbsDiff(whole[...], last[...]) <= 1e-3 * scale)
+        #expect(Sampler.argmax(whole) == Sampler.argmax(last))
+    }
+
+    @Test("bad input is rejected with a clear error")
+    func badInput() throws {
+        let model = try SharedModel.get()
+        #expect(throws: ModelInputError.tokenOutOfRange(49152, vocabulary: 49152)) {
+            try model.forward(tokens: [1, 49152], cache: model.makeCache())
+        }
+        #expect(throws: ModelInputError.empty) { try model.forward(tokens: [], cache: model.makeCache()) }
+        let small = KVCache(layers: model.configuration.numHiddenLayers, kvDim: model.configuration.keyValueDim, maxLength: 4)
+        #expect(throws: ModelInputError.contextOverflow(needed: 5, limit: 4)) {
+            try model.forward(tokens: [1, 2, 3, 4, 5], cache: small)
+        }
+    }
+
+    @Test("same seed gives the same text; different seeds differ")
+    func seeds() throws {
+        let model = try SharedModel.get()
+        let prompt = model.tokenizer.encode("Write a short poem about the sea:")
+        var p = SamplingParameters()
+        p.temperature = 1.0
+        p.topK = 0
+        p.topP = 1
+        p.minP = 0
+        p.maxTokens = 24
+        p.seed = 42
+        let g = Generator(model: model)
+        let a = try g.generate(prompt: prompt, parameters: p)
+        let b = try g.generate(prompt: prompt, parameters: p)
+        #expect(a.tokens == b.tokens)
+        p.seed = 43
+        let c = try g.generate(prompt: prompt, parameters: p)
+        #expect(c.tokens != a.tokens)
+    }
+
+    @Test("top-k 1 and min-p near 1 are greedy")
+    func truncationIsGreedy() throws {
+        let model = try SharedModel.get()
+        let prompt = model.tokenizer.encode("The capital of France is")
+        var greedy = SamplingParameters()
+        greedy.temperature = 0
+        greedy.maxTokens = 12
+        let g = Generator(model: model)
+        let reference = try g.generate(prompt: prompt, parameters: greedy).tokens
+        var k1 = greedy
+        k1.temperature = 1.5
+        k1.topK = 1
+        k1.seed = 7
+        #expect(try g.generate(prompt: prompt, parameters: k1).tokens == reference)
+        var mp = greedy
+        mp.temperature = 1.0
+        mp.topK = 0
+        mp.minP = 0.999
+        mp.seed = 7
+        #expect(try g.generate(prompt: prompt, parameters: mp).tokens == reference)
+    }
+
+    @Test("max tokens, stop strings and streaming agree")
+    func limitsAndStops() throws {
+        let model = try SharedModel.get()
+        let prompt = model.tokenizer.encode("The capital of France is")
+        var p = SamplingParameters()
+        p.temperature = 0
+        p.maxTokens = 5
+        let g = Generator(model: model)
+        let five = try g.generate(prompt: prompt, parameters: p)
+        #expect(five.tokens.count == 5)
+        #expect(five.finishReason == .length)
+        // Greedy continues " Paris.\n\nThe answer is:" — stop at "answer".
+        p.maxTokens = 30
+        p.stop = ["answer"]
+        var streamed = ""
+        let stopped = try g.generate(prompt: prompt, parameters: p) { tok in
+            streamed += tok.text
+            return true
+        }
+        #expect(stopped.finishReason == .stop)
+        #expect(stopped.text == " Paris.\n\nThe ")
+        #expect(streamed == stopped.text)
+        // The callback can stop generation.
+        var count = 0
+        let early = try g.generate(prompt: prompt, parameters: p) { _ in
+            count += 1
+            return count < 2
+        }
+        #expect(early.tokens.count == 2)
+    }
+
+    @Test("the AsyncSequence streams the same tokens as the callback")
+    func asyncStream() async throws {
+        let model = try SharedModel.get()
+        let prompt = model.tokenizer.encode("Hello, my name is")
+        var p = SamplingParameters()
+        p.temperature = 0
+        p.maxTokens = 10
+        let direct = try Generator(model: model).generate(prompt: prompt, parameters: p)
+        var ids: [Int] = []
+        var text = ""
+        for try await tok in Generator(model: model).stream(prompt: prompt, parameters: p) {
+            if tok.id >= 0 { ids.append(tok.id) }
+            text += tok.text
+        }
+        #expect(ids == direct.tokens)
+        #expect(text == direct.text)
+    }
+
+    @Test("invalid sampling parameters are rejected")
+    func invalidParameters() throws {
+        for json in [#"{"temperature": -1}"#, #"{"top_p": 0}"#, #"{"min_p": 1.5}"#, #"{"max_tokens": -3}"#, #"{"stop": [""]}"#] {
+            #expect(throws: SamplingParameters.Invalid.self) {
+                try JSONDecoder().decode(SamplingParameters.self, from: Data(json.utf8))
+            }
+        }
+        let ok = try JSONDecoder().decode(SamplingParameters.self, from: Data(#"{"temperature": 0, "seed": 5}"#.utf8))
+        #expect(ok.temperature == 0 && ok.seed == 5 && ok.maxTokens == 256)
+    }
+
+    @Test("SHA-256 matches the FIPS test vectors")
+    func sha256() {
+        var a = SHA256()
+        a.update(Array("abc".utf8))
+        #expect(a.finalizeHex() == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        var e = SHA256()
+        #expect(e.finalizeHex() == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+        var long = SHA256()
+        let chunk = Array("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq".utf8)
+        long.update(chunk.prefix(10))
+        long.update(chunk.dropFirst(10))
+        #expect(long.finalizeHex() == "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1")
+    }
+}
