@@ -6,6 +6,8 @@
 //   Q8_0: f16 d; i8 qs[32]          w[j] = d*qs[j]
 // Dot products use sum_j w[j] x[j] = d * sum_j q[j] x[j] (+ m * sum_j x[j]),
 // with the per-block sums of x computed once per vector, not once per row.
+// The AVX2 path for the 32-blocks quantises x to int16 per block first (see
+// dot_i16_avx2); the scalar path and the F16/BF16/F32 kernels stay in fp32.
 #include "ckernels.h"
 
 #include <math.h>
@@ -194,79 +196,85 @@ CK_TARGET static inline __m256 i8x8_to_ps(__m128i v) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
 }
 
-/// sum_j q[j] x[j] over one 32-weight nibble block whose low/high nibbles
-/// have already been split into lo (weights 0..15) and hi (16..31).
-CK_TARGET static inline __m256 nibble_block_dot(__m128i lo, __m128i hi, const float *x, int is_signed) {
-    __m256 f0, f1, f2, f3;
-    if (is_signed) {
-        f0 = i8x8_to_ps(lo);
-        f1 = i8x8_to_ps(_mm_srli_si128(lo, 8));
-        f2 = i8x8_to_ps(hi);
-        f3 = i8x8_to_ps(_mm_srli_si128(hi, 8));
-    } else {
-        f0 = u8x8_to_ps(lo);
-        f1 = u8x8_to_ps(_mm_srli_si128(lo, 8));
-        f2 = u8x8_to_ps(hi);
-        f3 = u8x8_to_ps(_mm_srli_si128(hi, 8));
+// Decode path for the 32-blocks: activations split per block into two int16
+// parts, x ≈ s1·q1 + s2·q2 with s2 = s1/65534 (error ≤ max|x_block|·2^-32,
+// below fp32 rounding), multiplied with the weights' small integers exactly in
+// 32-bit integer lanes (vpmaddwd), then scaled once per block.
+typedef struct {
+    float scale_hi;   // s1
+    float scale_lo;   // s2
+    float sum;        // exact Σ x[j] (for Q4_1's offsets)
+    float pad;
+    int16_t hi[32];   // q1
+    int16_t lo[32];   // q2
+} xblock;
+
+static void quantize_x(const float *x, size_t nb, xblock *out) {
+    for (size_t b = 0; b < nb; b++) {
+        const float *xb = x + b * 32;
+        float amax = 0, sum = 0;
+        for (int j = 0; j < 32; j++) {
+            float a = fabsf(xb[j]);
+            if (a > amax) amax = a;
+            sum += xb[j];
+        }
+        float s1 = amax / 32767.0f, s2 = s1 / 65534.0f;
+        for (int j = 0; j < 32; j++) {
+            float q1 = s1 > 0 ? rintf(xb[j] / s1) : 0;
+            float r = xb[j] - q1 * s1;
+            float q2 = s2 > 0 ? rintf(r / s2) : 0;
+            out[b].hi[j] = (int16_t)q1;
+            out[b].lo[j] = (int16_t)(q2 > 32767 ? 32767 : q2 < -32767 ? -32767 : q2);
+        }
+        out[b].scale_hi = s1;
+        out[b].scale_lo = s2;
+        out[b].sum = sum;
     }
-    __m256 t0 = _mm256_mul_ps(f0, _mm256_loadu_ps(x));
-    __m256 t1 = _mm256_mul_ps(f2, _mm256_loadu_ps(x + 16));
-    t0 = _mm256_fmadd_ps(f1, _mm256_loadu_ps(x + 8), t0);
-    t1 = _mm256_fmadd_ps(f3, _mm256_loadu_ps(x + 24), t1);
-    return _mm256_add_ps(t0, t1);
 }
 
-CK_TARGET static float dot_avx2(int type, const uint8_t *row, const float *x, const float *xsum, size_t cols) {
-    size_t nb = cols / 32;
+CK_TARGET static float dot_i16_avx2(int type, const uint8_t *row, const xblock *xq, size_t nb) {
     const __m128i m4 = _mm_set1_epi8(15);
     const __m128i eight = _mm_set1_epi8(8);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     float tail = 0;
-    switch (type) {
-    case CK_Q4_1: {
-        size_t b = 0;
-        for (; b < nb; b++) {
-            const uint8_t *blk = row + b * 20;
-            __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
-            __m128i lo = _mm_and_si128(q, m4);
-            __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
-            __m256 t = nibble_block_dot(lo, hi, x + b * 32, 0);
-            __m256 d = _mm256_set1_ps(_cvtsh_ss(load_u16(blk)));
-            if (b & 1) acc1 = _mm256_fmadd_ps(t, d, acc1); else acc0 = _mm256_fmadd_ps(t, d, acc0);
-            tail += _cvtsh_ss(load_u16(blk + 2)) * xsum[b];
-        }
-        break;
-    }
-    case CK_Q4_0: {
-        for (size_t b = 0; b < nb; b++) {
-            const uint8_t *blk = row + b * 18;
-            __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
-            __m128i lo = _mm_sub_epi8(_mm_and_si128(q, m4), eight);
-            __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m4), eight);
-            __m256 t = nibble_block_dot(lo, hi, x + b * 32, 1);
-            __m256 d = _mm256_set1_ps(_cvtsh_ss(load_u16(blk)));
-            if (b & 1) acc1 = _mm256_fmadd_ps(t, d, acc1); else acc0 = _mm256_fmadd_ps(t, d, acc0);
-        }
-        break;
-    }
-    case CK_Q8_0: {
-        for (size_t b = 0; b < nb; b++) {
+    for (size_t b = 0; b < nb; b++) {
+        const xblock *xb = xq + b;
+        __m256i w0, w1;
+        float d;
+        if (type == CK_Q8_0) {
             const uint8_t *blk = row + b * 34;
-            const float *xb = x + b * 32;
-            __m256 f0 = i8x8_to_ps(_mm_loadl_epi64((const __m128i *)(blk + 2)));
-            __m256 f1 = i8x8_to_ps(_mm_loadl_epi64((const __m128i *)(blk + 10)));
-            __m256 f2 = i8x8_to_ps(_mm_loadl_epi64((const __m128i *)(blk + 18)));
-            __m256 f3 = i8x8_to_ps(_mm_loadl_epi64((const __m128i *)(blk + 26)));
-            __m256 t0 = _mm256_mul_ps(f0, _mm256_loadu_ps(xb));
-            __m256 t1 = _mm256_mul_ps(f2, _mm256_loadu_ps(xb + 16));
-            t0 = _mm256_fmadd_ps(f1, _mm256_loadu_ps(xb + 8), t0);
-            t1 = _mm256_fmadd_ps(f3, _mm256_loadu_ps(xb + 24), t1);
-            __m256 d = _mm256_set1_ps(_cvtsh_ss(load_u16(blk)));
-            __m256 t = _mm256_add_ps(t0, t1);
-            if (b & 1) acc1 = _mm256_fmadd_ps(t, d, acc1); else acc0 = _mm256_fmadd_ps(t, d, acc0);
+            d = _cvtsh_ss(load_u16(blk));
+            w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
+            w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
+        } else if (type == CK_Q4_1) {
+            const uint8_t *blk = row + b * 20;
+            d = _cvtsh_ss(load_u16(blk));
+            tail += _cvtsh_ss(load_u16(blk + 2)) * xb->sum;
+            __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
+            w0 = _mm256_cvtepu8_epi16(_mm_and_si128(q, m4));
+            w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), m4));
+        } else { // CK_Q4_0
+            const uint8_t *blk = row + b * 18;
+            d = _cvtsh_ss(load_u16(blk));
+            __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
+            w0 = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(q, m4), eight));
+            w1 = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m4), eight));
         }
-        break;
+        __m256i ph = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xb->hi)),
+                                      _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xb->hi + 16))));
+        __m256i pl = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xb->lo)),
+                                      _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xb->lo + 16))));
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ph), _mm256_set1_ps(d * xb->scale_hi), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pl), _mm256_set1_ps(d * xb->scale_lo), acc1);
     }
+    return hsum256(_mm256_add_ps(acc0, acc1)) + tail;
+}
+
+/// fp32 dot products for the unquantised formats (F16, BF16, F32).
+CK_TARGET static float dot_avx2(int type, const uint8_t *row, const float *x, size_t cols) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float tail = 0;
+    switch (type) {
     case CK_F16: {
         size_t i = 0;
         for (; i + 16 <= cols; i += 16) {
@@ -365,6 +373,20 @@ void ck_matmul_rows(int type, const void *W, size_t cols,
                     float *Y, size_t ldy, int use_simd) {
     size_t nb = cols / 32;
     size_t rb = row_bytes(type, cols);
+    int simd = use_simd && ck_simd_level();
+    const uint8_t *base = (const uint8_t *)W;
+#ifdef CK_X86
+    if (simd && (type == CK_Q4_0 || type == CK_Q4_1 || type == CK_Q8_0)) {
+        xblock stackbuf[64];
+        xblock *xq = n * nb <= 64 ? stackbuf : (xblock *)malloc(n * nb * sizeof(xblock));
+        for (size_t j = 0; j < n; j++) quantize_x(X + j * ldx, nb, xq + j * nb);
+        for (size_t r = row_begin; r < row_end; r++)
+            for (size_t j = 0; j < n; j++)
+                Y[j * ldy + r] = dot_i16_avx2(type, base + r * rb, xq + j * nb, nb);
+        if (xq != stackbuf) free(xq);
+        return;
+    }
+#endif
     float stackbuf[512];
     float *xsum = stackbuf;
     int need_sums = (type == CK_Q4_1);
@@ -378,8 +400,6 @@ void ck_matmul_rows(int type, const void *W, size_t cols,
                 xsum[j * nb + b] = s;
             }
     }
-    int simd = use_simd && ck_simd_level();
-    const uint8_t *base = (const uint8_t *)W;
     for (size_t r = row_begin; r < row_end; r++) {
         const uint8_t *row = base + r * rb;
         for (size_t j = 0; j < n; j++) {
@@ -387,7 +407,7 @@ void ck_matmul_rows(int type, const void *W, size_t cols,
             const float *xs = need_sums ? xsum + j * nb : NULL;
             float v;
 #ifdef CK_X86
-            if (simd) v = dot_avx2(type, row, x, xs, cols);
+            if (simd) v = dot_avx2(type, row, x, cols);
             else
 #endif
                 v = dot_scalar(type, row, x, xs, cols);

@@ -74,7 +74,11 @@ struct QuantKernelTests {
             var y = [Float](repeating: .nan, count: n * rows)
             w.matrix.matmul(x, count: n, into: &y, kernels: path)
             let err = zip(y, reference).map { abs($0 - $1) }.max()!
-            #expect(err <= 1e-5 * scale, "\(type) n=\(n) \(path): max |Δ| \(err) vs scale \(scale)")
+            // The AVX2 matrix-vector path quantises activations to int16 per
+            // 32-block for the block formats (relative error ~2^-16).
+            let int16Path = path == .simd && type.blockSize == 32 && n < WeightMatrix.gemmThreshold
+            let tolerance: Float = int16Path ? 1e-5 : 1e-5
+            #expect(err <= tolerance * scale, "\(type) n=\(n) \(path): max |Δ| \(err) vs scale \(scale)")
         }
     }
 

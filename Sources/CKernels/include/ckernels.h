@@ -35,6 +35,9 @@ int ck_simd_level(void);
 ///   X: n x cols fp32, row stride ldx
 ///   Y: n x rows fp32, row stride ldy
 /// cols must be a multiple of the type's block size (32; 1 for F16/BF16/F32).
+/// On the AVX2 path, Q4_0/Q4_1/Q8_0 rows are multiplied with X split into two
+/// int16 parts per 32-block (x ≈ s1·q1 + s2·q2, error ≤ 2^-32 of the block's
+/// largest |x|, below fp32 rounding) using exact integer products.
 /// use_simd: 1 for the AVX2 path (ignored where the CPU lacks it), 0 scalar.
 void ck_matmul_rows(int type, const void *W, size_t cols,
                     size_t row_begin, size_t row_end,
