@@ -26,12 +26,16 @@ public struct LlamaWeights: Sendable {
     public let outputNorm: [Float]            // [D]
     public let output: WeightMatrix           // [V, D] (the embedding when tied)
 
-    /// Bytes of weight data read for one decode step.
-    public var bytesPerToken: Int {
-        layers.reduce(output.byteCount) { s, l in
-            s + [l.wq, l.wk, l.wv, l.wo, l.wGate, l.wUp, l.wDown].reduce(0) { $0 + $1.byteCount }
-        }
+    /// Every matrix a token is multiplied with (the embedding is a lookup).
+    public var matmulWeights: [WeightMatrix] {
+        layers.flatMap { [$0.wq, $0.wk, $0.wv, $0.wo, $0.wGate, $0.wUp, $0.wDown] } + [output]
     }
+
+    /// Bytes of weight data read for one decode step.
+    public var bytesPerToken: Int { matmulWeights.reduce(0) { $0 + $1.byteCount } }
+
+    /// Multiply-adds per token in the weight matrix products (FLOP/token is twice this).
+    public var multiplyAddsPerToken: Int { matmulWeights.reduce(0) { $0 + $1.rows * $1.cols } }
 }
 
 /// Errors of running the model on bad input.
@@ -123,9 +127,13 @@ public final class LlamaModel: Sendable {
         for (l, w) in weights.layers.enumerated() {
             // Attention block.
             Ops.rmsNorm(x, weight: w.attentionNorm, eps: c.rmsNormEps, rows: t, dim: d, out: &xn)
-            w.wq.matmul(xn, count: t, into: &q)
-            w.wk.matmul(xn, count: t, into: &k)
-            w.wv.matmul(xn, count: t, into: &v)
+            q.withUnsafeMutableBufferPointer { qb in
+                k.withUnsafeMutableBufferPointer { kb in
+                    v.withUnsafeMutableBufferPointer { vb in
+                        WeightMatrix.matmul([w.wq, w.wk, w.wv], xn, count: t, into: [qb.baseAddress!, kb.baseAddress!, vb.baseAddress!])
+                    }
+                }
+            }
             q.withUnsafeMutableBufferPointer { rope.apply($0.baseAddress!, positions: positions, heads: c.numAttentionHeads) }
             k.withUnsafeMutableBufferPointer { rope.apply($0.baseAddress!, positions: positions, heads: c.numKeyValueHeads) }
             var row = 0
@@ -147,8 +155,11 @@ public final class LlamaModel: Sendable {
             Ops.add(proj, into: &x, t * d)
             // MLP block.
             Ops.rmsNorm(x, weight: w.mlpNorm, eps: c.rmsNormEps, rows: t, dim: d, out: &xn)
-            w.wGate.matmul(xn, count: t, into: &gate)
-            w.wUp.matmul(xn, count: t, into: &up)
+            gate.withUnsafeMutableBufferPointer { gb in
+                up.withUnsafeMutableBufferPointer { ub in
+                    WeightMatrix.matmul([w.wGate, w.wUp], xn, count: t, into: [gb.baseAddress!, ub.baseAddress!])
+                }
+            }
             Ops.swiglu(gate: &gate, up: up, count: t * f)
             w.wDown.matmul(gate, count: t, into: &proj)
             Ops.add(proj, into: &x, t * d)

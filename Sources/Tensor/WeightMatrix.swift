@@ -52,6 +52,31 @@ public struct WeightMatrix: @unchecked Sendable {
         }
     }
 
+    /// Several products of the same input, y_i = x · W_iᵀ, in one parallel
+    /// pass over all their rows when the batch is small (the Q/K/V and
+    /// gate/up projections of a decode step), else one after another.
+    ///   x: [n, cols]   outputs[i]: [n, ws[i].rows]
+    public static func matmul(_ ws: [WeightMatrix], _ x: UnsafePointer<Float>, count n: Int,
+                              into outputs: [UnsafeMutablePointer<Float>]) {
+        precondition(ws.count == outputs.count)
+        let fused = n < gemmThreshold && ws.allSatisfy { $0.type != .f32 && $0.cols == ws[0].cols }
+        guard fused else {
+            for (w, y) in zip(ws, outputs) { w.matmul(x, count: n, into: y) }
+            return
+        }
+        var starts = [0]
+        for w in ws { starts.append(starts.last! + w.rows) }
+        Parallel.forEachChunk(starts.last!, minChunk: 32) { range in
+            for (i, w) in ws.enumerated() {
+                let lo = max(range.lowerBound, starts[i]) - starts[i]
+                let hi = min(range.upperBound, starts[i + 1]) - starts[i]
+                if lo < hi {
+                    ck_matmul_rows(Int32(w.type.rawValue), w.data, w.cols, lo, hi, x, w.cols, n, outputs[i], w.rows, 1)
+                }
+            }
+        }
+    }
+
     /// Dequantises row blocks into a bounded scratch buffer and multiplies
     /// each with sgemm: the prefill path.
     private func gemmByChunks(_ x: UnsafePointer<Float>, count n: Int, into y: UnsafeMutablePointer<Float>) {

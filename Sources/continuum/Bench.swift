@@ -51,8 +51,9 @@ struct Bench: ParsableCommand {
         }
         let pf = median(prefill), dc = median(decode)
         if json {
-            print(String(format: "{\"threads\": %d, \"prompt_tokens\": %d, \"gen_tokens\": %d, \"prefill_tps\": %.2f, \"decode_tps\": %.2f, \"weight_bytes_per_token\": %d}",
-                         Parallel.threads, promptTokens, genTokens, pf, dc, m.weights.bytesPerToken))
+            print(String(format: "{\"threads\": %d, \"prompt_tokens\": %d, \"gen_tokens\": %d, \"prefill_tps\": %.2f, \"decode_tps\": %.2f, \"weight_bytes_per_token\": %d, \"multiply_adds_per_token\": %d}",
+                         Parallel.threads, promptTokens, genTokens, pf, dc, m.weights.bytesPerToken,
+                         m.weights.multiplyAddsPerToken))
         } else {
             print("| engine | threads | prefill \(promptTokens) (tokens/s) | decode \(genTokens) (tokens/s) |")
             print("|---|---|---|---|")

@@ -1,0 +1,45 @@
+# Continuum — common tasks. `make test` is the test command CI runs.
+SWIFT ?= swift
+CONTINUUM_DEBUG := .build/debug/continuum
+CONTINUUM_RELEASE := .build/release/continuum
+APT_PACKAGES := libopenblas-dev python3-pip unzip
+
+.PHONY: setup deps build release fetch-model test run bench fixtures clean
+
+## Install system packages (Debian) the build and tests need.
+deps:
+	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $(APT_PACKAGES); \
+	fi
+
+build: deps
+	$(SWIFT) build
+
+release: deps
+	$(SWIFT) build -c release
+
+## Fetch the default model (SmolLM2-135M-Instruct Q4_1) and verify its SHA-256.
+fetch-model: build
+	$(CONTINUUM_DEBUG) fetch-model
+
+setup: deps fetch-model
+
+## Set up, build optimised, and chat with the default model once.
+run: setup release
+	$(CONTINUUM_RELEASE) generate --chat --prompt "$${PROMPT:-Explain in two sentences why the sky is blue.}" --max-tokens 128
+
+## Run every test (needs the model: fetched first).
+test: setup
+	$(SWIFT) test
+
+## Engine vs llama.cpp (needs `pip install llama-cpp-python`).
+bench: setup release
+	scripts/bench-vs-llamacpp
+
+## Regenerate the reference fixtures (needs torch, transformers, tokenizers, gguf).
+fixtures: fetch-model
+	scripts/make-fixtures.py
+
+clean:
+	rm -rf .build
