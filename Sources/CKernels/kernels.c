@@ -1,4 +1,7 @@
 // Quantised dot products and dequantisation for Continuum (see ckernels.h).
+// Three implementations of each product, chosen at run time: scalar fp32
+// (portable, the fallback), AVX2 (two-part int16 activations) and AVX-512
+// VNNI (21-bit activations as int8 digits).
 //
 // Block layouts (ggml):
 //   Q4_0: f16 d; u8 qs[16]          w[j] = d*((qs[j]&15)-8), w[j+16] = d*((qs[j]>>4)-8)
@@ -348,6 +351,140 @@ CK_TARGET static void dequant_avx2(int type, const uint8_t *row, size_t cols, fl
     }
 }
 
+
+// AVX-512 VNNI path for the 32-blocks. Activations become integers per block,
+// X = round(x / s) with |X| < 2^20 (s = max|x_block| / (2^20 - 1), error
+// ≤ s/2, about 2^-21 of the block's largest |x|), written as three balanced
+// base-128 int8 digits X = q1·2^14 + q2·2^7 + q3. vpdpbusd multiplies 64
+// weights (as u8) with each digit plane exactly in int32 lanes; Horner steps
+// combine the planes. Q8_0 weights are offset to u8 by +128 and corrected
+// with 128·ΣX per lane. Plane order per pair of blocks A, B (64 values):
+//   Q4_*: [A0..15, B0..15, A16..31, B16..31] (how their nibbles unpack)
+//   Q8_0: [A0..31, B0..31]
+#define XQ_MAX 1048575
+
+static int q4_position(size_t b, int j) {
+    size_t k = b / 2;
+    int chunk = (j < 16 ? 0 : 2) + (int)(b & 1);
+    return (int)(k * 64 + chunk * 16 + (j & 15));
+}
+
+/// Prepared activations for one vector: 3 planes of cols int8, then per block
+/// (scale, exact sum) float pairs, then (nb/2)*16 int32 corrections.
+static size_t xq8_bytes(size_t cols) {
+    size_t nb = cols / 32;
+    return 3 * cols + nb * 4 * 2 + (nb / 2) * 16 * 4;
+}
+
+static void quantize_x8(int type, const float *x, size_t cols, uint8_t *buf) {
+    size_t nb = cols / 32;
+    int8_t *p1 = (int8_t *)buf, *p2 = p1 + cols, *p3 = p2 + cols;
+    float *ss = (float *)(buf + 3 * cols);
+    int32_t *corr = (int32_t *)(ss + 2 * nb);
+    int32_t Xs[32];
+    for (size_t b = 0; b < nb; b++) {
+        const float *xb = x + b * 32;
+        float amax = 0, s = 0;
+        for (int j = 0; j < 32; j++) {
+            float a = fabsf(xb[j]);
+            if (a > amax) amax = a;
+            s += xb[j];
+        }
+        float sc = amax / (float)XQ_MAX;
+        float inv = amax > 0 ? (float)XQ_MAX / amax : 0;
+        ss[2 * b] = sc;
+        ss[2 * b + 1] = s;
+        for (int j = 0; j < 32; j++) {
+            long v = lrintf(xb[j] * inv);
+            if (v > XQ_MAX) v = XQ_MAX;
+            if (v < -XQ_MAX) v = -XQ_MAX;
+            int32_t X = (int32_t)v;
+            Xs[j] = X;
+            int32_t d3 = ((X + 64) & 127) - 64;
+            int32_t r = (X - d3) >> 7;
+            int32_t d2 = ((r + 64) & 127) - 64;
+            int32_t d1 = (r - d2) >> 7;
+            int pos = type == CK_Q8_0 ? (int)(b * 32 + j) : q4_position(b, j);
+            p1[pos] = (int8_t)d1;
+            p2[pos] = (int8_t)d2;
+            p3[pos] = (int8_t)d3;
+        }
+        if (type == CK_Q8_0) {
+            // Lane l of pair b/2 covers plane positions 4l..4l+3 of the pair.
+            for (int l = 0; l < 8; l++) {
+                int32_t t = Xs[4 * l] + Xs[4 * l + 1] + Xs[4 * l + 2] + Xs[4 * l + 3];
+                corr[(b / 2) * 16 + (b & 1) * 8 + l] = 128 * t;
+            }
+        }
+    }
+}
+
+#define CK_TARGET512 __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
+
+CK_TARGET512 static float dot_vnni(int type, const uint8_t *row, const uint8_t *buf, size_t cols) {
+    size_t nb = cols / 32;
+    const int8_t *p1 = (const int8_t *)buf, *p2 = p1 + cols, *p3 = p2 + cols;
+    const float *ss = (const float *)(buf + 3 * cols);   // [scale, sum] per block
+    const int32_t *corr = (const int32_t *)(ss + 2 * nb);
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const __m128 q40 = _mm_setr_ps(1, -8, 1, -8);
+    // Which 32-bit lanes belong to block B of the pair.
+    const __mmask16 laneB = type == CK_Q8_0 ? 0xFF00 : 0xF0F0;
+    __m512 acc = _mm512_setzero_ps();
+    __m128 tail = _mm_setzero_ps();   // lanes 1 and 3 accumulate m·Σx
+    for (size_t k = 0; k < nb / 2; k++) {
+        __m512i w;
+        __m128 dm;   // [dA, mA, dB, mB]
+        if (type == CK_Q8_0) {
+            const uint8_t *blkA = row + 2 * k * 34, *blkB = blkA + 34;
+            // Each 32-bit lane holds one half (d) and a zero half: [dA, 0, dB, 0].
+            dm = _mm_cvtph_ps(_mm_setr_epi32(load_u16(blkA), load_u16(blkB), 0, 0));
+            w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(blkA + 2))),
+                                   _mm256_loadu_si256((const __m256i *)(blkB + 2)), 1);
+            w = _mm512_xor_si512(w, flip);
+        } else {
+            const uint8_t *blkA, *blkB, *qA, *qB;
+            if (type == CK_Q4_1) {
+                blkA = row + 2 * k * 20; blkB = blkA + 20; qA = blkA + 4; qB = blkB + 4;
+                uint32_t a, b;
+                memcpy(&a, blkA, 4);
+                memcpy(&b, blkB, 4);
+                dm = _mm_cvtph_ps(_mm_setr_epi32((int)a, (int)b, 0, 0));   // [dA, mA, dB, mB]
+            } else {   // Q4_0: m = -8·d
+                blkA = row + 2 * k * 18; blkB = blkA + 18; qA = blkA + 2; qB = blkB + 2;
+                dm = _mm_cvtph_ps(_mm_setr_epi32(load_u16(blkA), load_u16(blkB), 0, 0));   // [dA, 0, dB, 0]
+                dm = _mm_mul_ps(_mm_moveldup_ps(dm), q40);
+            }
+            __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)qA)),
+                                                _mm_loadu_si128((const __m128i *)qB), 1);
+            __m256i lo = _mm256_and_si256(v, m4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        }
+        __m128 prod = _mm_mul_ps(dm, _mm_loadu_ps(ss + 4 * k));   // [dA·sA, mA·ΣA, dB·sB, mB·ΣB]
+        tail = _mm_add_ps(tail, prod);
+        __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(p1 + 64 * k));
+        t = _mm512_slli_epi32(t, 7);
+        t = _mm512_dpbusd_epi32(t, w, _mm512_loadu_si512(p2 + 64 * k));
+        t = _mm512_slli_epi32(t, 7);
+        t = _mm512_dpbusd_epi32(t, w, _mm512_loadu_si512(p3 + 64 * k));
+        if (type == CK_Q8_0) t = _mm512_sub_epi32(t, _mm512_loadu_si512(corr + 16 * k));
+        __m512 sv = _mm512_mask_blend_ps(laneB, _mm512_broadcastss_ps(prod),
+                                         _mm512_broadcastss_ps(_mm_movehl_ps(prod, prod)));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sv, acc);
+    }
+    float lanes[4];
+    _mm_storeu_ps(lanes, tail);
+    return _mm512_reduce_add_ps(acc) + lanes[1] + lanes[3];
+}
+
+static int detect_avx512vnni(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vnni");
+}
+
 static int detect_avx2(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
@@ -360,68 +497,88 @@ static int detect_avx2(void) {
 int ck_simd_level(void) {
 #ifdef CK_X86
     static int level = -1;
-    if (level < 0) level = detect_avx2();
+    if (level < 0) level = detect_avx2() ? (detect_avx512vnni() ? 2 : 1) : 0;
     return level;
 #else
     return 0;
 #endif
 }
 
+static int is_block_type(int type) { return type == CK_Q4_0 || type == CK_Q4_1 || type == CK_Q8_0; }
+
+/// The kernel level actually used for `type` given the caller's cap.
+static int effective_level(int type, size_t cols, int cap) {
+    int level = cap < ck_simd_level() ? cap : ck_simd_level();
+    if (level == 2 && !(is_block_type(type) && (cols / 32) % 2 == 0)) level = 1;
+    return level;
+}
+
+size_t ck_prepared_bytes(int type, size_t cols, size_t n, int cap) {
+    switch (effective_level(type, cols, cap)) {
+#ifdef CK_X86
+    case 2: return n * xq8_bytes(cols);
+    case 1: return is_block_type(type) ? n * (cols / 32) * sizeof(xblock) : 0;
+#endif
+    default: return type == CK_Q4_1 ? n * (cols / 32) * sizeof(float) : 0;
+    }
+}
+
+void ck_prepare(int type, size_t cols, const float *X, size_t ldx, size_t n, void *prepared, int cap) {
+    size_t nb = cols / 32;
+    switch (effective_level(type, cols, cap)) {
+#ifdef CK_X86
+    case 2:
+        for (size_t j = 0; j < n; j++) quantize_x8(type, X + j * ldx, cols, (uint8_t *)prepared + j * xq8_bytes(cols));
+        return;
+    case 1:
+        if (is_block_type(type))
+            for (size_t j = 0; j < n; j++) quantize_x(X + j * ldx, nb, (xblock *)prepared + j * nb);
+        return;
+#endif
+    default:
+        if (type == CK_Q4_1) {
+            float *xsum = (float *)prepared;
+            for (size_t j = 0; j < n; j++)
+                for (size_t b = 0; b < nb; b++) {
+                    const float *xb = X + j * ldx + b * 32;
+                    float s = 0;
+                    for (int k = 0; k < 32; k++) s += xb[k];
+                    xsum[j * nb + b] = s;
+                }
+        }
+    }
+}
+
 void ck_matmul_rows(int type, const void *W, size_t cols,
                     size_t row_begin, size_t row_end,
-                    const float *X, size_t ldx, size_t n,
-                    float *Y, size_t ldy, int use_simd) {
+                    const float *X, size_t ldx, size_t n, const void *prepared,
+                    float *Y, size_t ldy, int cap) {
     size_t nb = cols / 32;
     size_t rb = row_bytes(type, cols);
-    int simd = use_simd && ck_simd_level();
+    int level = effective_level(type, cols, cap);
     const uint8_t *base = (const uint8_t *)W;
-#ifdef CK_X86
-    if (simd && (type == CK_Q4_0 || type == CK_Q4_1 || type == CK_Q8_0)) {
-        xblock stackbuf[64];
-        xblock *xq = n * nb <= 64 ? stackbuf : (xblock *)malloc(n * nb * sizeof(xblock));
-        for (size_t j = 0; j < n; j++) quantize_x(X + j * ldx, nb, xq + j * nb);
-        for (size_t r = row_begin; r < row_end; r++)
-            for (size_t j = 0; j < n; j++)
-                Y[j * ldy + r] = dot_i16_avx2(type, base + r * rb, xq + j * nb, nb);
-        if (xq != stackbuf) free(xq);
-        return;
-    }
-#endif
-    float stackbuf[512];
-    float *xsum = stackbuf;
-    int need_sums = (type == CK_Q4_1);
-    if (need_sums && n * nb > 512) xsum = (float *)malloc(n * nb * sizeof(float));
-    if (need_sums) {
-        for (size_t j = 0; j < n; j++)
-            for (size_t b = 0; b < nb; b++) {
-                const float *xb = X + j * ldx + b * 32;
-                float s = 0;
-                for (int k = 0; k < 32; k++) s += xb[k];
-                xsum[j * nb + b] = s;
-            }
-    }
+    const uint8_t *prep = (const uint8_t *)prepared;
     for (size_t r = row_begin; r < row_end; r++) {
         const uint8_t *row = base + r * rb;
         for (size_t j = 0; j < n; j++) {
-            const float *x = X + j * ldx;
-            const float *xs = need_sums ? xsum + j * nb : NULL;
             float v;
 #ifdef CK_X86
-            if (simd) v = dot_avx2(type, row, x, cols);
+            if (level == 2) v = dot_vnni(type, row, prep + j * xq8_bytes(cols), cols);
+            else if (level == 1 && is_block_type(type)) v = dot_i16_avx2(type, row, (const xblock *)prep + j * nb, nb);
+            else if (level == 1) v = dot_avx2(type, row, X + j * ldx, cols);
             else
 #endif
-                v = dot_scalar(type, row, x, xs, cols);
+                v = dot_scalar(type, row, X + j * ldx, type == CK_Q4_1 ? (const float *)prep + j * nb : NULL, cols);
             Y[j * ldy + r] = v;
         }
     }
-    if (xsum != stackbuf) free(xsum);
 }
 
 void ck_dequantize_rows(int type, const void *W, size_t cols,
-                        size_t row_begin, size_t row_end, float *out, int use_simd) {
+                        size_t row_begin, size_t row_end, float *out, int cap) {
     size_t rb = row_bytes(type, cols);
     const uint8_t *base = (const uint8_t *)W;
-    int simd = use_simd && ck_simd_level();
+    int simd = (cap < ck_simd_level() ? cap : ck_simd_level()) >= 1;
     for (size_t r = row_begin; r < row_end; r++) {
         float *o = out + (r - row_begin) * cols;
 #ifdef CK_X86

@@ -17,23 +17,30 @@ public enum Attention {
         let group = heads / kvHeads
         let scale = 1 / Float(hs).squareRoot()
         if t >= 16 {
-            // Prefill: two sgemms per head.
-            let scores = UnsafeMutablePointer<Float>.allocate(capacity: t * l)
+            // Prefill: per head and per block of up to 256 queries, two sgemms
+            // over just the keys that block can see.
+            let block = min(t, 256)
+            let scores = UnsafeMutablePointer<Float>.allocate(capacity: block * l)
             defer { scores.deallocate() }
             for h in 0..<heads {
                 let kvh = h / group
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(t), Int32(l), Int32(hs),
-                            scale, q + h * hs, Int32(qDim), k + kvh * hs, Int32(kvDim), 0, scores, Int32(l))
-                Parallel.forEachChunk(t, minChunk: 16) { rows in
-                    for r in rows {
-                        let row = scores + r * l
-                        let visible = start + r + 1
-                        Ops.softmax(row, visible)
-                        for j in visible..<l { row[j] = 0 }
+                for r0 in stride(from: 0, to: t, by: block) {
+                    let rows = min(block, t - r0)
+                    let keys = start + r0 + rows   // keys visible to the block's last row
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(keys), Int32(hs),
+                                scale, q + r0 * qDim + h * hs, Int32(qDim), k + kvh * hs, Int32(kvDim),
+                                0, scores, Int32(keys))
+                    Parallel.forEachChunk(rows, minChunk: 16) { range in
+                        for r in range {
+                            let row = scores + r * keys
+                            let visible = start + r0 + r + 1
+                            Ops.softmax(row, visible)
+                            for j in visible..<keys { row[j] = 0 }
+                        }
                     }
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(hs), Int32(keys),
+                                1, scores, Int32(keys), v + kvh * hs, Int32(kvDim), 0, out + r0 * qDim + h * hs, Int32(qDim))
                 }
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(t), Int32(hs), Int32(l),
-                            1, scores, Int32(l), v + kvh * hs, Int32(kvDim), 0, out + h * hs, Int32(qDim))
             }
         } else {
             // Decode: per-head dot products, heads in parallel.

@@ -67,9 +67,11 @@ public enum Ops {
     /// gate[i] = silu(gate[i]) * up[i], silu(z) = z / (1 + e^-z).
     ///   gate: [T, F] (overwritten)   up: [T, F]
     public static func swiglu(gate: UnsafeMutablePointer<Float>, up: UnsafePointer<Float>, count n: Int) {
-        for i in 0..<n {
-            let g = gate[i]
-            gate[i] = g / (1 + expf(-g)) * up[i]
+        Parallel.forEachChunk(n, minChunk: 16384) { range in
+            for i in range {
+                let g = gate[i]
+                gate[i] = g / (1 + expf(-g)) * up[i]
+            }
         }
     }
 

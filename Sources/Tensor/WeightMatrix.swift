@@ -35,18 +35,15 @@ public struct WeightMatrix: @unchecked Sendable {
     /// y = x · Wᵀ.
     ///   x: [n, cols] fp32, row-major
     ///   y: [n, rows] fp32, row-major (overwritten)
-    ///   kernels: which kernel implementation to use (tests compare both)
+    ///   kernels: which kernel implementation to use (tests compare them all)
     public func matmul(_ x: UnsafePointer<Float>, count n: Int, into y: UnsafeMutablePointer<Float>,
-                       kernels: KernelPath = .simd) {
-        if type == .f32 && kernels == .simd {
+                       kernels: KernelPath = .best) {
+        if type == .f32 && kernels == .best {
             let w = data.assumingMemoryBound(to: Float.self)
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(n), Int32(rows), Int32(cols),
                         1, x, Int32(cols), w, Int32(cols), 0, y, Int32(rows))
-        } else if n < Self.gemmThreshold || kernels == .scalar {
-            let t = Int32(type.rawValue), simd = kernels.flag
-            Parallel.forEachChunk(rows, minChunk: 32) { r in
-                ck_matmul_rows(t, data, cols, r.lowerBound, r.upperBound, x, cols, n, y, rows, simd)
-            }
+        } else if n < Self.gemmThreshold || kernels != .best {
+            Self.matmulRows([self], x, count: n, into: [y], kernels: kernels)
         } else {
             gemmByChunks(x, count: n, into: y)
         }
@@ -59,11 +56,24 @@ public struct WeightMatrix: @unchecked Sendable {
     public static func matmul(_ ws: [WeightMatrix], _ x: UnsafePointer<Float>, count n: Int,
                               into outputs: [UnsafeMutablePointer<Float>]) {
         precondition(ws.count == outputs.count)
-        let fused = n < gemmThreshold && ws.allSatisfy { $0.type != .f32 && $0.cols == ws[0].cols }
-        guard fused else {
+        let fused = n < gemmThreshold && ws.allSatisfy { $0.type != .f32 && $0.type == ws[0].type && $0.cols == ws[0].cols }
+        if fused {
+            matmulRows(ws, x, count: n, into: outputs, kernels: .best)
+        } else {
             for (w, y) in zip(ws, outputs) { w.matmul(x, count: n, into: y) }
-            return
         }
+    }
+
+    /// Row-by-row products with the quantised kernels: the activations are
+    /// prepared once, then all matrices' rows are split across threads.
+    /// All `ws` share type and cols.
+    private static func matmulRows(_ ws: [WeightMatrix], _ x: UnsafePointer<Float>, count n: Int,
+                                   into outputs: [UnsafeMutablePointer<Float>], kernels: KernelPath) {
+        let type = Int32(ws[0].type.rawValue), cols = ws[0].cols, level = kernels.level
+        let bytes = ck_prepared_bytes(type, cols, n, level)
+        let prepared = UnsafeMutableRawPointer.allocate(byteCount: max(bytes, 1), alignment: 64)
+        defer { prepared.deallocate() }
+        ck_prepare(type, cols, x, cols, n, prepared, level)
         var starts = [0]
         for w in ws { starts.append(starts.last! + w.rows) }
         Parallel.forEachChunk(starts.last!, minChunk: 32) { range in
@@ -71,7 +81,7 @@ public struct WeightMatrix: @unchecked Sendable {
                 let lo = max(range.lowerBound, starts[i]) - starts[i]
                 let hi = min(range.upperBound, starts[i + 1]) - starts[i]
                 if lo < hi {
-                    ck_matmul_rows(Int32(w.type.rawValue), w.data, w.cols, lo, hi, x, w.cols, n, outputs[i], w.rows, 1)
+                    ck_matmul_rows(type, w.data, cols, lo, hi, x, cols, n, prepared, outputs[i], w.rows, level)
                 }
             }
         }
@@ -95,9 +105,9 @@ public struct WeightMatrix: @unchecked Sendable {
 
     /// Dequantises rows `range` into `out`: [range.count, cols] fp32.
     public func dequantizeRows(_ range: Range<Int>, into out: UnsafeMutablePointer<Float>,
-                               kernels: KernelPath = .simd) {
+                               kernels: KernelPath = .best) {
         precondition(range.lowerBound >= 0 && range.upperBound <= rows)
-        let t = Int32(type.rawValue), simd = kernels.flag
+        let t = Int32(type.rawValue), simd = kernels.level
         Parallel.forEachChunk(range.count, minChunk: 64) { r in
             ck_dequantize_rows(t, data, cols, range.lowerBound + r.lowerBound, range.lowerBound + r.upperBound,
                                out + r.lowerBound * cols, simd)
@@ -107,11 +117,11 @@ public struct WeightMatrix: @unchecked Sendable {
     /// Dequantises one row (an embedding lookup): out is [cols] fp32.
     public func row(_ r: Int, into out: UnsafeMutablePointer<Float>) {
         precondition(r >= 0 && r < rows, "row \(r) out of range 0..<\(rows)")
-        ck_dequantize_rows(Int32(type.rawValue), data, cols, r, r + 1, out, 1)
+        ck_dequantize_rows(Int32(type.rawValue), data, cols, r, r + 1, out, KernelPath.best.level)
     }
 
     /// The whole matrix as fp32, row-major [rows, cols].
-    public func dequantized(kernels: KernelPath = .simd) -> [Float] {
+    public func dequantized(kernels: KernelPath = .best) -> [Float] {
         [Float](unsafeUninitializedCapacity: rows * cols) { buf, count in
             dequantizeRows(0..<rows, into: buf.baseAddress!, kernels: kernels)
             count = rows * cols
@@ -120,14 +130,30 @@ public struct WeightMatrix: @unchecked Sendable {
 }
 
 /// Which implementation of the quantised kernels to run.
-public enum KernelPath: Sendable {
-    /// AVX2/FMA/F16C where the CPU has them (else scalar), sgemm for batches.
-    case simd
-    /// The portable scalar C loops, one row at a time (the fallback).
+public enum KernelPath: Sendable, CaseIterable, CustomStringConvertible {
+    /// The best this CPU has (AVX-512 VNNI, else AVX2), sgemm for batches.
+    case best
+    /// At most AVX2/FMA/F16C, row by row.
+    case avx2
+    /// The portable scalar C loops, row by row (the fallback).
     case scalar
 
-    /// True when this CPU runs the AVX2/FMA/F16C kernels.
-    public static var simdAvailable: Bool { ck_simd_level() != 0 }
+    /// The best level this CPU runs: 2 AVX-512 VNNI, 1 AVX2, 0 scalar.
+    public static var available: Int { Int(ck_simd_level()) }
 
-    var flag: Int32 { self == .simd ? 1 : 0 }
+    var level: Int32 {
+        switch self {
+        case .best: 2
+        case .avx2: 1
+        case .scalar: 0
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .best: "best"
+        case .avx2: "avx2"
+        case .scalar: "scalar"
+        }
+    }
 }

@@ -160,7 +160,6 @@ struct Generate: ParsableCommand {
             writeOut(tok.text)
             return true
         }
-        writeOut("\n")
         let end = Date()
         let decodeTime = first.map { end.timeIntervalSince($0) } ?? 0
         log(String(format: "prompt %d tokens, generated %d tokens (%@); first token after %.3f s, %.1f tokens/s after",

@@ -1,8 +1,9 @@
 // CKernels: the hot inner loops of Continuum's quantised matrix products.
 //
 // What this is: dot products and row dequantisation for the GGUF block
-// formats (Q4_0, Q4_1, Q8_0, F16, BF16) against fp32 activations, with an
-// AVX2/FMA/F16C path chosen at run time and a portable scalar fallback.
+// formats (Q4_0, Q4_1, Q8_0, F16, BF16) against fp32 activations, with
+// AVX-512 VNNI and AVX2/FMA/F16C paths chosen at run time and a portable
+// scalar fallback.
 // What this is not: a BLAS. Only the Tensor module imports this; the naive
 // Swift reference kernels in Tensor/Reference.swift are what tests check these
 // against.
@@ -26,28 +27,38 @@ enum ck_type {
     CK_BF16 = 30,
 };
 
-/// 1 when this CPU has AVX2+FMA+F16C, else 0.
+/// Kernel levels: 0 scalar fp32; 1 AVX2+FMA+F16C; 2 AVX-512 (F, BW, VNNI).
+/// Returns the best level this CPU runs.
 int ck_simd_level(void);
 
+/// Bytes of scratch `ck_prepare` needs for n vectors of cols values.
+size_t ck_prepared_bytes(int type, size_t cols, size_t n, int cap);
+
+/// Prepares activations X (n x cols fp32, row stride ldx) once for many rows:
+/// per-block sums, or the integer forms the SIMD kernels multiply:
+///   level 1, Q4_0/Q4_1/Q8_0: two int16 parts per 32-block,
+///     x ≈ s1·q1 + s2·q2, error ≤ 2^-32 of the block's largest |x|;
+///   level 2, Q4_0/Q4_1/Q8_0: three int8 digits of a 21-bit integer per
+///     block, error ≤ 2^-21 of the block's largest |x|.
+/// cap limits the level (tests pass lower caps to check every path).
+void ck_prepare(int type, size_t cols, const float *X, size_t ldx, size_t n, void *prepared, int cap);
+
 /// Y[j, r] = dot(W row r, X[j, :]) for rows r in [row_begin, row_end) and
-/// vectors j in [0, n).
+/// vectors j in [0, n), using activations prepared by ck_prepare (same type,
+/// cols, n and cap).
 ///   W: rows x cols weights of `type` (row-major, GGUF block layout)
 ///   X: n x cols fp32, row stride ldx
 ///   Y: n x rows fp32, row stride ldy
 /// cols must be a multiple of the type's block size (32; 1 for F16/BF16/F32).
-/// On the AVX2 path, Q4_0/Q4_1/Q8_0 rows are multiplied with X split into two
-/// int16 parts per 32-block (x ≈ s1·q1 + s2·q2, error ≤ 2^-32 of the block's
-/// largest |x|, below fp32 rounding) using exact integer products.
-/// use_simd: 1 for the AVX2 path (ignored where the CPU lacks it), 0 scalar.
 void ck_matmul_rows(int type, const void *W, size_t cols,
                     size_t row_begin, size_t row_end,
-                    const float *X, size_t ldx, size_t n,
-                    float *Y, size_t ldy, int use_simd);
+                    const float *X, size_t ldx, size_t n, const void *prepared,
+                    float *Y, size_t ldy, int cap);
 
 /// Dequantise rows [row_begin, row_end) of W (rows x cols, `type`) into
 /// out (row_end-row_begin) x cols fp32, row-major.
 void ck_dequantize_rows(int type, const void *W, size_t cols,
-                        size_t row_begin, size_t row_end, float *out, int use_simd);
+                        size_t row_begin, size_t row_end, float *out, int cap);
 
 #ifdef __cplusplus
 }
