@@ -560,6 +560,10 @@ void ck_matmul_rows(int type, const void *W, size_t cols,
     const uint8_t *prep = (const uint8_t *)prepared;
     for (size_t r = row_begin; r < row_end; r++) {
         const uint8_t *row = base + r * rb;
+#ifdef CK_X86
+        if (r + 4 < row_end)   // the hardware prefetcher does not cross pages
+            for (size_t o = 0; o < rb; o += 64) _mm_prefetch((const char *)(row + 4 * rb + o), _MM_HINT_T0);
+#endif
         for (size_t j = 0; j < n; j++) {
             float v;
 #ifdef CK_X86
@@ -586,4 +590,80 @@ void ck_dequantize_rows(int type, const void *W, size_t cols,
 #endif
         dequant_scalar(type, base + r * rb, cols, o);
     }
+}
+
+// ---------------------------------------------------------------------------
+// Decode attention: one token's query heads that share a key/value head.
+//   q:      [group, hs]           scores: [group, visible] (scratch)
+//   k, v:   [visible, ldkv] rows, this head's hs values at the row start
+//   out:    [group, hs]
+// scores = softmax(scale · q·Kᵀ); out = scores·V. Each K and V row is read
+// once for the whole group.
+
+static void attend_scalar(const float *q, const float *k, const float *v, size_t ldkv, size_t visible,
+                          size_t group, size_t hs, float scale, float *scores, float *out) {
+    for (size_t j = 0; j < visible; j++)
+        for (size_t g = 0; g < group; g++) {
+            float s = 0;
+            for (size_t i = 0; i < hs; i++) s += q[g * hs + i] * k[j * ldkv + i];
+            scores[g * visible + j] = s * scale;
+        }
+    for (size_t g = 0; g < group; g++) {
+        float *row = scores + g * visible, m = -INFINITY, z = 0;
+        for (size_t j = 0; j < visible; j++) if (row[j] > m) m = row[j];
+        for (size_t j = 0; j < visible; j++) { row[j] = expf(row[j] - m); z += row[j]; }
+        for (size_t j = 0; j < visible; j++) row[j] /= z;
+        for (size_t i = 0; i < hs; i++) out[g * hs + i] = 0;
+    }
+    for (size_t j = 0; j < visible; j++)
+        for (size_t g = 0; g < group; g++) {
+            float p = scores[g * visible + j];
+            for (size_t i = 0; i < hs; i++) out[g * hs + i] += p * v[j * ldkv + i];
+        }
+}
+
+#ifdef CK_X86
+CK_TARGET static void attend_avx2(const float *q, const float *k, const float *v, size_t ldkv, size_t visible,
+                                  size_t group, size_t hs, float scale, float *scores, float *out) {
+    for (size_t j = 0; j < visible; j++) {
+        const float *kj = k + j * ldkv;
+        for (size_t g = 0; g < group; g++) {
+            const float *qg = q + g * hs;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            for (size_t i = 0; i < hs; i += 16) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i), _mm256_loadu_ps(kj + i), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i + 8), _mm256_loadu_ps(kj + i + 8), a1);
+            }
+            scores[g * visible + j] = hsum256(_mm256_add_ps(a0, a1)) * scale;
+        }
+    }
+    for (size_t g = 0; g < group; g++) {
+        float *row = scores + g * visible, m = -INFINITY, z = 0;
+        for (size_t j = 0; j < visible; j++) if (row[j] > m) m = row[j];
+        for (size_t j = 0; j < visible; j++) { row[j] = expf(row[j] - m); z += row[j]; }
+        float inv = 1 / z;
+        for (size_t j = 0; j < visible; j++) row[j] *= inv;
+        for (size_t i = 0; i < hs; i++) out[g * hs + i] = 0;
+    }
+    for (size_t j = 0; j < visible; j++) {
+        const float *vj = v + j * ldkv;
+        for (size_t g = 0; g < group; g++) {
+            __m256 p = _mm256_set1_ps(scores[g * visible + j]);
+            float *o = out + g * hs;
+            for (size_t i = 0; i < hs; i += 8)
+                _mm256_storeu_ps(o + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + i), _mm256_loadu_ps(o + i)));
+        }
+    }
+}
+#endif
+
+void ck_attend(const float *q, const float *k, const float *v, size_t ldkv, size_t visible,
+               size_t group, size_t hs, float scale, float *scores, float *out, int cap) {
+#ifdef CK_X86
+    if ((cap < ck_simd_level() ? cap : ck_simd_level()) >= 1 && hs % 16 == 0) {
+        attend_avx2(q, k, v, ldkv, visible, group, hs, scale, scores, out);
+        return;
+    }
+#endif
+    attend_scalar(q, k, v, ldkv, visible, group, hs, scale, scores, out);
 }

@@ -1,5 +1,6 @@
 // Attention: causal grouped-query attention of new tokens over a KV cache.
 import CBLAS
+import CKernels
 import Foundation
 
 public enum Attention {
@@ -43,20 +44,17 @@ public enum Attention {
                 }
             }
         } else {
-            // Decode: per-head dot products, heads in parallel.
-            Parallel.forEachChunk(heads * t, minChunk: 1) { range in
-                let scores = UnsafeMutablePointer<Float>.allocate(capacity: l)
+            // Decode: per token and key/value head, the query heads sharing
+            // it read each key and value row once; (token, head) pairs run in
+            // parallel.
+            Parallel.forEachChunk(t * kvHeads, minChunk: 1) { items in
+                let scores = UnsafeMutablePointer<Float>.allocate(capacity: group * l)
                 defer { scores.deallocate() }
-                for item in range {
-                    let r = item / heads, h = item % heads
-                    let kvh = h / group
-                    let qh = q + r * qDim + h * hs
-                    let visible = start + r + 1
-                    for j in 0..<visible { scores[j] = Ops.dot(qh, k + j * kvDim + kvh * hs, hs) * scale }
-                    Ops.softmax(scores, visible)
-                    let o = out + r * qDim + h * hs
-                    for i in 0..<hs { o[i] = 0 }
-                    for j in 0..<visible { Ops.axpy(scores[j], v + j * kvDim + kvh * hs, o, hs) }
+                for item in items {
+                    let r = item / kvHeads, kvh = item % kvHeads
+                    let offset = r * qDim + kvh * group * hs   // [group, HS]: the group's heads are contiguous
+                    ck_attend(q + offset, k + kvh * hs, v + kvh * hs, kvDim, start + r + 1, group, hs, scale,
+                              scores, out + offset, KernelPath.best.level)
                 }
             }
         }

@@ -60,6 +60,13 @@ void ck_matmul_rows(int type, const void *W, size_t cols,
 void ck_dequantize_rows(int type, const void *W, size_t cols,
                         size_t row_begin, size_t row_end, float *out, int cap);
 
+/// Attention of one token's query heads that share a key/value head:
+/// scores = softmax(scale · q·Kᵀ) over `visible` positions, out = scores·V.
+///   q: [group, hs]   k, v: `visible` rows of stride ldkv   out: [group, hs]
+///   scores: [group, visible] scratch
+void ck_attend(const float *q, const float *k, const float *v, size_t ldkv, size_t visible,
+               size_t group, size_t hs, float scale, float *scores, float *out, int cap);
+
 #ifdef __cplusplus
 }
 #endif
