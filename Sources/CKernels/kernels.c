@@ -667,3 +667,9 @@ void ck_attend(const float *q, const float *k, const float *v, size_t ldkv, size
 #endif
     attend_scalar(q, k, v, ldkv, visible, group, hs, scale, scores, out);
 }
+
+void ck_cpu_relax(void) {
+#ifdef CK_X86
+    _mm_pause();
+#endif
+}

@@ -1,19 +1,16 @@
-// Parallel: how many threads the kernels use, and a parallel-for over chunks.
+// Parallel: how many threads the kernels use, and a parallel-for over chunks
+// run by a small pool of persistent workers.
 import CBLAS
-import Dispatch
+import CKernels
+import Foundation
 import Synchronization
 
 /// Thread settings shared by every kernel in the process.
 public enum Parallel {
-    private static let threadCount = Atomic<Int>(defaultThreads())
+    private static let threadCount = Atomic<Int>(ProcessInfo.processInfo.activeProcessorCount)
 
-    private static func defaultThreads() -> Int {
-        var cpus = 1
-        #if os(Linux)
-        cpus = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
-        #endif
-        return max(1, cpus)
-    }
+    /// Workers besides the calling thread, one per extra core.
+    static let pool = WorkerPool(workers: max(1, ProcessInfo.processInfo.activeProcessorCount - 1))
 
     /// Number of threads kernels split work across (and OpenBLAS uses).
     public static var threads: Int { threadCount.load(ordering: .relaxed) }
@@ -28,31 +25,89 @@ public enum Parallel {
     /// Calls `body(range)` on disjoint chunks covering `0..<count`, in
     /// parallel when more than one thread is configured and the work is large
     /// enough. `minChunk` is the smallest range worth a thread of its own.
+    /// Returns when every chunk is done.
     public static func forEachChunk(_ count: Int, minChunk: Int = 1, _ body: (Range<Int>) -> Void) {
-        let parts = min(threads, max(1, count / max(1, minChunk)))
-        if parts <= 1 {
-            body(0..<count)
-            return
-        }
-        // The chunks are disjoint and the call returns only when all are done,
-        // so sharing the non-Sendable body across threads is safe.
-        withoutActuallyEscaping(body) { body in
-            let shared = UncheckedSendable(body)
-            DispatchQueue.concurrentPerform(iterations: parts) { p in
-                let lo = count * p / parts
-                let hi = count * (p + 1) / parts
-                if lo < hi { shared.value(lo..<hi) }
+        let parts = min(threads, pool.workers + 1, max(1, count / max(1, minChunk)))
+        if parts > 1 {
+            let ran = pool.run(parts: parts) { p in
+                let lo = count * p / parts, hi = count * (p + 1) / parts
+                if lo < hi { body(lo..<hi) }
             }
+            if ran { return }
         }
+        // One thread, or the pool is busy with another caller's work.
+        body(0..<count)
     }
 }
 
-/// Wraps a value the caller guarantees is used safely across threads.
-struct UncheckedSendable<T>: @unchecked Sendable {
-    let value: T
-    init(_ value: T) { self.value = value }
-}
+/// Persistent worker threads that run one parallel-for at a time. Workers
+/// spin briefly waiting for the next job (decode steps issue one every few
+/// tens of microseconds), then sleep on a condition. Every worker checks in
+/// for every job, so no worker can see a job's closure after `run` returns.
+final class WorkerPool: @unchecked Sendable {
+    let workers: Int
+    private let epoch = Atomic<Int>(0)
+    private let remaining = Atomic<Int>(0)
+    private let sleepers = Atomic<Int>(0)
+    private let busy = Atomic<Bool>(false)
+    private let condition = NSCondition()
+    // Written by `run` before it bumps `epoch`; read by workers after they see it.
+    private var task: (Int) -> Void = { _ in }
+    private var parts = 0
+    /// Spin iterations (PAUSE) before a worker sleeps: roughly 100 µs.
+    private let spinLimit = 2000
 
-#if os(Linux)
-import Glibc
-#endif
+    init(workers: Int) {
+        self.workers = workers
+        for i in 1...workers {
+            let t = Thread { [unowned self] in self.workerLoop(index: i) }
+            t.name = "continuum-worker-\(i)"
+            t.start()
+        }
+    }
+
+    /// Runs `body(p)` for p in 0..<parts (parts ≤ workers + 1), part 0 on the
+    /// calling thread. Returns false without running anything when another
+    /// caller holds the pool.
+    func run(parts: Int, _ body: (Int) -> Void) -> Bool {
+        guard busy.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged else { return false }
+        withoutActuallyEscaping(body) { body in
+            task = body
+            self.parts = parts
+            remaining.store(workers, ordering: .relaxed)
+            epoch.wrappingAdd(1, ordering: .releasing)
+            if sleepers.load(ordering: .acquiring) > 0 {
+                condition.lock()
+                condition.broadcast()
+                condition.unlock()
+            }
+            body(0)
+            while remaining.load(ordering: .acquiring) > 0 { ck_cpu_relax() }
+            task = { _ in }
+        }
+        busy.store(false, ordering: .releasing)
+        return true
+    }
+
+    private func workerLoop(index: Int) {
+        var seen = 0
+        while true {
+            var spins = 0
+            while epoch.load(ordering: .acquiring) == seen {
+                spins += 1
+                if spins < spinLimit {
+                    ck_cpu_relax()
+                    continue
+                }
+                condition.lock()
+                sleepers.wrappingAdd(1, ordering: .acquiringAndReleasing)
+                while epoch.load(ordering: .acquiring) == seen { condition.wait() }
+                sleepers.wrappingSubtract(1, ordering: .acquiringAndReleasing)
+                condition.unlock()
+            }
+            seen = epoch.load(ordering: .acquiring)
+            if index < parts { task(index) }
+            remaining.wrappingSubtract(1, ordering: .releasing)
+        }
+    }
+}

@@ -67,6 +67,9 @@ void ck_dequantize_rows(int type, const void *W, size_t cols,
 void ck_attend(const float *q, const float *k, const float *v, size_t ldkv, size_t visible,
                size_t group, size_t hs, float scale, float *scores, float *out, int cap);
 
+/// A spin-wait hint (PAUSE on x86).
+void ck_cpu_relax(void);
+
 #ifdef __cplusplus
 }
 #endif
