@@ -44,16 +44,16 @@ public enum Attention {
                 }
             }
         } else {
-            // Decode: per token and key/value head, the query heads sharing
-            // it read each key and value row once; (token, head) pairs run in
-            // parallel.
-            Parallel.forEachChunk(t * kvHeads, minChunk: 1) { items in
-                let scores = UnsafeMutablePointer<Float>.allocate(capacity: group * l)
+            // Decode: one (token, query head) pair per item, spread across
+            // threads; a head's keys and values stay in cache for the heads
+            // that share them.
+            Parallel.forEachChunk(t * heads, minChunk: 1) { items in
+                let scores = UnsafeMutablePointer<Float>.allocate(capacity: l)
                 defer { scores.deallocate() }
                 for item in items {
-                    let r = item / kvHeads, kvh = item % kvHeads
-                    let offset = r * qDim + kvh * group * hs   // [group, HS]: the group's heads are contiguous
-                    ck_attend(q + offset, k + kvh * hs, v + kvh * hs, kvDim, start + r + 1, group, hs, scale,
+                    let r = item / heads, h = item % heads, kvh = h / group
+                    let offset = r * qDim + h * hs
+                    ck_attend(q + offset, k + kvh * hs, v + kvh * hs, kvDim, start + r + 1, 1, hs, scale,
                               scores, out + offset, KernelPath.best.level)
                 }
             }
