@@ -73,6 +73,18 @@ static size_t row_bytes(int type, size_t cols) {
     }
 }
 
+/// Largest |x| of a 32-block; its exact sum goes to *sum.
+static float block_stats(const float *xb, float *sum) {
+    float amax = 0, s = 0;
+    for (int j = 0; j < 32; j++) {
+        float a = fabsf(xb[j]);
+        if (a > amax) amax = a;
+        s += xb[j];
+    }
+    *sum = s;
+    return amax;
+}
+
 // ---------------------------------------------------------------------------
 // Scalar path
 
@@ -215,12 +227,8 @@ typedef struct {
 static void quantize_x(const float *x, size_t nb, xblock *out) {
     for (size_t b = 0; b < nb; b++) {
         const float *xb = x + b * 32;
-        float amax = 0, sum = 0;
-        for (int j = 0; j < 32; j++) {
-            float a = fabsf(xb[j]);
-            if (a > amax) amax = a;
-            sum += xb[j];
-        }
+        float sum;
+        float amax = block_stats(xb, &sum);
         float s1 = amax / 32767.0f, s2 = s1 / 65534.0f;
         for (int j = 0; j < 32; j++) {
             float q1 = s1 > 0 ? rintf(xb[j] / s1) : 0;
@@ -384,12 +392,8 @@ static void quantize_x8(int type, const float *x, size_t cols, uint8_t *buf) {
     int32_t Xs[32];
     for (size_t b = 0; b < nb; b++) {
         const float *xb = x + b * 32;
-        float amax = 0, s = 0;
-        for (int j = 0; j < 32; j++) {
-            float a = fabsf(xb[j]);
-            if (a > amax) amax = a;
-            s += xb[j];
-        }
+        float s;
+        float amax = block_stats(xb, &s);
         float sc = amax / (float)XQ_MAX;
         float inv = amax > 0 ? (float)XQ_MAX / amax : 0;
         ss[2 * b] = sc;

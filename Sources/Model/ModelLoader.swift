@@ -43,19 +43,8 @@ extension LlamaModel {
             throw ModelFileError.invalid(path: path, message: e.description)
         }
         let c = config
-        var layers: [LlamaLayerWeights] = []
-        for i in 0..<c.numHiddenLayers {
-            let p = "blk.\(i)."
-            layers.append(LlamaLayerWeights(
-                attentionNorm: try g.vector(p + "attn_norm.weight", count: d),
-                wq: try g.matrix(p + "attn_q.weight", rows: c.queryDim, cols: d),
-                wk: try g.matrix(p + "attn_k.weight", rows: c.keyValueDim, cols: d),
-                wv: try g.matrix(p + "attn_v.weight", rows: c.keyValueDim, cols: d),
-                wo: try g.matrix(p + "attn_output.weight", rows: d, cols: c.queryDim),
-                mlpNorm: try g.vector(p + "ffn_norm.weight", count: d),
-                wGate: try g.matrix(p + "ffn_gate.weight", rows: c.intermediateSize, cols: d),
-                wUp: try g.matrix(p + "ffn_up.weight", rows: c.intermediateSize, cols: d),
-                wDown: try g.matrix(p + "ffn_down.weight", rows: d, cols: c.intermediateSize)))
+        let layers = try (0..<c.numHiddenLayers).map { i in
+            try LlamaLayerWeights(configuration: c, names: .gguf(layer: i), matrix: g.matrix, vector: g.vector)
         }
         let embedding = try g.matrix("token_embd.weight", rows: c.vocabSize, cols: d)
         let weights = LlamaWeights(
@@ -91,19 +80,8 @@ extension LlamaModel {
         }
         let st = try SafetensorsFile(path: dir.appendingPathComponent("model.safetensors").path)
         let d = c.hiddenSize
-        var layers: [LlamaLayerWeights] = []
-        for i in 0..<c.numHiddenLayers {
-            let p = "model.layers.\(i)."
-            layers.append(LlamaLayerWeights(
-                attentionNorm: try st.vector(p + "input_layernorm.weight", count: d),
-                wq: try st.matrix(p + "self_attn.q_proj.weight", rows: c.queryDim, cols: d),
-                wk: try st.matrix(p + "self_attn.k_proj.weight", rows: c.keyValueDim, cols: d),
-                wv: try st.matrix(p + "self_attn.v_proj.weight", rows: c.keyValueDim, cols: d),
-                wo: try st.matrix(p + "self_attn.o_proj.weight", rows: d, cols: c.queryDim),
-                mlpNorm: try st.vector(p + "post_attention_layernorm.weight", count: d),
-                wGate: try st.matrix(p + "mlp.gate_proj.weight", rows: c.intermediateSize, cols: d),
-                wUp: try st.matrix(p + "mlp.up_proj.weight", rows: c.intermediateSize, cols: d),
-                wDown: try st.matrix(p + "mlp.down_proj.weight", rows: d, cols: c.intermediateSize)))
+        let layers = try (0..<c.numHiddenLayers).map { i in
+            try LlamaLayerWeights(configuration: c, names: .huggingFace(layer: i), matrix: st.matrix, vector: st.vector)
         }
         let embedding = try st.matrix("model.embed_tokens.weight", rows: c.vocabSize, cols: d)
         let output = c.tieWordEmbeddings || st.entries["lm_head.weight"] == nil
@@ -121,5 +99,47 @@ extension LlamaModel {
         let template = ChatTemplate(jinja: templateText) ?? ChatTemplate(defaultSystemPrompt: nil)
         return LlamaModel(configuration: c, weights: weights, tokenizer: tokenizer, chatTemplate: template,
                           ropeLayout: .halfSplit, source: directory)
+    }
+}
+
+/// A decoder block's tensor names in one checkpoint format.
+struct LayerTensorNames {
+    let attentionNorm, wq, wk, wv, wo, mlpNorm, wGate, wUp, wDown: String
+
+    /// llama.cpp's GGUF names.
+    static func gguf(layer i: Int) -> LayerTensorNames {
+        let p = "blk.\(i)."
+        return LayerTensorNames(
+            attentionNorm: p + "attn_norm.weight", wq: p + "attn_q.weight", wk: p + "attn_k.weight",
+            wv: p + "attn_v.weight", wo: p + "attn_output.weight", mlpNorm: p + "ffn_norm.weight",
+            wGate: p + "ffn_gate.weight", wUp: p + "ffn_up.weight", wDown: p + "ffn_down.weight")
+    }
+
+    /// Hugging Face transformers' names.
+    static func huggingFace(layer i: Int) -> LayerTensorNames {
+        let p = "model.layers.\(i)."
+        return LayerTensorNames(
+            attentionNorm: p + "input_layernorm.weight", wq: p + "self_attn.q_proj.weight",
+            wk: p + "self_attn.k_proj.weight", wv: p + "self_attn.v_proj.weight", wo: p + "self_attn.o_proj.weight",
+            mlpNorm: p + "post_attention_layernorm.weight", wGate: p + "mlp.gate_proj.weight",
+            wUp: p + "mlp.up_proj.weight", wDown: p + "mlp.down_proj.weight")
+    }
+}
+
+extension LlamaLayerWeights {
+    /// Reads one block's tensors, checking each against the configuration's shapes.
+    init(configuration c: LlamaConfiguration, names n: LayerTensorNames,
+         matrix: (String, Int, Int) throws -> WeightMatrix, vector: (String, Int) throws -> [Float]) throws {
+        let d = c.hiddenSize
+        self.init(
+            attentionNorm: try vector(n.attentionNorm, d),
+            wq: try matrix(n.wq, c.queryDim, d),
+            wk: try matrix(n.wk, c.keyValueDim, d),
+            wv: try matrix(n.wv, c.keyValueDim, d),
+            wo: try matrix(n.wo, d, c.queryDim),
+            mlpNorm: try vector(n.mlpNorm, d),
+            wGate: try matrix(n.wGate, c.intermediateSize, d),
+            wUp: try matrix(n.wUp, c.intermediateSize, d),
+            wDown: try matrix(n.wDown, d, c.intermediateSize))
     }
 }
