@@ -3,8 +3,10 @@
 import Foundation
 
 /// One generated token and the text it completes (may be empty while a UTF-8
-/// character or a possible stop string is incomplete).
+/// character or a possible stop string is incomplete). A final item with id
+/// -1 carries text still held back when generation ended.
 public struct GeneratedToken: Sendable, Equatable {
+    /// The token id, or -1 for the final flush of held-back text.
     public let id: Int
     public let text: String
 }

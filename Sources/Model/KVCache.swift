@@ -53,9 +53,4 @@ public final class KVCache: @unchecked Sendable {
     func values(_ l: Int) -> UnsafeMutablePointer<Float> { values[l] }
 
     func advance(_ n: Int) { count += n }
-
-    /// Forgets positions from `length` on (keeps a shared prompt prefix).
-    public func truncate(to length: Int) {
-        count = min(count, max(0, length))
-    }
 }

@@ -87,9 +87,6 @@ public final class Tokenizer: Sendable {
     /// Number of tokens in the vocabulary.
     public var count: Int { tokens.count }
 
-    /// The id of a token given in its stored form, if present.
-    public func id(of token: String) -> Int? { vocab[token] }
-
     // MARK: Encoding
 
     /// Token ids of `text`. No BOS/EOS is added. When `parseSpecial` is true,

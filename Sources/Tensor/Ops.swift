@@ -26,21 +26,6 @@ public enum Ops {
         return s
     }
 
-    /// y[i] += a · x[i] over n elements.
-    @inlinable
-    public static func axpy(_ a: Float, _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ n: Int) {
-        var i = 0
-        let av = SIMD8<Float>(repeating: a)
-        let rx = UnsafeRawPointer(x), ry = UnsafeMutableRawPointer(y)
-        while i + 8 <= n {
-            let v = ry.loadUnaligned(fromByteOffset: 4 * i, as: SIMD8<Float>.self)
-                + av * rx.loadUnaligned(fromByteOffset: 4 * i, as: SIMD8<Float>.self)
-            ry.storeBytes(of: v, toByteOffset: 4 * i, as: SIMD8<Float>.self)
-            i += 8
-        }
-        while i < n { y[i] += a * x[i]; i += 1 }
-    }
-
     /// y += x over n elements (the residual connection).
     @inlinable
     public static func add(_ x: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, _ n: Int) {
