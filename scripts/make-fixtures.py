@@ -19,6 +19,8 @@ Writes:
   tiny-llama/              a tiny random Llama saved by transformers
                            (config.json, model.safetensors, tokenizer.json)
   tiny-reference.json      its tokenizations and logits
+  digits-tokenizer.json    a small BPE with SmolLM2's Digits+ByteLevel
+                           pre-tokenizer (its ids are in tiny-reference.json)
 """
 import argparse
 import glob
@@ -230,6 +232,16 @@ def make_tiny(texts):
         for p in model.parameters():  # larger than the default init, so logits differ visibly
             p.normal_(0, 0.2)
     model.save_pretrained(out, safe_serialization=True)
+    # A second byte-level BPE with SmolLM2's pre-tokenizer (Digits + ByteLevel),
+    # to check that tokenizer.json form too.
+    digits = Tokenizer(models.BPE())
+    digits.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    digits.decoder = decoders.ByteLevel()
+    digits.train_from_iterator(texts[:3000], trainer=trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    digits.save(os.path.join(FIXTURES, "digits-tokenizer.json"))
     samples = texts[::97][:50]
     prompt = "Hello tiny model: 1234 + 5678 = ?\n\tdef f(x): return x"
     pids = tok.encode(prompt).ids
@@ -238,6 +250,7 @@ def make_tiny(texts):
     write_f32(os.path.join(FIXTURES, "tiny-logits.f32"), logits)
     with open(os.path.join(FIXTURES, "tiny-reference.json"), "w", encoding="utf-8") as f:
         json.dump({"texts": samples, "ids": [tok.encode(t).ids for t in samples],
+                   "digits_ids": [digits.encode(t).ids for t in samples],
                    "prompt": prompt, "prompt_ids": pids, "logits": "tiny-logits.f32", "vocab": tok.get_vocab_size()},
                   f, ensure_ascii=False, indent=1)
     print(f"tiny-llama: vocabulary {tok.get_vocab_size()}, prompt {len(pids)} tokens", file=sys.stderr)

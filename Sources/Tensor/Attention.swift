@@ -9,15 +9,17 @@ public enum Attention {
     ///   q:   [T, H*HS]      queries of the new tokens (after RoPE)
     ///   k,v: [L, KVH*HS]    the sequence's cache, L = start + T
     ///   out: [T, H*HS]      (overwritten)
-    /// Query head h reads key/value head h / (H / KVH).
+    /// Query head h reads key/value head h / (H / KVH). Sixteen or more tokens
+    /// go through sgemm (`.best`); fewer, or a lower `kernels` path, through
+    /// the per-head decode kernel.
     public static func causal(q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>,
                               tokens t: Int, start: Int, heads: Int, kvHeads: Int, headSize hs: Int,
-                              out: UnsafeMutablePointer<Float>) {
+                              out: UnsafeMutablePointer<Float>, kernels: KernelPath = .best) {
         let l = start + t
         let qDim = heads * hs, kvDim = kvHeads * hs
         let group = heads / kvHeads
         let scale = 1 / Float(hs).squareRoot()
-        if t >= 16 {
+        if t >= 16 && kernels == .best {
             // Prefill: per head and per block of up to 256 queries, two sgemms
             // over just the keys that block can see.
             let block = min(t, 256)
@@ -54,7 +56,7 @@ public enum Attention {
                     let r = item / heads, h = item % heads, kvh = h / group
                     let offset = r * qDim + h * hs
                     ck_attend(q + offset, k + kvh * hs, v + kvh * hs, kvDim, start + r + 1, 1, hs, scale,
-                              scores, out + offset, KernelPath.best.level)
+                              scores, out + offset, kernels.level)
                 }
             }
         }

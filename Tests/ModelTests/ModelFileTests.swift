@@ -220,6 +220,25 @@ struct ModelFileTests {
         #expect(model.chatTemplate.render([ChatMessage(role: "user", content: "hi")]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     }
 
+    @Test("tokenizer.json with SmolLM2's Digits + ByteLevel pre-tokenizer matches tokenizers")
+    func digitsTokenizerJSON() throws {
+        let ref = try Fixtures.json("tiny-reference.json")
+        let tokenizer = try Tokenizer(tokenizerJSON: Fixtures.url("digits-tokenizer.json").path, bosID: nil, eosIDs: [])
+        #expect(tokenizer.preTokenizer.individualDigits)
+        let texts = try #require(ref["texts"] as? [String])
+        let ids = try #require(ref["digits_ids"] as? [[Int]])
+        for (t, expected) in zip(texts, ids) { #expect(tokenizer.encode(t) == expected, "\(t.debugDescription)") }
+    }
+
+    @Test("unsupported tokenizer.json settings are refused, naming the file")
+    func unsupportedTokenizerJSON() throws {
+        let path = NSTemporaryDirectory() + "continuum-tokenizer-\(UUID().uuidString).json"
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        try Data(#"{"model": {"type": "Unigram", "vocab": []}, "pre_tokenizer": null}"#.utf8).write(to: URL(fileURLWithPath: path))
+        let error = #expect(throws: ModelFileError.self) { try Tokenizer(tokenizerJSON: path, bosID: nil, eosIDs: []) }
+        #expect(error?.description.contains(path) == true && error?.description.contains("BPE") == true)
+    }
+
     @Test("Hugging Face directory errors name the file")
     func huggingFaceErrors() throws {
         let dir = NSTemporaryDirectory() + "continuum-hf-\(UUID().uuidString)"

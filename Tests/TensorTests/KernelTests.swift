@@ -108,11 +108,14 @@ struct BlockKernelTests {
         let q = (0..<(t * heads * hs)).map { _ in rng.float() }
         let k = (0..<(l * kvHeads * hs)).map { _ in rng.float() }
         let v = (0..<(l * kvHeads * hs)).map { _ in rng.float() }
-        var out = [Float](repeating: .nan, count: t * heads * hs)
-        Attention.causal(q: q, k: k, v: v, tokens: t, start: start, heads: heads, kvHeads: kvHeads, headSize: hs, out: &out)
         let ref = Attention.reference(q: q, k: k, v: v, tokens: t, start: start, heads: heads, kvHeads: kvHeads, headSize: hs)
-        let err = zip(out, ref).map { abs($0 - $1) }.max()!
-        #expect(err < 1e-5, "max |Δ| \(err)")
+        for path in KernelPath.allCases {
+            var out = [Float](repeating: .nan, count: t * heads * hs)
+            Attention.causal(q: q, k: k, v: v, tokens: t, start: start, heads: heads, kvHeads: kvHeads, headSize: hs,
+                             out: &out, kernels: path)
+            let err = zip(out, ref).map { abs($0 - $1) }.max()!
+            #expect(err < 1e-5, "\(path): max |Δ| \(err)")
+        }
     }
 
     @Test("RMSNorm matches a Double computation")
