@@ -9,8 +9,9 @@
 //   Q8_0: f16 d; i8 qs[32]          w[j] = d*qs[j]
 // Dot products use sum_j w[j] x[j] = d * sum_j q[j] x[j] (+ m * sum_j x[j]),
 // with the per-block sums of x computed once per vector, not once per row.
-// The AVX2 path for the 32-blocks quantises x to int16 per block first (see
-// dot_i16_avx2); the scalar path and the F16/BF16/F32 kernels stay in fp32.
+// The SIMD paths for the 32-blocks turn x into integers per block first (see
+// dot_i16_avx2 and dot_vnni); the scalar path and the F16/BF16/F32 kernels
+// stay in fp32.
 #include "ckernels.h"
 
 #include <math.h>
@@ -247,38 +248,44 @@ CK_TARGET static float dot_i16_avx2(int type, const uint8_t *row, const xblock *
     const __m128i m4 = _mm_set1_epi8(15);
     const __m128i eight = _mm_set1_epi8(8);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float tail = 0;
+    __m128 tail = _mm_setzero_ps();   // lane 2 accumulates m·Σx (Q4_1)
     for (size_t b = 0; b < nb; b++) {
         const xblock *xb = xq + b;
         __m256i w0, w1;
-        float d;
+        __m128 dm;   // [d, d, m, 0]
         if (type == CK_Q8_0) {
             const uint8_t *blk = row + b * 34;
-            d = _cvtsh_ss(load_u16(blk));
+            dm = _mm_cvtph_ps(_mm_cvtsi32_si128(load_u16(blk)));            // [d, 0, 0, 0]
             w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
             w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
         } else if (type == CK_Q4_1) {
             const uint8_t *blk = row + b * 20;
-            d = _cvtsh_ss(load_u16(blk));
-            tail += _cvtsh_ss(load_u16(blk + 2)) * xb->sum;
+            uint32_t dmBits;
+            memcpy(&dmBits, blk, 4);
+            dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dmBits));              // [d, m, 0, 0]
             __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
             w0 = _mm256_cvtepu8_epi16(_mm_and_si128(q, m4));
             w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), m4));
-        } else { // CK_Q4_0
+        } else { // CK_Q4_0: the -8 is applied to the integers
             const uint8_t *blk = row + b * 18;
-            d = _cvtsh_ss(load_u16(blk));
+            dm = _mm_cvtph_ps(_mm_cvtsi32_si128(load_u16(blk)));            // [d, 0, 0, 0]
             __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
             w0 = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(q, m4), eight));
             w1 = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m4), eight));
         }
+        dm = _mm_shuffle_ps(dm, dm, _MM_SHUFFLE(3, 1, 0, 0));               // [d, d, m, 0]
+        __m128 prod = _mm_mul_ps(dm, _mm_loadu_ps(&xb->scale_hi));          // [d·s1, d·s2, m·Σx, 0]
+        tail = _mm_add_ps(tail, prod);
         __m256i ph = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xb->hi)),
                                       _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xb->hi + 16))));
         __m256i pl = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xb->lo)),
                                       _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xb->lo + 16))));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ph), _mm256_set1_ps(d * xb->scale_hi), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pl), _mm256_set1_ps(d * xb->scale_lo), acc1);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ph), _mm256_broadcastss_ps(prod), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pl), _mm256_broadcastss_ps(_mm_movehdup_ps(prod)), acc1);
     }
-    return hsum256(_mm256_add_ps(acc0, acc1)) + tail;
+    float lanes[4];
+    _mm_storeu_ps(lanes, tail);
+    return hsum256(_mm256_add_ps(acc0, acc1)) + lanes[2];
 }
 
 /// fp32 dot products for the unquantised formats (F16, BF16, F32).
@@ -501,7 +508,14 @@ static int detect_avx2(void) {
 int ck_simd_level(void) {
 #ifdef CK_X86
     static int level = -1;
-    if (level < 0) level = detect_avx2() ? (detect_avx512vnni() ? 2 : 1) : 0;
+    if (level < 0) {
+        int found = detect_avx2() ? (detect_avx512vnni() ? 2 : 1) : 0;
+        // CONTINUUM_KERNELS=avx2|scalar caps the level (benchmarks, debugging).
+        const char *cap = getenv("CONTINUUM_KERNELS");
+        if (cap && strcmp(cap, "avx2") == 0 && found > 1) found = 1;
+        if (cap && strcmp(cap, "scalar") == 0) found = 0;
+        level = found;
+    }
     return level;
 #else
     return 0;

@@ -28,7 +28,8 @@ enum ck_type {
 };
 
 /// Kernel levels: 0 scalar fp32; 1 AVX2+FMA+F16C; 2 AVX-512 (F, BW, VNNI).
-/// Returns the best level this CPU runs.
+/// Returns the best level this CPU runs, capped by the environment variable
+/// CONTINUUM_KERNELS=avx2|scalar when set.
 int ck_simd_level(void);
 
 /// Bytes of scratch `ck_prepare` needs for n vectors of cols values.
