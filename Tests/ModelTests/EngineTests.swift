@@ -197,7 +197,7 @@ struct DefaultModelTests {
         let target = dir + "/" + DefaultModel.fileName
         try FileManager.default.copyItem(atPath: source, toPath: target)
         var log: [String] = []
-        #expect(try DefaultModel.fetch(into: dir) { log.append($0) } == target)
+        #expect(try DefaultModel.fetch(to: target) { log.append($0) } == target)
         #expect(log.contains { $0.contains("SHA-256 matches") } && !log.contains { $0.contains("downloading") })
         // Corrupt one byte: the next fetch downloads and verifies a fresh copy.
         let handle = try FileHandle(forUpdating: URL(fileURLWithPath: target))
@@ -206,7 +206,7 @@ struct DefaultModelTests {
         try handle.close()
         #expect(try SHA256.hex(ofFile: target) != DefaultModel.sha256)
         log.removeAll()
-        #expect(try DefaultModel.fetch(into: dir) { log.append($0) } == target)
+        #expect(try DefaultModel.fetch(to: target) { log.append($0) } == target)
         #expect(log.contains { $0.contains("downloading") })
         #expect(try SHA256.hex(ofFile: target) == DefaultModel.sha256)
     }
