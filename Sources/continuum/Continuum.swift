@@ -161,6 +161,7 @@ struct Generate: ParsableCommand {
             return true
         }
         let end = Date()
+        FileHandle.standardError.write(Data("\n".utf8))   // end the streamed line on a terminal
         let decodeTime = first.map { end.timeIntervalSince($0) } ?? 0
         log(String(format: "prompt %d tokens, generated %d tokens (%@); first token after %.3f s, %.1f tokens/s after",
                    ids.count, result.tokens.count, result.finishReason.rawValue,
