@@ -94,31 +94,47 @@ public final class Tokenizer: Sendable {
     /// ids, as Hugging Face tokenizers do.
     public func encode(_ text: String, parseSpecial: Bool = true) -> [Int] {
         var out: [Int] = []
-        if !parseSpecial || addedByLength.isEmpty {
+        guard parseSpecial && !addedByLength.isEmpty else {
             encodeOrdinary(text, into: &out)
             return out
         }
-        var rest = Substring(text)
-        while !rest.isEmpty {
-            guard let (range, id) = firstAddedToken(in: rest) else {
-                encodeOrdinary(String(rest), into: &out)
-                break
-            }
-            if range.lowerBound > rest.startIndex { encodeOrdinary(String(rest[..<range.lowerBound]), into: &out) }
-            out.append(id)
-            rest = rest[range.upperBound...]
+        let bytes = Array(text.utf8)
+        var cursor = 0
+        for m in addedTokenMatches(in: bytes) {
+            if m.start > cursor { encodeOrdinary(String(decoding: bytes[cursor..<m.start], as: UTF8.self), into: &out) }
+            out.append(m.id)
+            cursor = m.end
         }
+        if cursor < bytes.count { encodeOrdinary(String(decoding: bytes[cursor...], as: UTF8.self), into: &out) }
         return out
     }
 
-    /// Leftmost added token in `s`; the longest one where several start there.
-    private func firstAddedToken(in s: Substring) -> (Range<Substring.Index>, Int)? {
-        var best: (Range<Substring.Index>, Int)?
+    /// Non-overlapping added-token matches in UTF-8 bytes: leftmost first, the
+    /// longest where several start at one place (Hugging Face's
+    /// LeftmostLongest matching). One pass over the text per added token.
+    private func addedTokenMatches(in bytes: [UInt8]) -> [(start: Int, end: Int, id: Int)] {
+        var all: [(start: Int, end: Int, id: Int)] = []
         for (content, id) in addedByLength {
-            guard let r = s.range(of: content) else { continue }
-            if best == nil || r.lowerBound < best!.0.lowerBound { best = (r, id) }
+            let pattern = Array(content.utf8)
+            guard let first = pattern.first, pattern.count <= bytes.count else { continue }
+            var i = 0
+            while i + pattern.count <= bytes.count {
+                if bytes[i] == first && bytes[i..<(i + pattern.count)].elementsEqual(pattern) {
+                    all.append((i, i + pattern.count, id))
+                    i += pattern.count
+                } else {
+                    i += 1
+                }
+            }
         }
-        return best
+        all.sort { $0.start < $1.start || ($0.start == $1.start && $0.end > $1.end) }
+        var picked: [(start: Int, end: Int, id: Int)] = []
+        var end = 0
+        for m in all where m.start >= end {
+            picked.append(m)
+            end = m.end
+        }
+        return picked
     }
 
     private func encodeOrdinary(_ text: String, into out: inout [Int]) {
@@ -138,31 +154,49 @@ public final class Tokenizer: Sendable {
     }
 
     /// Byte-level BPE of one piece: repeatedly merge the adjacent pair of
-    /// lowest rank (leftmost on ties).
+    /// lowest rank (leftmost on ties), with a heap of candidate pairs over a
+    /// linked list of symbols, so a long piece costs O(n log n).
     func bpe(_ bytes: [UInt8]) -> [Int] {
         if ignoreMerges, let whole = vocab[String(String.UnicodeScalarView(bytes.map { ByteLevel.byteToScalar[Int($0)] }))] {
             return [whole]
         }
-        var syms: [Int] = []
-        syms.reserveCapacity(bytes.count)
+        var sym: [Int] = []
+        sym.reserveCapacity(bytes.count)
         for b in bytes {
             let id = byteTokens[Int(b)]
-            if id >= 0 { syms.append(id) } else if let u = unknownID { syms.append(u) }
+            if id >= 0 { sym.append(id) } else if let u = unknownID { sym.append(u) }
         }
-        while syms.count > 1 {
-            var bestRank = Int32.max, bestAt = -1, bestID: Int32 = 0
-            for i in 0..<(syms.count - 1) {
-                if let m = merges[UInt64(syms[i]) << 32 | UInt64(syms[i + 1])], m.rank < bestRank {
-                    bestRank = m.rank
-                    bestAt = i
-                    bestID = m.id
-                }
-            }
-            if bestAt < 0 { break }
-            syms[bestAt] = Int(bestID)
-            syms.remove(at: bestAt + 1)
+        let n = sym.count
+        guard n > 1 else { return sym }
+        var next = Array(1...n)            // n marks the end
+        var prev = Array(-1..<(n - 1))
+        var alive = [Bool](repeating: true, count: n)
+        var heap = PairHeap()
+        func push(_ i: Int) {
+            let j = next[i]
+            guard j < n, let m = merges[UInt64(sym[i]) << 32 | UInt64(sym[j])] else { return }
+            heap.push(PairHeap.Entry(rank: m.rank, position: Int32(i), left: Int32(sym[i]), right: Int32(sym[j]), merged: m.id))
         }
-        return syms
+        for i in 0..<(n - 1) { push(i) }
+        while let e = heap.pop() {
+            let i = Int(e.position)
+            let j = next[i]
+            // Stale: the pair changed since it was pushed.
+            guard alive[i], j < n, sym[i] == Int(e.left), sym[j] == Int(e.right) else { continue }
+            sym[i] = Int(e.merged)
+            alive[j] = false
+            next[i] = next[j]
+            if next[j] < n { prev[next[j]] = i }
+            if prev[i] >= 0 { push(prev[i]) }
+            push(i)
+        }
+        var out: [Int] = []
+        var i = 0
+        while i < n {
+            out.append(sym[i])
+            i = next[i]
+        }
+        return out
     }
 
     // MARK: Decoding
@@ -190,6 +224,51 @@ public final class Tokenizer: Sendable {
     /// Text of `ids`; invalid UTF-8 becomes U+FFFD.
     public func decode(_ ids: [Int], skipSpecial: Bool = false) -> String {
         String(decoding: decodeBytes(ids, skipSpecial: skipSpecial), as: UTF8.self)
+    }
+}
+
+/// A binary min-heap of candidate merges ordered by (rank, position).
+struct PairHeap {
+    struct Entry {
+        let rank: Int32
+        let position: Int32
+        let left: Int32
+        let right: Int32
+        let merged: Int32
+
+        func precedes(_ o: Entry) -> Bool { rank < o.rank || (rank == o.rank && position < o.position) }
+    }
+
+    private var items: [Entry] = []
+
+    mutating func push(_ e: Entry) {
+        items.append(e)
+        var c = items.count - 1
+        while c > 0 {
+            let p = (c - 1) / 2
+            guard items[c].precedes(items[p]) else { break }
+            items.swapAt(c, p)
+            c = p
+        }
+    }
+
+    mutating func pop() -> Entry? {
+        guard let top = items.first else { return nil }
+        let last = items.removeLast()
+        if !items.isEmpty {
+            items[0] = last
+            var p = 0
+            while true {
+                let l = 2 * p + 1, r = l + 1
+                var m = p
+                if l < items.count && items[l].precedes(items[m]) { m = l }
+                if r < items.count && items[r].precedes(items[m]) { m = r }
+                if m == p { break }
+                items.swapAt(p, m)
+                p = m
+            }
+        }
+        return top
     }
 }
 

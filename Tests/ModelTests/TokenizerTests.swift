@@ -42,6 +42,19 @@ struct TokenizerTests {
         #expect(t.eosIDs.contains(2))
     }
 
+    @Test("long pieces and many special tokens encode in n log n and round-trip")
+    func adversarialInput() throws {
+        let t = try SharedModel.get().tokenizer
+        // One 200,000-letter piece: quadratic BPE would not finish.
+        let word = String(repeating: "abcdefghij", count: 20_000)
+        #expect(t.decode(t.encode(word)) == word)
+        // 20,000 special tokens between ordinary text, and a truncated one.
+        let chat = String(repeating: "<|im_start|>hi<|im_end|>", count: 10_000) + "<|im_end"
+        let ids = t.encode(chat)
+        #expect(ids.filter { $0 == 1 }.count == 10_000 && ids.filter { $0 == 2 }.count == 10_000)
+        #expect(t.decode(ids) == chat)
+    }
+
     @Test("chat template renders as transformers does")
     func chatTemplate() throws {
         let model = try SharedModel.get()
