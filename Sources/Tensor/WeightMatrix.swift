@@ -14,8 +14,10 @@ public struct WeightMatrix: @unchecked Sendable {
     public let owner: AnyObject?
 
     /// Batches at least this large use dequantise-and-sgemm; smaller ones the
-    /// quantised dot-product kernels, which read each weight byte once.
-    public static let gemmThreshold = 8
+    /// quantised dot-product kernels, which read each weight byte once. The
+    /// two cost about the same at 16 rows on the benchmark machine
+    /// (`continuum bench --prompt-tokens 8/16/24`, see BENCHMARKS.md).
+    public static let gemmThreshold = 16
 
     public init(type: WeightType, rows: Int, cols: Int, data: UnsafeRawPointer, owner: AnyObject?) {
         precondition(cols % type.blockSize == 0, "row length \(cols) is not a multiple of \(type)'s block size")

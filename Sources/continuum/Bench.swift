@@ -22,6 +22,9 @@ struct Bench: ParsableCommand {
     @Flag(help: "Print one JSON object instead of a table.")
     var json = false
 
+    @Option(help: "Also measure decode with this many sequences stepped together (aggregate tokens/s); 0 skips it.")
+    var batch: Int = 0
+
     func run() throws {
         guard promptTokens >= 1, genTokens >= 1, repetitions >= 1 else {
             throw ValidationError("--prompt-tokens, --gen-tokens and --repetitions must be at least 1")
@@ -50,14 +53,40 @@ struct Bench: ParsableCommand {
             return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
         }
         let pf = median(prefill), dc = median(decode)
+        var batched = 0.0
+        if batch > 0 {
+            // `batch` sequences with short, different prompts, then decode
+            // steps in which every sequence advances by one token together.
+            var rates: [Double] = []
+            for _ in 0..<repetitions {
+                let caches = (0..<batch).map { _ in m.makeCache() }
+                var steps = caches.enumerated().map { i, c in
+                    LlamaModel.Step(tokens: (i..<(i + 16)).map { (1000 + $0 * 7919) % (v - 1000) + 1000 }, cache: c)
+                }
+                var logits = try m.forward(steps)
+                let t0 = Date()
+                for _ in 0..<genTokens {
+                    for i in steps.indices { steps[i].tokens = [Sampler.argmax(logits[i])] }
+                    logits = try m.forward(steps)
+                }
+                rates.append(Double(batch * genTokens) / Date().timeIntervalSince(t0))
+            }
+            batched = median(rates)
+        }
         if json {
-            print(String(format: "{\"threads\": %d, \"prompt_tokens\": %d, \"gen_tokens\": %d, \"prefill_tps\": %.2f, \"decode_tps\": %.2f, \"weight_bytes_per_token\": %d, \"multiply_adds_per_token\": %d}",
-                         Parallel.threads, promptTokens, genTokens, pf, dc, m.weights.bytesPerToken,
+            print(String(format: "{\"threads\": %d, \"prompt_tokens\": %d, \"gen_tokens\": %d, \"prefill_tps\": %.2f, \"decode_tps\": %.2f, \"batch\": %d, \"batch_decode_tps\": %.2f, \"weight_bytes_per_token\": %d, \"multiply_adds_per_token\": %d}",
+                         Parallel.threads, promptTokens, genTokens, pf, dc, batch, batched, m.weights.bytesPerToken,
                          m.weights.multiplyAddsPerToken))
         } else {
             print("| engine | threads | prefill \(promptTokens) (tokens/s) | decode \(genTokens) (tokens/s) |")
             print("|---|---|---|---|")
             print(String(format: "| continuum | %d | %.1f | %.1f |", Parallel.threads, pf, dc))
+            if batch > 0 {
+                print("")
+                print("| sequences decoded together | aggregate decode (tokens/s) |")
+                print("|---|---|")
+                print(String(format: "| %d | %.1f |", batch, batched))
+            }
         }
     }
 }
