@@ -432,18 +432,20 @@ static void quantize_x8(int type, const float *x, size_t cols, uint8_t *buf) {
 
 #define CK_TARGET512 __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
 
-CK_TARGET512 static float dot_vnni(int type, const uint8_t *row, const uint8_t *buf, size_t cols) {
+/// One or two prepared vectors (`two` is a compile-time constant at each call
+/// site) against one row; each pair of weight blocks is unpacked once.
+CK_TARGET512 static inline __attribute__((always_inline))
+void vnni_row(int type, const uint8_t *row, const uint8_t *buf, const uint8_t *buf2, size_t cols, float *out,
+              const int two) {
     size_t nb = cols / 32;
-    const int8_t *p1 = (const int8_t *)buf, *p2 = p1 + cols, *p3 = p2 + cols;
-    const float *ss = (const float *)(buf + 3 * cols);   // [scale, sum] per block
-    const int32_t *corr = (const int32_t *)(ss + 2 * nb);
+    const uint8_t *bufs[2] = {buf, two ? buf2 : buf};
     const __m256i m4 = _mm256_set1_epi8(15);
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     const __m128 q40 = _mm_setr_ps(1, -8, 1, -8);
     // Which 32-bit lanes belong to block B of the pair.
     const __mmask16 laneB = type == CK_Q8_0 ? 0xFF00 : 0xF0F0;
-    __m512 acc = _mm512_setzero_ps();
-    __m128 tail = _mm_setzero_ps();   // lanes 1 and 3 accumulate m·Σx
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m128 tail[2] = {_mm_setzero_ps(), _mm_setzero_ps()};   // lanes 1 and 3 accumulate m·Σx
     for (size_t k = 0; k < nb / 2; k++) {
         __m512i w;
         __m128 dm;   // [dA, mA, dB, mB]
@@ -473,21 +475,38 @@ CK_TARGET512 static float dot_vnni(int type, const uint8_t *row, const uint8_t *
             __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
             w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
         }
-        __m128 prod = _mm_mul_ps(dm, _mm_loadu_ps(ss + 4 * k));   // [dA·sA, mA·ΣA, dB·sB, mB·ΣB]
-        tail = _mm_add_ps(tail, prod);
-        __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(p1 + 64 * k));
-        t = _mm512_slli_epi32(t, 7);
-        t = _mm512_dpbusd_epi32(t, w, _mm512_loadu_si512(p2 + 64 * k));
-        t = _mm512_slli_epi32(t, 7);
-        t = _mm512_dpbusd_epi32(t, w, _mm512_loadu_si512(p3 + 64 * k));
-        if (type == CK_Q8_0) t = _mm512_sub_epi32(t, _mm512_loadu_si512(corr + 16 * k));
-        __m512 sv = _mm512_mask_blend_ps(laneB, _mm512_broadcastss_ps(prod),
-                                         _mm512_broadcastss_ps(_mm_movehl_ps(prod, prod)));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sv, acc);
+        for (int j = 0; j <= two; j++) {
+            const int8_t *p1 = (const int8_t *)bufs[j], *p2 = p1 + cols, *p3 = p2 + cols;
+            const float *ss = (const float *)(bufs[j] + 3 * cols);   // [scale, sum] per block
+            __m128 prod = _mm_mul_ps(dm, _mm_loadu_ps(ss + 4 * k));  // [dA·sA, mA·ΣA, dB·sB, mB·ΣB]
+            tail[j] = _mm_add_ps(tail[j], prod);
+            __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(p1 + 64 * k));
+            t = _mm512_slli_epi32(t, 7);
+            t = _mm512_dpbusd_epi32(t, w, _mm512_loadu_si512(p2 + 64 * k));
+            t = _mm512_slli_epi32(t, 7);
+            t = _mm512_dpbusd_epi32(t, w, _mm512_loadu_si512(p3 + 64 * k));
+            if (type == CK_Q8_0) t = _mm512_sub_epi32(t, _mm512_loadu_si512((const int32_t *)(ss + 2 * nb) + 16 * k));
+            __m512 sv = _mm512_mask_blend_ps(laneB, _mm512_broadcastss_ps(prod),
+                                             _mm512_broadcastss_ps(_mm_movehl_ps(prod, prod)));
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sv, acc[j]);
+        }
     }
-    float lanes[4];
-    _mm_storeu_ps(lanes, tail);
-    return _mm512_reduce_add_ps(acc) + lanes[1] + lanes[3];
+    for (int j = 0; j <= two; j++) {
+        float lanes[4];
+        _mm_storeu_ps(lanes, tail[j]);
+        out[j] = _mm512_reduce_add_ps(acc[j]) + lanes[1] + lanes[3];
+    }
+}
+
+CK_TARGET512 static float dot_vnni(int type, const uint8_t *row, const uint8_t *buf, size_t cols) {
+    float out[1];
+    vnni_row(type, row, buf, buf, cols, out, 0);
+    return out[0];
+}
+
+CK_TARGET512 static void dot_vnni2(int type, const uint8_t *row, const uint8_t *buf, const uint8_t *buf2, size_t cols,
+                                   float *out) {
+    vnni_row(type, row, buf, buf2, cols, out, 1);
 }
 
 static int detect_avx512vnni(void) {
@@ -581,12 +600,22 @@ void ck_matmul_rows(int type, const void *W, size_t cols,
 #ifdef CK_X86
         if (r + 4 < row_end)   // the hardware prefetcher does not cross pages
             for (size_t o = 0; o < rb; o += 64) _mm_prefetch((const char *)(row + 4 * rb + o), _MM_HINT_T0);
+        if (level == 2) {   // vectors two at a time share the unpacked weights
+            size_t stride = xq8_bytes(cols), j = 0;
+            for (; j + 2 <= n; j += 2) {
+                float out[2];
+                dot_vnni2(type, row, prep + j * stride, prep + (j + 1) * stride, cols, out);
+                Y[j * ldy + r] = out[0];
+                Y[(j + 1) * ldy + r] = out[1];
+            }
+            if (j < n) Y[j * ldy + r] = dot_vnni(type, row, prep + j * stride, cols);
+            continue;
+        }
 #endif
         for (size_t j = 0; j < n; j++) {
             float v;
 #ifdef CK_X86
-            if (level == 2) v = dot_vnni(type, row, prep + j * xq8_bytes(cols), cols);
-            else if (level == 1 && is_block_type(type)) v = dot_i16_avx2(type, row, (const xblock *)prep + j * nb, nb);
+            if (level == 1 && is_block_type(type)) v = dot_i16_avx2(type, row, (const xblock *)prep + j * nb, nb);
             else if (level == 1) v = dot_avx2(type, row, X + j * ldx, cols);
             else
 #endif
