@@ -32,10 +32,11 @@ setup: deps fetch-model
 run: setup release
 	$(CONTINUUM_RELEASE) generate --chat --prompt "$${PROMPT:-Explain in two sentences why the sky is blue.}" --max-tokens 128
 
-## Run every test (needs the model: fetched first), then the CLI contract checks.
+## Run every test (needs the model: fetched first): the CLI contract checks,
+## then swift test.
 test: setup
-	$(SWIFT) test
 	scripts/cli-smoke.sh $(CONTINUUM_DEBUG)
+	$(SWIFT) test
 
 ## Engine vs llama.cpp (needs `pip install llama-cpp-python`).
 bench: setup release
