@@ -14,6 +14,7 @@ let package = Package(
         .executable(name: "continuum", targets: ["continuum"]),
         .library(name: "Tensor", targets: ["Tensor"]),
         .library(name: "Model", targets: ["Model"]),
+        .library(name: "Memory", targets: ["Memory"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -23,6 +24,7 @@ let package = Package(
         .target(name: "CKernels", cSettings: [.unsafeFlags(["-O3", "-fno-math-errno"])]),
         .target(name: "Tensor", dependencies: ["CBLAS", "CKernels"], swiftSettings: computeSettings),
         .target(name: "Model", dependencies: ["Tensor"], swiftSettings: computeSettings),
+        .target(name: "Memory", dependencies: ["Model", "Tensor"], swiftSettings: computeSettings),
         .executableTarget(
             name: "continuum",
             dependencies: ["Model", "Tensor", .product(name: "ArgumentParser", package: "swift-argument-parser")]
@@ -32,5 +34,6 @@ let package = Package(
             name: "ModelTests", dependencies: ["Model", "Tensor"],
             exclude: ["Fixtures"], swiftSettings: computeSettings
         ),
+        .testTarget(name: "MemoryTests", dependencies: ["Memory", "Model", "Tensor"], swiftSettings: computeSettings),
     ]
 )

@@ -53,6 +53,17 @@ public enum ModelInputError: Error, CustomStringConvertible, Equatable {
     }
 }
 
+/// Blocks a sequence adds to the residual stream after a layer's frozen MLP:
+/// h ← h + f(h). Continuum's memory levels implement this per user.
+public protocol LayerAdapter {
+    /// Whether `apply` changes layer `layer`'s output at all (false skips it,
+    /// keeping the backbone's arithmetic bit for bit).
+    func adapts(layer: Int) -> Bool
+    /// Updates the sequence's rows in place.
+    ///   hidden: [rows, D] residual stream after layer `layer`'s MLP
+    func apply(layer: Int, hidden: UnsafeMutablePointer<Float>, rows: Int)
+}
+
 /// A loaded Llama-family model: configuration, weights, tokenizer.
 public final class LlamaModel: Sendable {
     public let configuration: LlamaConfiguration
@@ -83,9 +94,13 @@ public final class LlamaModel: Sendable {
     public struct Step {
         public var tokens: [Int]
         public var cache: KVCache
-        public init(tokens: [Int], cache: KVCache) {
+        /// Per-sequence blocks applied after the frozen MLP of some layers
+        /// (a user's continuum memory levels); nil runs the bare backbone.
+        public var adapter: (any LayerAdapter)?
+        public init(tokens: [Int], cache: KVCache, adapter: (any LayerAdapter)? = nil) {
             self.tokens = tokens
             self.cache = cache
+            self.adapter = adapter
         }
     }
 
@@ -163,6 +178,14 @@ public final class LlamaModel: Sendable {
             Ops.swiglu(gate: &gate, up: up, count: t * f)
             w.wDown.matmul(gate, count: t, into: &proj)
             Ops.add(proj, into: &x, t * d)
+            // Each sequence's own blocks on its own rows.
+            var first = 0
+            for s in steps {
+                if let a = s.adapter, a.adapts(layer: l) {
+                    x.withUnsafeMutableBufferPointer { a.apply(layer: l, hidden: $0.baseAddress! + first * d, rows: s.tokens.count) }
+                }
+                first += s.tokens.count
+            }
         }
         for s in steps { s.cache.advance(s.tokens.count) }
         Ops.rmsNorm(x, weight: weights.outputNorm, eps: c.rmsNormEps, rows: t, dim: d, out: &xn)

@@ -3,6 +3,7 @@
 // Shape letters: T tokens in the step, D model width, H heads, HS head size,
 // F feed-forward width, L key/value positions, V vocabulary.
 // Every buffer argument states its shape; all buffers are row-major fp32.
+import CBLAS
 import Foundation
 
 public enum Ops {
@@ -30,6 +31,16 @@ public enum Ops {
     @inlinable
     public static func add(_ x: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, _ n: Int) {
         for i in 0..<n { y[i] += x[i] }
+    }
+
+    // MARK: Linear
+
+    /// y = x · Wᵀ (+ y when `accumulate`), fp32 weights.
+    ///   x: [T, in]   w: [out, in]   y: [T, out]
+    public static func linear(_ x: UnsafePointer<Float>, rows t: Int, _ w: UnsafePointer<Float>, out: Int, in k: Int,
+                              into y: UnsafeMutablePointer<Float>, accumulate: Bool = false) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(t), Int32(out), Int32(k),
+                    1, x, Int32(k), w, Int32(k), accumulate ? 1 : 0, y, Int32(out))
     }
 
     // MARK: RMSNorm

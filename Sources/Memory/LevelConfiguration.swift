@@ -1,0 +1,186 @@
+// LevelConfiguration: which continuum memory levels a user has, where they
+// sit in the backbone, and how each learns (ARCHITECTURE.md §1).
+import Foundation
+
+/// The ordered continuum memory levels (slowest first: they are applied in
+/// this order after each adapted layer's frozen MLP). Decodes from JSON with
+/// defaults for every optional key and is validated on decode.
+public struct LevelConfiguration: Codable, Sendable, Equatable {
+    public var levels: [Level]
+
+    /// One level: a SwiGLU block h ← h + W_down(silu(W_gate u) ⊙ W_up u),
+    /// u = RMSNorm(h)·gain, in each adapted layer, updated every `chunkSize`
+    /// learnable tokens.
+    public struct Level: Codable, Sendable, Equatable {
+        /// Unique name ("mid", "fast").
+        public var name: String
+        /// Learnable tokens per update (the level's frequency).
+        public var chunkSize: Int
+        /// Hidden width r of the block.
+        public var width: Int
+        /// Backbone layers (0-based) the level adapts.
+        public var layers: [Int]
+        public var optimizer: Optimizer
+        public var learningRate: Double
+        /// Gradient-norm clip per update (0: off).
+        public var gradientClip: Double
+        /// Fraction of the level's weights kept per update (1: no decay; the
+        /// fast level's forget gate is below 1).
+        public var retention: Double
+        /// Largest allowed norm of the level's output projection; an update
+        /// that would exceed it is rejected (0: off).
+        public var maxNorm: Double
+
+        enum CodingKeys: String, CodingKey {
+            case name, width, layers, optimizer, retention
+            case chunkSize = "chunk_size"
+            case learningRate = "learning_rate"
+            case gradientClip = "gradient_clip"
+            case maxNorm = "max_norm"
+        }
+
+        public init(name: String, chunkSize: Int, width: Int, layers: [Int], optimizer: Optimizer = Optimizer(),
+                    learningRate: Double, gradientClip: Double = 1.0, retention: Double = 1.0, maxNorm: Double = 0) {
+            self.name = name
+            self.chunkSize = chunkSize
+            self.width = width
+            self.layers = layers
+            self.optimizer = optimizer
+            self.learningRate = learningRate
+            self.gradientClip = gradientClip
+            self.retention = retention
+            self.maxNorm = maxNorm
+        }
+
+        public init(from decoder: Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            self.init(name: try c.decode(String.self, forKey: .name),
+                      chunkSize: try c.decode(Int.self, forKey: .chunkSize),
+                      width: try c.decodeIfPresent(Int.self, forKey: .width) ?? 32,
+                      layers: try c.decode([Int].self, forKey: .layers),
+                      optimizer: try c.decodeIfPresent(Optimizer.self, forKey: .optimizer) ?? Optimizer(),
+                      learningRate: try c.decodeIfPresent(Double.self, forKey: .learningRate) ?? 1e-3,
+                      gradientClip: try c.decodeIfPresent(Double.self, forKey: .gradientClip) ?? 1.0,
+                      retention: try c.decodeIfPresent(Double.self, forKey: .retention) ?? 1.0,
+                      maxNorm: try c.decodeIfPresent(Double.self, forKey: .maxNorm) ?? 0)
+        }
+    }
+
+    /// An optimiser and its hyper-parameters.
+    public struct Optimizer: Codable, Sendable, Equatable {
+        public enum Kind: String, Codable, Sendable {
+            case adamw, sgd, m3
+        }
+
+        public var kind: Kind = .adamw
+        /// Adam β1 / SGD momentum / M3 fast momentum.
+        public var beta1: Double = 0.9
+        /// Adam and M3 second-moment decay.
+        public var beta2: Double = 0.999
+        public var epsilon: Double = 1e-8
+        public var weightDecay: Double = 0
+        /// M3: slow-momentum decay, refresh period (updates) and weight α.
+        public var beta3: Double = 0.99
+        public var slowPeriod: Int = 4
+        public var alpha: Double = 0.5
+
+        enum CodingKeys: String, CodingKey {
+            case kind, beta1, beta2, epsilon, beta3, alpha
+            case weightDecay = "weight_decay"
+            case slowPeriod = "slow_period"
+        }
+
+        public init(kind: Kind = .adamw) {
+            self.kind = kind
+        }
+
+        public init(from decoder: Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            kind = try c.decodeIfPresent(Kind.self, forKey: .kind) ?? kind
+            beta1 = try c.decodeIfPresent(Double.self, forKey: .beta1) ?? beta1
+            beta2 = try c.decodeIfPresent(Double.self, forKey: .beta2) ?? beta2
+            epsilon = try c.decodeIfPresent(Double.self, forKey: .epsilon) ?? epsilon
+            weightDecay = try c.decodeIfPresent(Double.self, forKey: .weightDecay) ?? weightDecay
+            beta3 = try c.decodeIfPresent(Double.self, forKey: .beta3) ?? beta3
+            slowPeriod = try c.decodeIfPresent(Int.self, forKey: .slowPeriod) ?? slowPeriod
+            alpha = try c.decodeIfPresent(Double.self, forKey: .alpha) ?? alpha
+        }
+    }
+
+    public struct Invalid: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    public init(levels: [Level]) throws {
+        self.levels = levels
+        try validate()
+    }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        try self.init(levels: try c.decode([Level].self, forKey: .levels))
+    }
+
+    /// A starting point (ARCHITECTURE.md §1: chunk sizes ×8 apart; both levels
+    /// in the upper half of a `layers`-layer backbone). To be tuned by the
+    /// personalisation benchmark.
+    public static func starting(layers: Int) -> LevelConfiguration {
+        let upper = Array((layers / 2)..<layers)
+        return try! LevelConfiguration(levels: [
+            Level(name: "mid", chunkSize: 512, width: 32, layers: upper, learningRate: 3e-4),
+            Level(name: "fast", chunkSize: 64, width: 32, layers: upper, learningRate: 1e-3, retention: 0.99),
+        ])
+    }
+
+    /// Reads a configuration from a JSON file.
+    public static func load(path: String) throws -> LevelConfiguration {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw Invalid(description: "\(path): cannot read the level configuration")
+        }
+        do {
+            return try JSONDecoder().decode(LevelConfiguration.self, from: data)
+        } catch let e as Invalid {
+            throw Invalid(description: "\(path): \(e.description)")
+        } catch {
+            throw Invalid(description: "\(path): not a level configuration: \(error)")
+        }
+    }
+
+    /// Checks the values on their own; `validate(layers:)` also checks them
+    /// against a backbone.
+    public func validate() throws {
+        func fail(_ m: String) throws -> Never { throw Invalid(description: "invalid level configuration: " + m) }
+        if levels.isEmpty { try fail("at least one level is needed") }
+        var names = Set<String>()
+        for l in levels {
+            let n = "level '\(l.name)'"
+            if l.name.isEmpty { try fail("every level needs a name") }
+            if !names.insert(l.name).inserted { try fail("two levels are named '\(l.name)'") }
+            if l.chunkSize < 1 { try fail("\(n): chunk_size must be at least 1, got \(l.chunkSize)") }
+            if l.width < 1 || l.width > 4096 { try fail("\(n): width must be in 1...4096, got \(l.width)") }
+            if l.layers.isEmpty { try fail("\(n): layers must list at least one layer") }
+            if Set(l.layers).count != l.layers.count { try fail("\(n): layers lists a layer twice") }
+            if l.layers.contains(where: { $0 < 0 }) { try fail("\(n): layer indices must be ≥ 0") }
+            if !(l.learningRate > 0 && l.learningRate.isFinite) { try fail("\(n): learning_rate must be > 0, got \(l.learningRate)") }
+            if !(l.gradientClip >= 0) { try fail("\(n): gradient_clip must be ≥ 0, got \(l.gradientClip)") }
+            if !(l.retention > 0 && l.retention <= 1) { try fail("\(n): retention must be in (0, 1], got \(l.retention)") }
+            if !(l.maxNorm >= 0) { try fail("\(n): max_norm must be ≥ 0, got \(l.maxNorm)") }
+            let o = l.optimizer
+            if !(0..<1).contains(o.beta1) || !(0..<1).contains(o.beta2) || !(0..<1).contains(o.beta3) {
+                try fail("\(n): optimizer betas must be in [0, 1)")
+            }
+            if !(o.epsilon > 0) { try fail("\(n): optimizer epsilon must be > 0") }
+            if o.slowPeriod < 1 { try fail("\(n): optimizer slow_period must be ≥ 1") }
+        }
+    }
+
+    /// Checks the levels fit a backbone of `layers` layers.
+    public func validate(layers: Int) throws {
+        try validate()
+        for l in levels {
+            if let bad = l.layers.first(where: { $0 >= layers }) {
+                throw Invalid(description: "invalid level configuration: level '\(l.name)' adapts layer \(bad), but the model has \(layers) layers (0..<\(layers))")
+            }
+        }
+    }
+}

@@ -1,0 +1,84 @@
+// LevelState: one user's continuum memory level weights and their forward
+// pass on top of the frozen backbone.
+//
+// Shape letters: T rows (tokens), D hidden size, R a level's width.
+import Foundation
+import Model
+import Tensor
+
+/// A user's level weights: for each level, one SwiGLU block per adapted
+/// layer. A new state's output projections are zero, so its model is the
+/// backbone, bit for bit.
+public final class LevelState: LayerAdapter, @unchecked Sendable {
+    /// One block: h ← h + down(silu(gate·u) ⊙ up·u), u = RMSNorm(h) ⊙ gain.
+    public struct Block: Sendable, Equatable {
+        public var gain: [Float]   // [D]
+        public var gate: [Float]   // [R, D]
+        public var up: [Float]     // [R, D]
+        public var down: [Float]   // [D, R], zero at creation
+    }
+
+    public let configuration: LevelConfiguration
+    public let hiddenSize: Int
+    public let epsilon: Float
+    /// blocks[level][i] adapts layer configuration.levels[level].layers[i].
+    public var blocks: [[Block]]
+
+    /// A fresh state for a backbone of `model`'s shape. Gate and up
+    /// projections start from the same seeded N(0, 1/D) draw for every user.
+    public init(configuration: LevelConfiguration, model: LlamaConfiguration, seed: UInt64 = 0x434F4E54) throws {
+        try configuration.validate(layers: model.numHiddenLayers)
+        self.configuration = configuration
+        hiddenSize = model.hiddenSize
+        epsilon = model.rmsNormEps
+        let d = model.hiddenSize
+        var rng = SeededGenerator(seed: seed)
+        func normal(_ n: Int, std: Float) -> [Float] {
+            (0..<n).map { _ in
+                // Box–Muller.
+                let u1 = max(Double(rng.next() >> 11) / Double(1 << 53), 1e-300), u2 = Double(rng.next() >> 11) / Double(1 << 53)
+                return Float((-2 * log(u1)).squareRoot() * cos(2 * .pi * u2)) * std
+            }
+        }
+        blocks = configuration.levels.map { level in
+            level.layers.map { _ in
+                Block(gain: [Float](repeating: 1, count: d),
+                      gate: normal(level.width * d, std: 1 / Float(d).squareRoot()),
+                      up: normal(level.width * d, std: 1 / Float(d).squareRoot()),
+                      down: [Float](repeating: 0, count: d * level.width))
+            }
+        }
+    }
+
+    /// The block of `level` at backbone layer `layer`, if it adapts it.
+    func blockIndex(level: Int, layer: Int) -> Int? {
+        configuration.levels[level].layers.firstIndex(of: layer)
+    }
+
+    public func adapts(layer: Int) -> Bool {
+        for (li, level) in blocks.enumerated() {
+            if let i = blockIndex(level: li, layer: layer), level[i].down.contains(where: { $0 != 0 }) { return true }
+        }
+        return false
+    }
+
+    /// Applies every level's block at `layer`, slowest level first.
+    ///   hidden: [T, D] (in place)
+    public func apply(layer: Int, hidden: UnsafeMutablePointer<Float>, rows t: Int) {
+        let d = hiddenSize
+        for (li, level) in blocks.enumerated() {
+            guard let i = blockIndex(level: li, layer: layer) else { continue }
+            let b = level[i]
+            guard b.down.contains(where: { $0 != 0 }) else { continue }
+            let r = configuration.levels[li].width
+            var u = [Float](repeating: 0, count: t * d)          // [T, D]
+            var a = [Float](repeating: 0, count: t * r)          // [T, R]
+            var g = a                                            // [T, R]
+            Ops.rmsNorm(hidden, weight: b.gain, eps: epsilon, rows: t, dim: d, out: &u)
+            Ops.linear(u, rows: t, b.gate, out: r, in: d, into: &a)
+            Ops.linear(u, rows: t, b.up, out: r, in: d, into: &g)
+            Ops.swiglu(gate: &a, up: g, count: t * r)
+            Ops.linear(a, rows: t, b.down, out: d, in: r, into: hidden, accumulate: true)
+        }
+    }
+}
