@@ -65,20 +65,78 @@ public final class LevelState: LayerAdapter, @unchecked Sendable {
     /// Applies every level's block at `layer`, slowest level first.
     ///   hidden: [T, D] (in place)
     public func apply(layer: Int, hidden: UnsafeMutablePointer<Float>, rows t: Int) {
-        let d = hiddenSize
         for (li, level) in blocks.enumerated() {
             guard let i = blockIndex(level: li, layer: layer) else { continue }
             let b = level[i]
+            // A block whose output projection is zero adds exactly nothing.
             guard b.down.contains(where: { $0 != 0 }) else { continue }
-            let r = configuration.levels[li].width
-            var u = [Float](repeating: 0, count: t * d)          // [T, D]
-            var a = [Float](repeating: 0, count: t * r)          // [T, R]
-            var g = a                                            // [T, R]
-            Ops.rmsNorm(hidden, weight: b.gain, eps: epsilon, rows: t, dim: d, out: &u)
+            applyBlock(b, width: configuration.levels[li].width, hidden: hidden, rows: t)
+        }
+    }
+}
+
+extension LevelState {
+    /// Gradients with the shapes of `blocks`, zero.
+    public func zeroGradients() -> [[Block]] {
+        blocks.map { level in
+            level.map { b in
+                Block(gain: [Float](repeating: 0, count: b.gain.count), gate: [Float](repeating: 0, count: b.gate.count),
+                      up: [Float](repeating: 0, count: b.up.count), down: [Float](repeating: 0, count: b.down.count))
+            }
+        }
+    }
+
+    /// Backward of `apply` at `layer`. Recomputes the blocks' activations
+    /// from the layer's input, accumulates every block's parameter gradients
+    /// into `gradients`, and turns the gradient of the layer's output into
+    /// the gradient of its input, in place.
+    ///   hiddenIn: [T, D] the residual stream before `apply`
+    ///   dHidden:  [T, D] dL/d(output) in, dL/d(input) out
+    public func backward(layer: Int, hiddenIn: UnsafePointer<Float>, rows t: Int,
+                         dHidden: UnsafeMutablePointer<Float>, gradients: inout [[Block]]) {
+        let d = hiddenSize
+        // Forward again, keeping each block's input: levels apply in order.
+        var inputs: [(level: Int, block: Int, h: [Float])] = []
+        var h = Array(UnsafeBufferPointer(start: hiddenIn, count: t * d))
+        for li in blocks.indices {
+            guard let i = blockIndex(level: li, layer: layer) else { continue }
+            inputs.append((li, i, h))
+            applyBlock(blocks[li][i], width: configuration.levels[li].width, hidden: &h, rows: t)
+        }
+        // Backward, last level first.
+        for (li, i, hin) in inputs.reversed() {
+            let b = blocks[li][i], r = configuration.levels[li].width
+            var u = [Float](repeating: 0, count: t * d)              // [T, D]
+            var a = [Float](repeating: 0, count: t * r), g = a        // [T, R]
+            Ops.rmsNorm(hin, weight: b.gain, eps: epsilon, rows: t, dim: d, out: &u)
             Ops.linear(u, rows: t, b.gate, out: r, in: d, into: &a)
             Ops.linear(u, rows: t, b.up, out: r, in: d, into: &g)
-            Ops.swiglu(gate: &a, up: g, count: t * r)
-            Ops.linear(a, rows: t, b.down, out: d, in: r, into: hidden, accumulate: true)
+            var s = a
+            Ops.swiglu(gate: &s, up: g, count: t * r)                 // [T, R]
+            // h_out = h_in + s · downᵀ
+            var ds = [Float](repeating: 0, count: t * r)
+            Ops.linearBackward(dHidden, rows: t, x: s, b.down, out: d, in: r, dx: &ds, dw: &gradients[li][i].down)
+            var da = ds, dg = ds
+            Ops.swigluBackward(a: a, b: g, dout: ds, count: t * r, da: &da, db: &dg)
+            var du = [Float](repeating: 0, count: t * d)
+            Ops.linearBackward(da, rows: t, x: u, b.gate, out: r, in: d, dx: &du, dw: &gradients[li][i].gate)
+            Ops.linearBackward(dg, rows: t, x: u, b.up, out: r, in: d, dx: &du, accumulate: true, dw: &gradients[li][i].up)
+            // dHidden already carries the residual path; add the block's path.
+            Ops.rmsNormBackward(hin, weight: b.gain, eps: epsilon, rows: t, dim: d, dy: du, dx: dHidden,
+                                dweight: &gradients[li][i].gain)
         }
+    }
+
+    /// One block's forward on rows in place (no zero-output shortcut):
+    ///   hidden: [T, D] ← hidden + down(silu(gate·u) ⊙ up·u), u = RMSNorm(hidden)·gain
+    func applyBlock(_ b: Block, width r: Int, hidden: UnsafeMutablePointer<Float>, rows t: Int) {
+        let d = hiddenSize
+        var u = [Float](repeating: 0, count: t * d)
+        var a = [Float](repeating: 0, count: t * r), g = a
+        Ops.rmsNorm(hidden, weight: b.gain, eps: epsilon, rows: t, dim: d, out: &u)
+        Ops.linear(u, rows: t, b.gate, out: r, in: d, into: &a)
+        Ops.linear(u, rows: t, b.up, out: r, in: d, into: &g)
+        Ops.swiglu(gate: &a, up: g, count: t * r)
+        Ops.linear(a, rows: t, b.down, out: d, in: r, into: hidden, accumulate: true)
     }
 }

@@ -43,6 +43,24 @@ public enum Ops {
                     1, x, Int32(k), w, Int32(k), accumulate ? 1 : 0, y, Int32(out))
     }
 
+    /// Backward of `linear`: dx (+)= dy · W, and dW += dyᵀ · x.
+    ///   dy: [T, out]   x: [T, in]   w: [out, in]
+    ///   dx: [T, in] (overwritten unless accumulate; nil skips it)
+    ///   dw: [out, in] (accumulated; nil skips it)
+    public static func linearBackward(_ dy: UnsafePointer<Float>, rows t: Int, x: UnsafePointer<Float>,
+                                      _ w: UnsafePointer<Float>, out: Int, in k: Int,
+                                      dx: UnsafeMutablePointer<Float>?, accumulate: Bool = false,
+                                      dw: UnsafeMutablePointer<Float>?) {
+        if let dx {
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(t), Int32(k), Int32(out),
+                        1, dy, Int32(out), w, Int32(k), accumulate ? 1 : 0, dx, Int32(k))
+        }
+        if let dw {
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(out), Int32(k), Int32(t),
+                        1, dy, Int32(out), x, Int32(k), 1, dw, Int32(k))
+        }
+    }
+
     // MARK: RMSNorm
 
     /// out[t] = x[t] / sqrt(mean(x[t]²) + eps) * weight, as Hugging Face's
@@ -58,6 +76,24 @@ public enum Ops {
         }
     }
 
+    /// Backward of `rmsNorm`: with r = (mean(x²) + eps)^-½,
+    /// dx = r·w⊙dy − x·r³/D·Σ(dy⊙w⊙x), dweight += Σ_t dy⊙x·r.
+    ///   x: [T, D]   dy: [T, D]   dx: [T, D] (accumulated)   dweight: [D] (accumulated; nil skips it)
+    public static func rmsNormBackward(_ x: UnsafePointer<Float>, weight: UnsafePointer<Float>, eps: Float,
+                                       rows t: Int, dim d: Int, dy: UnsafePointer<Float>,
+                                       dx: UnsafeMutablePointer<Float>, dweight: UnsafeMutablePointer<Float>?) {
+        for row in 0..<t {
+            let xr = x + row * d, g = dy + row * d, o = dx + row * d
+            let ms = dot(xr, xr, d) / Float(d)
+            let r = 1 / (ms + eps).squareRoot()
+            var s: Float = 0
+            for i in 0..<d { s += g[i] * weight[i] * xr[i] }
+            let c = r * r * r / Float(d) * s
+            for i in 0..<d { o[i] += r * weight[i] * g[i] - xr[i] * c }
+            if let dweight { for i in 0..<d { dweight[i] += g[i] * xr[i] * r } }
+        }
+    }
+
     // MARK: SwiGLU
 
     /// gate[i] = silu(gate[i]) * up[i], silu(z) = z / (1 + e^-z).
@@ -68,6 +104,18 @@ public enum Ops {
                 let g = gate[i]
                 gate[i] = g / (1 + expf(-g)) * up[i]
             }
+        }
+    }
+
+    /// Backward of `swiglu` given its inputs a (gate) and b (up):
+    /// out = silu(a)⊙b, silu'(a) = σ(a)(1 + a(1 − σ(a))).
+    ///   a, b, dout: [n]   da, db: [n] (overwritten)
+    public static func swigluBackward(a: UnsafePointer<Float>, b: UnsafePointer<Float>, dout: UnsafePointer<Float>,
+                                      count n: Int, da: UnsafeMutablePointer<Float>, db: UnsafeMutablePointer<Float>) {
+        for i in 0..<n {
+            let s = 1 / (1 + expf(-a[i]))
+            da[i] = dout[i] * b[i] * s * (1 + a[i] * (1 - s))
+            db[i] = dout[i] * a[i] * s
         }
     }
 

@@ -146,3 +146,94 @@ struct LevelForwardTests {
         #expect(withFresh[0] == bBare[0])
     }
 }
+
+@Suite("Level backward")
+struct LevelBackwardTests {
+    /// A block's parameters in Double.
+    struct DoubleBlock {
+        var gain, gate, up, down: [Double]
+        init(_ b: LevelState.Block) {
+            gain = b.gain.map(Double.init)
+            gate = b.gate.map(Double.init)
+            up = b.up.map(Double.init)
+            down = b.down.map(Double.init)
+        }
+    }
+
+    /// Σ c ⊙ (the chained blocks' output for input h), all in Double.
+    static func loss(_ blocks: [DoubleBlock], widths: [Int], h: [Double], c: [Float], rows t: Int, d: Int) -> Double {
+        var h = h
+        for (b, r) in zip(blocks, widths) {
+            var out = h
+            for row in 0..<t {
+                let x = Array(h[(row * d)..<((row + 1) * d)])
+                let rms = (x.map { $0 * $0 }.reduce(0, +) / Double(d) + 1e-5).squareRoot()
+                let u = (0..<d).map { x[$0] / rms * b.gain[$0] }
+                let s = (0..<r).map { j -> Double in
+                    let a = (0..<d).reduce(0.0) { $0 + b.gate[j * d + $1] * u[$1] }
+                    let g = (0..<d).reduce(0.0) { $0 + b.up[j * d + $1] * u[$1] }
+                    return a / (1 + exp(-a)) * g
+                }
+                for i in 0..<d { out[row * d + i] += (0..<r).reduce(0.0) { $0 + b.down[i * r + $1] * s[$1] } }
+            }
+            h = out
+        }
+        return zip(h, c).reduce(0.0) { $0 + $1.0 * Double($1.1) }
+    }
+
+    @Test("gradients of two chained levels match finite differences in Float64")
+    func finiteDifferences() throws {
+        let d = 8, t = 3
+        let model = try LlamaConfiguration(hiddenSize: d, intermediateSize: 16, numHiddenLayers: 2, numAttentionHeads: 2,
+                                           numKeyValueHeads: 1, rmsNormEps: 1e-5, vocabSize: 10)
+        let config = try LevelConfiguration(levels: [
+            .init(name: "mid", chunkSize: 8, width: 3, layers: [1], learningRate: 1e-3),
+            .init(name: "fast", chunkSize: 2, width: 2, layers: [0, 1], learningRate: 1e-3),
+        ])
+        let s = try LevelState(configuration: config, model: model)
+        perturb(s, seed: 5, scale: 0.5)
+        s.blocks[0][0].gain = (0..<d).map { 0.8 + Float($0) / 20 }
+        var rng = SeededGenerator(seed: 6)
+        func draw(_ n: Int) -> [Float] { (0..<n).map { _ in Float(rng.next() % 2001) / 1000 - 1 } }
+        let hin = draw(t * d), c = draw(t * d)    // loss = Σ c ⊙ h_out
+        var dh = c
+        var grads = s.zeroGradients()
+        s.backward(layer: 1, hiddenIn: hin, rows: t, dHidden: &dh, gradients: &grads)
+
+        // Layer 1 holds mid's only block and fast's second one, in that order.
+        let chain = [DoubleBlock(s.blocks[0][0]), DoubleBlock(s.blocks[1][1])], widths = [3, 2]
+        let hd = hin.map(Double.init)
+        #expect(maxRelativeError(dh, numericGradient(hd) { Self.loss(chain, widths: widths, h: $0, c: c, rows: t, d: d) }) < 1e-4,
+                "dL/dh_in")
+        typealias Path = WritableKeyPath<DoubleBlock, [Double]>
+        let tensors: [(String, Path, WritableKeyPath<LevelState.Block, [Float]>)] = [
+            ("gain", \.gain, \.gain), ("gate", \.gate, \.gate), ("up", \.up, \.up), ("down", \.down, \.down)]
+        for (k, (li, bi)) in [(0, 0), (1, 1)].enumerated() {
+            for (name, path, ours) in tensors {
+                let numeric = numericGradient(chain[k][keyPath: path]) { values in
+                    var blocks = chain
+                    blocks[k][keyPath: path] = values
+                    return Self.loss(blocks, widths: widths, h: hd, c: c, rows: t, d: d)
+                }
+                #expect(maxRelativeError(grads[li][bi][keyPath: ours], numeric) < 1e-4, "\(config.levels[li].name).\(name)")
+            }
+        }
+        // The fast level's block at layer 0 is untouched by layer 1's backward.
+        #expect(grads[1][0].down.allSatisfy { $0 == 0 })
+    }
+}
+
+/// Central differences of f at x, in Double.
+func numericGradient(_ x: [Double], _ f: ([Double]) -> Double, h: Double = 1e-6) -> [Double] {
+    (0..<x.count).map { i in
+        var p = x, m = x
+        p[i] += h
+        m[i] -= h
+        return (f(p) - f(m)) / (2 * h)
+    }
+}
+
+func maxRelativeError(_ a: [Float], _ b: [Double]) -> Double {
+    let scale = max(b.map(abs).max() ?? 0, 1e-12)
+    return zip(a, b).map { abs(Double($0) - $1) }.max()! / scale
+}

@@ -1,0 +1,78 @@
+// Backward kernels against central finite differences of a Float64 forward.
+import Foundation
+import Testing
+@testable import Tensor
+
+/// Central differences of f at x, in Double.
+func numericGradient(_ x: [Double], _ f: ([Double]) -> Double, h: Double = 1e-6) -> [Double] {
+    (0..<x.count).map { i in
+        var p = x, m = x
+        p[i] += h
+        m[i] -= h
+        return (f(p) - f(m)) / (2 * h)
+    }
+}
+
+func maxRelativeError(_ a: [Float], _ b: [Double]) -> Double {
+    let scale = max(b.map(abs).max() ?? 0, 1e-12)
+    return zip(a, b).map { abs(Double($0) - $1) }.max()! / scale
+}
+
+@Suite("Backward kernels")
+struct BackwardTests {
+    @Test("linear: dx and dW")
+    func linear() {
+        var rng = TestRNG(state: 21)
+        let t = 3, n = 5, k = 7
+        let x = (0..<(t * k)).map { _ in rng.float() }, w = (0..<(n * k)).map { _ in rng.float() }
+        let c = (0..<(t * n)).map { _ in rng.float() }   // loss = Σ c ⊙ y
+        var dx = [Float](repeating: 0, count: t * k), dw = [Float](repeating: 0, count: n * k)
+        Ops.linearBackward(c, rows: t, x: x, w, out: n, in: k, dx: &dx, dw: &dw)
+        func loss(_ xs: [Double], _ ws: [Double]) -> Double {
+            var s = 0.0
+            for r in 0..<t { for o in 0..<n { for i in 0..<k { s += Double(c[r * n + o]) * xs[r * k + i] * ws[o * k + i] } } }
+            return s
+        }
+        let xd = x.map(Double.init), wd = w.map(Double.init)
+        #expect(maxRelativeError(dx, numericGradient(xd) { loss($0, wd) }) < 1e-5)
+        #expect(maxRelativeError(dw, numericGradient(wd) { loss(xd, $0) }) < 1e-5)
+    }
+
+    @Test("RMSNorm: dx and dweight")
+    func rmsNorm() {
+        var rng = TestRNG(state: 22)
+        let t = 2, d = 12
+        let x = (0..<(t * d)).map { _ in rng.float(-2, 2) }, w = (0..<d).map { _ in rng.float(0.5, 1.5) }
+        let c = (0..<(t * d)).map { _ in rng.float() }
+        var dx = [Float](repeating: 0, count: t * d), dw = [Float](repeating: 0, count: d)
+        Ops.rmsNormBackward(x, weight: w, eps: 1e-5, rows: t, dim: d, dy: c, dx: &dx, dweight: &dw)
+        func loss(_ xs: [Double], _ ws: [Double]) -> Double {
+            var s = 0.0
+            for r in 0..<t {
+                let ms = (0..<d).reduce(0.0) { $0 + xs[r * d + $1] * xs[r * d + $1] } / Double(d)
+                let rr = 1 / (ms + 1e-5).squareRoot()
+                for i in 0..<d { s += Double(c[r * d + i]) * xs[r * d + i] * rr * ws[i] }
+            }
+            return s
+        }
+        let xd = x.map(Double.init), wd = w.map(Double.init)
+        #expect(maxRelativeError(dx, numericGradient(xd) { loss($0, wd) }) < 1e-4)
+        #expect(maxRelativeError(dw, numericGradient(wd) { loss(xd, $0) }) < 1e-4)
+    }
+
+    @Test("SwiGLU: da and db")
+    func swiglu() {
+        var rng = TestRNG(state: 23)
+        let n = 20
+        let a = (0..<n).map { _ in rng.float(-4, 4) }, b = (0..<n).map { _ in rng.float(-2, 2) }
+        let c = (0..<n).map { _ in rng.float() }
+        var da = [Float](repeating: 0, count: n), db = da
+        Ops.swigluBackward(a: a, b: b, dout: c, count: n, da: &da, db: &db)
+        func loss(_ as_: [Double], _ bs: [Double]) -> Double {
+            (0..<n).reduce(0.0) { $0 + Double(c[$1]) * as_[$1] / (1 + exp(-as_[$1])) * bs[$1] }
+        }
+        let ad = a.map(Double.init), bd = b.map(Double.init)
+        #expect(maxRelativeError(da, numericGradient(ad) { loss($0, bd) }) < 1e-5)
+        #expect(maxRelativeError(db, numericGradient(bd) { loss(ad, $0) }) < 1e-5)
+    }
+}
