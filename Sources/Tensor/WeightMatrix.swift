@@ -89,6 +89,31 @@ public struct WeightMatrix: @unchecked Sendable {
         }
     }
 
+    /// Backward of `matmul` with respect to its input (the weights are
+    /// frozen): dx (+)= dy · W, dequantising row blocks for sgemm.
+    ///   dy: [n, rows]   dx: [n, cols] (overwritten unless accumulate)
+    public func matmulBackward(_ dy: UnsafePointer<Float>, count n: Int, into dx: UnsafeMutablePointer<Float>,
+                               accumulate: Bool = false) {
+        let chunkRows = min(rows, max(64, (1 << 20) / cols))
+        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: chunkRows * cols)
+        defer { scratch.deallocate() }
+        var start = 0
+        while start < rows {
+            let count = min(chunkRows, rows - start)
+            let w: UnsafePointer<Float>
+            if type == .f32 {
+                w = data.assumingMemoryBound(to: Float.self) + start * cols
+            } else {
+                dequantizeRows(start..<(start + count), into: scratch)
+                w = UnsafePointer(scratch)
+            }
+            // dx[n, cols] += dy[:, start..<start+count] · W[start..<start+count, :]
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(n), Int32(cols), Int32(count),
+                        1, dy + start, Int32(rows), w, Int32(cols), accumulate || start > 0 ? 1 : 0, dx, Int32(cols))
+            start += count
+        }
+    }
+
     /// Dequantises row blocks into a bounded scratch buffer and multiplies
     /// each with sgemm: the prefill path.
     private func gemmByChunks(_ x: UnsafePointer<Float>, count n: Int, into y: UnsafeMutablePointer<Float>) {
