@@ -94,38 +94,37 @@ public struct WeightMatrix: @unchecked Sendable {
     ///   dy: [n, rows]   dx: [n, cols] (overwritten unless accumulate)
     public func matmulBackward(_ dy: UnsafePointer<Float>, count n: Int, into dx: UnsafeMutablePointer<Float>,
                                accumulate: Bool = false) {
-        let chunkRows = min(rows, max(64, (1 << 20) / cols))
-        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: chunkRows * cols)
-        defer { scratch.deallocate() }
-        var start = 0
-        while start < rows {
-            let count = min(chunkRows, rows - start)
-            let w: UnsafePointer<Float>
-            if type == .f32 {
-                w = data.assumingMemoryBound(to: Float.self) + start * cols
-            } else {
-                dequantizeRows(start..<(start + count), into: scratch)
-                w = UnsafePointer(scratch)
-            }
-            // dx[n, cols] += dy[:, start..<start+count] · W[start..<start+count, :]
+        forEachFloatChunk { start, count, w in
+            // dx[n, cols] (+)= dy[:, start..<start+count] · W[start..<start+count, :]
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(n), Int32(cols), Int32(count),
                         1, dy + start, Int32(rows), w, Int32(cols), accumulate || start > 0 ? 1 : 0, dx, Int32(cols))
-            start += count
         }
     }
 
-    /// Dequantises row blocks into a bounded scratch buffer and multiplies
-    /// each with sgemm: the prefill path.
+    /// Multiplies each fp32 row block with sgemm: the prefill path.
     private func gemmByChunks(_ x: UnsafePointer<Float>, count n: Int, into y: UnsafeMutablePointer<Float>) {
+        forEachFloatChunk { start, count, w in
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(n), Int32(count), Int32(cols),
+                        1, x, Int32(cols), w, Int32(cols), 0, y + start, Int32(rows))
+        }
+    }
+
+    /// Calls body(start, count, W[start..<start+count, :] as fp32) over row
+    /// blocks of at most 4 MiB, dequantised into one scratch buffer (F32
+    /// weights are used in place).
+    private func forEachFloatChunk(_ body: (Int, Int, UnsafePointer<Float>) -> Void) {
         let chunkRows = min(rows, max(64, (1 << 20) / cols))
-        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: chunkRows * cols)
+        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: type == .f32 ? 1 : chunkRows * cols)
         defer { scratch.deallocate() }
         var start = 0
         while start < rows {
             let count = min(chunkRows, rows - start)
-            dequantizeRows(start..<(start + count), into: scratch)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(n), Int32(count), Int32(cols),
-                        1, x, Int32(cols), scratch, Int32(cols), 0, y + start, Int32(rows))
+            if type == .f32 {
+                body(start, count, data.assumingMemoryBound(to: Float.self) + start * cols)
+            } else {
+                dequantizeRows(start..<(start + count), into: scratch)
+                body(start, count, scratch)
+            }
             start += count
         }
     }
