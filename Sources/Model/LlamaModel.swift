@@ -64,6 +64,34 @@ public protocol LayerAdapter {
     func apply(layer: Int, hidden: UnsafeMutablePointer<Float>, rows: Int)
 }
 
+/// Activations of one layer kept for the backward pass (all [T, ·], row-major).
+public struct LayerActivations {
+    public var xIn: [Float] = []       // [T, D] residual stream entering the layer
+    public var xn1: [Float] = []       // [T, D] attention RMSNorm output
+    public var q: [Float] = []         // [T, H*HS] after RoPE
+    public var k: [Float] = []         // [T, KVH*HS] after RoPE
+    public var v: [Float] = []         // [T, KVH*HS]
+    public var att: [Float] = []       // [T, H*HS] attention output before W_o
+    public var xMid: [Float] = []      // [T, D] after the attention residual
+    public var xn2: [Float] = []       // [T, D] MLP RMSNorm output
+    public var gate: [Float] = []      // [T, F] before SiLU
+    public var up: [Float] = []        // [T, F]
+    public var xPostMLP: [Float] = []  // [T, D] after the MLP residual, before any adapter
+}
+
+/// What a forward pass records for backpropagation down to `fromLayer`.
+public final class ActivationTape {
+    public let fromLayer: Int
+    public var layers: [Int: LayerActivations] = [:]
+    /// [T, D] the residual stream before the final norm.
+    public var finalHidden: [Float] = []
+    public var positions: [Int] = []
+
+    public init(fromLayer: Int) {
+        self.fromLayer = fromLayer
+    }
+}
+
 /// A loaded Llama-family model: configuration, weights, tokenizer.
 public final class LlamaModel: Sendable {
     public let configuration: LlamaConfiguration
@@ -108,6 +136,15 @@ public final class LlamaModel: Sendable {
     /// rows share each weight matrix product), appends them to the caches, and
     /// returns the final-norm hidden states: [T, D], sequences in order.
     public func hiddenStates(_ steps: [Step]) throws -> [Float] {
+        try hiddenStates(steps, tape: nil)
+    }
+
+    /// `hiddenStates`, recording into `tape` what the backward pass needs
+    /// for layers from `tape.fromLayer` up (one sequence, from position 0).
+    public func hiddenStates(_ steps: [Step], tape: ActivationTape?) throws -> [Float] {
+        if tape != nil {
+            precondition(steps.count == 1 && steps[0].cache.count == 0, "a tape records one sequence from its start")
+        }
         let c = configuration
         let d = c.hiddenSize, qDim = c.queryDim, kvDim = c.keyValueDim, f = c.intermediateSize
         let t = steps.reduce(0) { $0 + $1.tokens.count }
@@ -140,8 +177,12 @@ public final class LlamaModel: Sendable {
         }
         for s in steps { s.cache.reserve(s.tokens.count) }
         for (l, w) in weights.layers.enumerated() {
+            let record = tape.map { l >= $0.fromLayer } ?? false
+            var acts = LayerActivations()
+            if record { acts.xIn = x }
             // Attention block.
             Ops.rmsNorm(x, weight: w.attentionNorm, eps: c.rmsNormEps, rows: t, dim: d, out: &xn)
+            if record { acts.xn1 = xn }
             q.withUnsafeMutableBufferPointer { qb in
                 k.withUnsafeMutableBufferPointer { kb in
                     v.withUnsafeMutableBufferPointer { vb in
@@ -151,6 +192,11 @@ public final class LlamaModel: Sendable {
             }
             q.withUnsafeMutableBufferPointer { rope.apply($0.baseAddress!, positions: positions, heads: c.numAttentionHeads) }
             k.withUnsafeMutableBufferPointer { rope.apply($0.baseAddress!, positions: positions, heads: c.numKeyValueHeads) }
+            if record {
+                acts.q = q
+                acts.k = k
+                acts.v = v
+            }
             var row = 0
             for s in steps {
                 let n = s.tokens.count, start = s.cache.count
@@ -168,6 +214,10 @@ public final class LlamaModel: Sendable {
             }
             w.wo.matmul(att, count: t, into: &proj)
             Ops.add(proj, into: &x, t * d)
+            if record {
+                acts.att = att
+                acts.xMid = x
+            }
             // MLP block.
             Ops.rmsNorm(x, weight: w.mlpNorm, eps: c.rmsNormEps, rows: t, dim: d, out: &xn)
             gate.withUnsafeMutableBufferPointer { gb in
@@ -175,9 +225,18 @@ public final class LlamaModel: Sendable {
                     WeightMatrix.matmul([w.wGate, w.wUp], xn, count: t, into: [gb.baseAddress!, ub.baseAddress!])
                 }
             }
+            if record {
+                acts.xn2 = xn
+                acts.gate = gate
+                acts.up = up
+            }
             Ops.swiglu(gate: &gate, up: up, count: t * f)
             w.wDown.matmul(gate, count: t, into: &proj)
             Ops.add(proj, into: &x, t * d)
+            if record {
+                acts.xPostMLP = x
+                tape!.layers[l] = acts
+            }
             // Each sequence's own blocks on its own rows.
             var first = 0
             for s in steps {
@@ -188,6 +247,10 @@ public final class LlamaModel: Sendable {
             }
         }
         for s in steps { s.cache.advance(s.tokens.count) }
+        if let tape {
+            tape.finalHidden = x
+            tape.positions = positions
+        }
         Ops.rmsNorm(x, weight: weights.outputNorm, eps: c.rmsNormEps, rows: t, dim: d, out: &xn)
         return xn
     }

@@ -62,6 +62,51 @@ public enum Attention {
         }
     }
 
+    /// Backward of `causal` for one sequence from position 0 (the training
+    /// pass): given dL/d(out), accumulates dL/dq, dL/dk, dL/dv. Attention
+    /// probabilities are recomputed per head.
+    ///   q, dq: [T, H*HS]   k, v, dk, dv: [T, KVH*HS]   dOut: [T, H*HS]
+    ///   dq is overwritten; dk and dv are accumulated.
+    public static func causalBackward(q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>,
+                                      dOut: UnsafePointer<Float>, tokens t: Int, heads: Int, kvHeads: Int,
+                                      headSize hs: Int, dq: UnsafeMutablePointer<Float>,
+                                      dk: UnsafeMutablePointer<Float>, dv: UnsafeMutablePointer<Float>) {
+        let qDim = heads * hs, kvDim = kvHeads * hs, group = heads / kvHeads
+        let scale = 1 / Float(hs).squareRoot()
+        let p = UnsafeMutablePointer<Float>.allocate(capacity: t * t)    // [T, T] probabilities
+        let dp = UnsafeMutablePointer<Float>.allocate(capacity: t * t)   // [T, T]
+        defer {
+            p.deallocate()
+            dp.deallocate()
+        }
+        for h in 0..<heads {
+            let kvh = h / group
+            let qh = q + h * hs, kh = k + kvh * hs, vh = v + kvh * hs, doh = dOut + h * hs
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(t), Int32(t), Int32(hs),
+                        scale, qh, Int32(qDim), kh, Int32(kvDim), 0, p, Int32(t))
+            for r in 0..<t {
+                Ops.softmax(p + r * t, r + 1)
+                for j in (r + 1)..<t { p[r * t + j] = 0 }
+            }
+            // dP = dO · Vᵀ;  dV += Pᵀ · dO
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(t), Int32(t), Int32(hs),
+                        1, doh, Int32(qDim), vh, Int32(kvDim), 0, dp, Int32(t))
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(t), Int32(hs), Int32(t),
+                        1, p, Int32(t), doh, Int32(qDim), 1, dv + kvh * hs, Int32(kvDim))
+            // dS = P ⊙ (dP − Σ_j P⊙dP), in place in dp
+            for r in 0..<t {
+                var s: Float = 0
+                for j in 0...r { s += p[r * t + j] * dp[r * t + j] }
+                for j in 0..<t { dp[r * t + j] = p[r * t + j] * (dp[r * t + j] - s) }
+            }
+            // dQ = dS · K · scale;  dK += dSᵀ · Q · scale
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(t), Int32(hs), Int32(t),
+                        scale, dp, Int32(t), kh, Int32(kvDim), 0, dq + h * hs, Int32(qDim))
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(t), Int32(hs), Int32(t),
+                        scale, dp, Int32(t), qh, Int32(qDim), 1, dk + kvh * hs, Int32(kvDim))
+        }
+    }
+
     /// The textbook definition, in Double, for tests.
     public static func reference(q: [Float], k: [Float], v: [Float], tokens t: Int, start: Int,
                                  heads: Int, kvHeads: Int, headSize hs: Int) -> [Float] {

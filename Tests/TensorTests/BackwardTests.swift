@@ -36,6 +36,36 @@ struct BackwardTests {
         #expect(maxRelativeError(dx, expected) < 1e-5)
     }
 
+    @Test("causal attention: dq, dk, dv")
+    func attention() {
+        let t = 5, heads = 4, kvHeads = 2, hs = 4
+        var rng = TestRNG(state: 25)
+        let q = (0..<(t * heads * hs)).map { _ in rng.float() }
+        let k = (0..<(t * kvHeads * hs)).map { _ in rng.float() }
+        let v = (0..<(t * kvHeads * hs)).map { _ in rng.float() }
+        let c = (0..<(t * heads * hs)).map { _ in rng.float() }   // loss = Σ c ⊙ out
+        var dq = [Float](repeating: 0, count: q.count), dk = [Float](repeating: 0, count: k.count), dv = dk
+        Attention.causalBackward(q: q, k: k, v: v, dOut: c, tokens: t, heads: heads, kvHeads: kvHeads, headSize: hs,
+                                 dq: &dq, dk: &dk, dv: &dv)
+        func loss(_ q: [Float], _ k: [Float], _ v: [Float]) -> Double {
+            let out = Attention.reference(q: q, k: k, v: v, tokens: t, start: 0, heads: heads, kvHeads: kvHeads, headSize: hs)
+            return zip(out, c).reduce(0.0) { $0 + Double($1.0) * Double($1.1) }
+        }
+        // Float inputs, so a larger step: h = 2^-7.
+        let h = 1.0 / 128
+        func numeric(_ x: [Float], _ f: ([Float]) -> Double) -> [Double] {
+            (0..<x.count).map { i in
+                var p = x, m = x
+                p[i] += Float(h)
+                m[i] -= Float(h)
+                return (f(p) - f(m)) / (2 * h)
+            }
+        }
+        #expect(maxRelativeError(dq, numeric(q) { loss($0, k, v) }) < 1e-3)
+        #expect(maxRelativeError(dk, numeric(k) { loss(q, $0, v) }) < 1e-3)
+        #expect(maxRelativeError(dv, numeric(v) { loss(q, k, $0) }) < 1e-3)
+    }
+
     @Test("linear: dx and dW")
     func linear() {
         var rng = TestRNG(state: 21)
