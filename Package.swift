@@ -34,6 +34,7 @@ let package = Package(
             name: "ModelTests", dependencies: ["Model", "Tensor"],
             exclude: ["Fixtures"], swiftSettings: computeSettings
         ),
-        .testTarget(name: "MemoryTests", dependencies: ["Memory", "Model", "Tensor"], swiftSettings: computeSettings),
+        .testTarget(name: "MemoryTests", dependencies: ["Memory", "Model", "Tensor"], exclude: ["Fixtures"],
+                    swiftSettings: computeSettings),
     ]
 )

@@ -237,3 +237,73 @@ func maxRelativeError(_ a: [Float], _ b: [Double]) -> Double {
     let scale = max(b.map(abs).max() ?? 0, 1e-12)
     return zip(a, b).map { abs(Double($0) - $1) }.max()! / scale
 }
+
+@Suite("Level gradients through the backbone")
+struct LevelAutogradTests {
+    static let here = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+
+    @Test("loss and every level gradient match PyTorch autograd on a tiny Llama")
+    func autograd() throws {
+        let data = try Data(contentsOf: Self.here.appendingPathComponent("Fixtures/level-gradients.json"))
+        let fixture = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        let model = try LlamaModel.load(path: Self.here.appendingPathComponent("../ModelTests/Fixtures/tiny-llama").standardized.path)
+        let levels = try #require(fixture["levels"] as? [[String: Any]]).map {
+            LevelConfiguration.Level(name: $0["name"] as! String, chunkSize: $0["chunk_size"] as! Int,
+                                     width: $0["width"] as! Int, layers: $0["layers"] as! [Int], learningRate: 1e-3)
+        }
+        let state = try LevelState(configuration: try LevelConfiguration(levels: levels), model: model.configuration)
+        let params = try #require(fixture["params"] as? [[[String: [Double]]]])
+        let expected = try #require(fixture["gradients"] as? [[[String: [Double]]]])
+        for (li, blocks) in params.enumerated() {
+            for (bi, p) in blocks.enumerated() {
+                state.blocks[li][bi] = LevelState.Block(gain: p["gain"]!.map(Float.init), gate: p["gate"]!.map(Float.init),
+                                                        up: p["up"]!.map(Float.init), down: p["down"]!.map(Float.init))
+            }
+        }
+        let tokens = try #require(fixture["tokens"] as? [Int])
+        let learnable = try #require(fixture["learnable"] as? [Bool])
+        let result = try LevelTrainer(model: model).lossAndGradients(tokens: tokens, learnable: learnable, state: state)
+        #expect(result.count == fixture["count"] as! Int)
+        let loss = fixture["loss"] as! Double
+        #expect(abs(result.totalLoss / Double(result.count) - loss) < 1e-5 * loss, "ours \(result.totalLoss / Double(result.count)), PyTorch \(loss)")
+        typealias Path = KeyPath<LevelState.Block, [Float]>
+        for (li, blocks) in expected.enumerated() {
+            for (bi, g) in blocks.enumerated() {
+                for (name, path) in [("gain", \LevelState.Block.gain), ("gate", \.gate), ("up", \.up), ("down", \.down)] as [(String, Path)] {
+                    let err = maxRelativeError(result.gradients[li][bi][keyPath: path], g[name]!)
+                    print("level gradient \(levels[li].name)[\(bi)].\(name): max |Δ| / max |g| = \(err)")
+                    #expect(err < 1e-4, "\(levels[li].name) block \(bi) \(name)")
+                }
+            }
+        }
+    }
+}
+
+@Suite("Learning on the real backbone")
+struct LevelLearningTests {
+    @Test("a gradient step on a user's text lowers that text's loss, starting from the backbone")
+    func gradientStepLowersLoss() throws {
+        let model = try Backbone.get()
+        let state = try LevelState(configuration: LevelConfiguration.starting(layers: model.configuration.numHiddenLayers),
+                                   model: model.configuration)
+        let tokens = model.tokenizer.encode("My sister Ottilie Brannagh lives in Quarrendon and keeps eleven ferrets named after rivers.")
+        let learnable = [Bool](repeating: true, count: tokens.count)
+        let trainer = LevelTrainer(model: model)
+        let before = try trainer.lossAndGradients(tokens: tokens, learnable: learnable, state: state)
+        // A fresh state is the backbone: its loss is the backbone's.
+        let bare = try model.perplexity(tokens: tokens)
+        #expect(abs(before.totalLoss - bare.totalNLL) < 1e-3 * bare.totalNLL)
+        // Output projections start at zero, and still get gradients.
+        #expect(before.gradients.joined().contains { $0.down.contains { $0 != 0 } })
+        #expect(before.gradients.joined().allSatisfy { $0.down.allSatisfy(\.isFinite) && $0.gate.allSatisfy(\.isFinite) })
+        for li in state.blocks.indices {
+            for bi in state.blocks[li].indices {
+                let g = before.gradients[li][bi]
+                state.blocks[li][bi].down = zip(state.blocks[li][bi].down, g.down).map { $0 - 0.5 * $1 }
+            }
+        }
+        let after = try trainer.lossAndGradients(tokens: tokens, learnable: learnable, state: state)
+        print("mean loss before \(before.totalLoss / Double(before.count)), after one step \(after.totalLoss / Double(after.count))")
+        #expect(after.totalLoss < before.totalLoss)
+    }
+}

@@ -1,0 +1,61 @@
+// LevelTrainer: the next-token loss over a user's learnable tokens and its
+// gradients with respect to that user's level parameters only.
+import Foundation
+import Model
+import Tensor
+
+/// Computes losses and level gradients on the frozen backbone.
+public struct LevelTrainer {
+    public let model: LlamaModel
+
+    public init(model: LlamaModel) {
+        self.model = model
+    }
+
+    /// The outcome of one forward and backward pass.
+    public struct Result {
+        /// Σ −log p(target) over the learnable targets.
+        public let totalLoss: Double
+        /// Number of learnable targets.
+        public let count: Int
+        /// Gradients of the mean loss (totalLoss / count), shaped like `state.blocks`.
+        public let gradients: [[LevelState.Block]]
+    }
+
+    /// Loss and gradients for `tokens` under `state`. `learnable[i]` says
+    /// whether token i is a learnable target (predicted from tokens 0..<i);
+    /// learnable[0] is ignored.
+    public func lossAndGradients(tokens: [Int], learnable: [Bool], state: LevelState) throws -> Result {
+        precondition(learnable.count == tokens.count, "one learnable flag per token")
+        let d = model.configuration.hiddenSize, v = model.configuration.vocabSize, t = tokens.count
+        let lowest = state.configuration.levels.flatMap(\.layers).min()!
+        let tape = ActivationTape(fromLayer: lowest)
+        let normed = try model.hiddenStates([LlamaModel.Step(tokens: tokens, cache: model.makeCache(), adapter: state)],
+                                            tape: tape)
+        // Rows whose next token is a learnable target: [m, D].
+        let rows = (0..<max(0, t - 1)).filter { learnable[$0 + 1] }
+        var gradients = state.zeroGradients()
+        guard !rows.isEmpty else { return Result(totalLoss: 0, count: 0, gradients: gradients) }
+        let m = rows.count
+        var hidden = [Float](repeating: 0, count: m * d)
+        for (i, r) in rows.enumerated() { for j in 0..<d { hidden[i * d + j] = normed[r * d + j] } }
+        var dlogits = model.logits(hidden: hidden, count: m)   // [m, V], becomes dL/dlogits
+        var total = 0.0
+        for (i, r) in rows.enumerated() {
+            let target = tokens[r + 1]
+            total += LlamaModel.negativeLogLikelihood(dlogits, offset: i * v, count: v, target: target)
+            dlogits.withUnsafeMutableBufferPointer { Ops.softmax($0.baseAddress! + i * v, v) }
+            dlogits[i * v + target] -= 1
+        }
+        let inv = 1 / Float(m)
+        for i in dlogits.indices { dlogits[i] *= inv }
+        var dHidden = [Float](repeating: 0, count: m * d)
+        model.weights.output.matmulBackward(dlogits, count: m, into: &dHidden)
+        var dNormed = [Float](repeating: 0, count: t * d)
+        for (i, r) in rows.enumerated() { for j in 0..<d { dNormed[r * d + j] = dHidden[i * d + j] } }
+        model.backward(tape: tape, dNormed: dNormed) { layer, hin, dh in
+            state.backward(layer: layer, hiddenIn: hin, rows: t, dHidden: dh, gradients: &gradients)
+        }
+        return Result(totalLoss: total, count: m, gradients: gradients)
+    }
+}
