@@ -24,8 +24,9 @@ public struct LevelConfiguration: Codable, Sendable, Equatable {
         public var learningRate: Double
         /// Gradient-norm clip per update (0: off).
         public var gradientClip: Double
-        /// Fraction of the level's weights kept per update (1: no decay; the
-        /// fast level's forget gate is below 1).
+        /// Fraction of the level's learned contribution kept per update: the
+        /// output projection is scaled by it and the gains pulled toward 1 by
+        /// it (1: no decay; the fast level's forget gate is below 1).
         public var retention: Double
         /// Largest allowed norm of the level's output projection; an update
         /// that would exceed it is rejected (0: off).

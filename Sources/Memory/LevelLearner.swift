@@ -1,0 +1,144 @@
+// LevelLearner: Nested Learning's Continuum Memory System update rule for one
+// user's levels. Each level counts the user's learnable tokens; over each
+// chunk of chunk_size tokens it accumulates the next-token-loss gradient at
+// the level's weights as they were when the chunk started, and when the
+// counter crosses a multiple of chunk_size it applies the summed gradient
+// once (clipped, checked for NaN/Inf and the norm bound, then decayed by the
+// level's retention) and restarts the accumulator.
+import Foundation
+import Model
+
+/// One user's learning state: level weights, optimizer moments, gradient
+/// accumulators and token counters.
+public final class LevelLearner {
+    public let state: LevelState
+    public let trainer: LevelTrainer
+    /// Learnable tokens each level has seen.
+    public private(set) var tokenCounters: [Int]
+    /// Σ of per-token gradients since each level's chunk started (shaped like state.blocks[level]).
+    public private(set) var accumulators: [[LevelState.Block]]
+    /// Tokens in each accumulator.
+    public private(set) var accumulatedTokens: [Int]
+    /// Moments per level, block and tensor (gain, gate, up, down).
+    public private(set) var moments: [[[OptimizerMoments]]]
+    /// Updates applied and rejected, per level.
+    public private(set) var updatesApplied: [Int]
+    public private(set) var updatesRejected: [Int]
+
+    public struct Unsupported: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    public init(state: LevelState, model: LlamaModel) throws {
+        for l in state.configuration.levels where l.optimizer.kind == .m3 {
+            throw Unsupported(description: "level '\(l.name)': the M3 optimizer is not implemented yet (use adamw or sgd)")
+        }
+        self.state = state
+        trainer = LevelTrainer(model: model)
+        let n = state.configuration.levels.count
+        tokenCounters = [Int](repeating: 0, count: n)
+        accumulatedTokens = tokenCounters
+        updatesApplied = tokenCounters
+        updatesRejected = tokenCounters
+        accumulators = state.zeroGradients()
+        moments = state.blocks.map { level in
+            level.map { b in [b.gain.count, b.gate.count, b.up.count, b.down.count].map(OptimizerMoments.init) }
+        }
+    }
+
+    /// Learns from one request's tokens. `learnable[i]` marks token i as a
+    /// learnable target. The request's learnable tokens are cut at every
+    /// level's chunk boundary; each piece is run with the weights current at
+    /// its start, so a level's gradient within a chunk is always taken at its
+    /// chunk-start weights, and a request that spans several boundaries
+    /// applies several updates.
+    public func learn(tokens: [Int], learnable: [Bool]) throws {
+        precondition(learnable.count == tokens.count)
+        let targets = (1..<max(1, tokens.count)).filter { learnable[$0] }
+        var next = 0
+        while next < targets.count {
+            // Tokens until the nearest boundary of any level.
+            let room = state.configuration.levels.indices.map { l -> Int in
+                let c = state.configuration.levels[l].chunkSize
+                return c - tokenCounters[l] % c
+            }.min()!
+            let piece = Array(targets[next..<min(targets.count, next + room)])
+            var mask = [Bool](repeating: false, count: tokens.count)
+            for i in piece { mask[i] = true }
+            let result = try trainer.lossAndGradients(tokens: tokens, learnable: mask, state: state)
+            let scale = Float(result.count)   // mean → sum over the piece's tokens
+            for l in accumulators.indices {
+                for b in accumulators[l].indices {
+                    let g = result.gradients[l][b]
+                    accumulators[l][b].gain = zip(accumulators[l][b].gain, g.gain).map { $0 + scale * $1 }
+                    accumulators[l][b].gate = zip(accumulators[l][b].gate, g.gate).map { $0 + scale * $1 }
+                    accumulators[l][b].up = zip(accumulators[l][b].up, g.up).map { $0 + scale * $1 }
+                    accumulators[l][b].down = zip(accumulators[l][b].down, g.down).map { $0 + scale * $1 }
+                }
+                tokenCounters[l] += piece.count
+                accumulatedTokens[l] += piece.count
+                if tokenCounters[l] % state.configuration.levels[l].chunkSize == 0 { applyUpdate(level: l) }
+            }
+            next += piece.count
+        }
+    }
+
+    /// Applies level l's accumulated gradient (mean over its chunk), or
+    /// rejects the step when any value would be non-finite or the output
+    /// projection would exceed max_norm; either way the accumulator restarts.
+    func applyUpdate(level l: Int) {
+        let cfg = state.configuration.levels[l]
+        defer {
+            accumulators[l] = accumulators[l].map { b in
+                LevelState.Block(gain: b.gain.map { _ in 0 }, gate: b.gate.map { _ in 0 }, up: b.up.map { _ in 0 }, down: b.down.map { _ in 0 })
+            }
+            accumulatedTokens[l] = 0
+        }
+        let n = Float(max(1, accumulatedTokens[l]))
+        var grads = accumulators[l].map { b in [b.gain, b.gate, b.up, b.down].map { t in t.map { $0 / n } } }
+        let norm = grads.joined().joined().reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()
+        guard norm.isFinite else { return reject(l) }
+        if cfg.gradientClip > 0 && norm > cfg.gradientClip {
+            let s = Float(cfg.gradientClip / norm)
+            grads = grads.map { $0.map { $0.map { $0 * s } } }
+        }
+        var newBlocks = state.blocks[l]
+        var newMoments = moments[l]
+        let keep = Float(cfg.retention)
+        for b in newBlocks.indices {
+            let old = newBlocks[b]
+            let tensors = [old.gain, old.gate, old.up, old.down]
+            var updated: [[Float]] = []
+            for (k, p) in tensors.enumerated() {
+                var stepped = cfg.optimizer.step(params: p, gradient: grads[b][k], learningRate: cfg.learningRate,
+                                                 moments: &newMoments[b][k])
+                // Retention pulls the learned weights toward their start:
+                // the output projection toward zero, gains toward one.
+                if keep < 1 {
+                    stepped = k == 0 ? stepped.map { 1 + keep * ($0 - 1) } : (k == 3 ? stepped.map { keep * $0 } : stepped)
+                }
+                updated.append(stepped)
+            }
+            newBlocks[b] = LevelState.Block(gain: updated[0], gate: updated[1], up: updated[2], down: updated[3])
+        }
+        let finite = newBlocks.allSatisfy { b in [b.gain, b.gate, b.up, b.down].allSatisfy { $0.allSatisfy(\.isFinite) } }
+        guard finite else { return reject(l) }
+        if cfg.maxNorm > 0 {
+            let downNorm = newBlocks.reduce(0.0) { s, b in s + b.down.reduce(0.0) { $0 + Double($1) * Double($1) } }.squareRoot()
+            guard downNorm <= cfg.maxNorm else { return reject(l) }
+        }
+        state.blocks[l] = newBlocks
+        moments[l] = newMoments
+        updatesApplied[l] += 1
+    }
+
+    private func reject(_ l: Int) {
+        updatesRejected[l] += 1
+    }
+
+    /// For tests: replaces level l's accumulated gradient.
+    func setAccumulator(level l: Int, to blocks: [LevelState.Block], tokens: Int) {
+        accumulators[l] = blocks
+        accumulatedTokens[l] = tokens
+    }
+}
