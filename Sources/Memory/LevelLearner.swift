@@ -136,6 +136,17 @@ public final class LevelLearner {
         updatesRejected[l] += 1
     }
 
+    /// Restores counters, accumulators and moments read from a saved state.
+    func restore(tokenCounters: [Int], accumulators: [[LevelState.Block]], accumulatedTokens: [Int],
+                 moments: [[[OptimizerMoments]]], updatesApplied: [Int], updatesRejected: [Int]) {
+        self.tokenCounters = tokenCounters
+        self.accumulators = accumulators
+        self.accumulatedTokens = accumulatedTokens
+        self.moments = moments
+        self.updatesApplied = updatesApplied
+        self.updatesRejected = updatesRejected
+    }
+
     /// For tests: replaces level l's accumulated gradient.
     func setAccumulator(level l: Int, to blocks: [LevelState.Block], tokens: Int) {
         accumulators[l] = blocks

@@ -112,6 +112,23 @@ public final class LlamaModel: Sendable {
         rope = Rope(headSize: configuration.headDim, base: configuration.ropeTheta, layout: ropeLayout)
     }
 
+    /// Identifies the backbone's weights: SHA-256 over the configuration and
+    /// the first 256 bytes of every weight matrix and norm (cheap, and
+    /// different for any other checkpoint or quantisation).
+    public var fingerprint: String {
+        var h = SHA256()
+        let c = configuration
+        h.update(Array("\(c.hiddenSize) \(c.intermediateSize) \(c.numHiddenLayers) \(c.numAttentionHeads) \(c.numKeyValueHeads) \(c.vocabSize) \(c.ropeTheta) \(c.rmsNormEps)".utf8))
+        for w in weights.matmulWeights + [weights.tokenEmbedding] {
+            h.update(Array(Array(UnsafeRawBufferPointer(start: w.data, count: min(256, w.byteCount)))))
+            h.update(Array("\(w.type) \(w.rows) \(w.cols)".utf8))
+        }
+        for norm in weights.layers.flatMap({ [$0.attentionNorm, $0.mlpNorm] }) + [weights.outputNorm] {
+            norm.withUnsafeBytes { h.update($0) }
+        }
+        return "sha256:" + h.finalizeHex()
+    }
+
     /// A fresh, empty cache for one sequence.
     public func makeCache() -> KVCache {
         KVCache(layers: configuration.numHiddenLayers, kvDim: configuration.keyValueDim,
