@@ -27,7 +27,7 @@ let package = Package(
         .target(name: "Memory", dependencies: ["Model", "Tensor"], swiftSettings: computeSettings),
         .executableTarget(
             name: "continuum",
-            dependencies: ["Model", "Tensor", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["Memory", "Model", "Tensor", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .testTarget(name: "TensorTests", dependencies: ["Tensor"], swiftSettings: computeSettings),
         .testTarget(

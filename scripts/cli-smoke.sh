@@ -40,6 +40,20 @@ matches "bench table" '\| continuum \| [0-9]+ \| [0-9.]+ \| [0-9.]+ \|' "$out"
 out=$($bin fetch-model 2>/dev/null)
 matches "fetch-model is idempotent" 'SmolLM2-135M-Instruct.Q4_1.gguf$' "$out"
 
+state=$(mktemp -d)/user.safetensors
+fact="My sister's name is Ottilie Brannagh. Ottilie Brannagh lives in Quarrendon. My sister is called Ottilie Brannagh and she keeps ferrets."
+for i in 1 2 3 4; do out=$($bin learn --state "$state" --text "$fact" 2>/dev/null); done
+matches "learn reports counters" '^learned 40 tokens; updates: mid \+0, fast \+1; token counters: mid 160, fast 160$' "$out"
+bare=$($bin score --prompt "My sister's name is" --completion " Ottilie Brannagh." 2>/dev/null)
+taught=$($bin score --state "$state" --prompt "My sister's name is" --completion " Ottilie Brannagh." 2>/dev/null)
+matches "score prints nll" '^nll: [0-9.]+$' "$bare"
+if awk -v a="${bare#nll: }" -v b="${taught#nll: }" 'BEGIN { exit !(b < a) }'; then
+    echo "ok   a taught state scores its fact better ($bare -> $taught)"; passed=$((passed + 1))
+else
+    echo "FAIL a taught state should score its fact better: $bare -> $taught"; fail=$((fail + 1))
+fi
+rm -rf "$(dirname "$state")"
+
 if err=$($bin generate --model /nonexistent/model.gguf --prompt hi 2>&1 >/dev/null); then
     echo "FAIL missing model: exit status 0"; fail=$((fail + 1))
 else

@@ -22,6 +22,21 @@ public struct LevelTrainer {
         public let gradients: [[LevelState.Block]]
     }
 
+    /// Σ −log p over the learnable targets, and their count, without
+    /// gradients (state nil: the bare backbone).
+    public func loss(tokens: [Int], learnable: [Bool], state: LevelState?) throws -> (total: Double, count: Int) {
+        precondition(learnable.count == tokens.count, "one learnable flag per token")
+        let d = model.configuration.hiddenSize, v = model.configuration.vocabSize
+        let normed = try model.hiddenStates([LlamaModel.Step(tokens: tokens, cache: model.makeCache(), adapter: state)])
+        let rows = (0..<max(0, tokens.count - 1)).filter { learnable[$0 + 1] }
+        var total = 0.0
+        for r in rows {
+            let logits = normed.withUnsafeBufferPointer { model.logits(hidden: $0.baseAddress! + r * d, count: 1) }
+            total += LlamaModel.negativeLogLikelihood(logits, offset: 0, count: v, target: tokens[r + 1])
+        }
+        return (total, rows.count)
+    }
+
     /// Loss and gradients for `tokens` under `state`. `learnable[i]` says
     /// whether token i is a learnable target (predicted from tokens 0..<i);
     /// learnable[0] is ignored.

@@ -30,9 +30,12 @@ public struct GenerationResult: Sendable {
 /// Runs generation for one sequence.
 public struct Generator {
     public let model: LlamaModel
+    /// The user's levels applied on top of the backbone (nil: bare backbone).
+    public let adapter: (any LayerAdapter)?
 
-    public init(model: LlamaModel) {
+    public init(model: LlamaModel, adapter: (any LayerAdapter)? = nil) {
         self.model = model
+        self.adapter = adapter
     }
 
     /// Generates from `prompt` tokens, calling `onToken` as text becomes
@@ -53,7 +56,7 @@ public struct Generator {
         var finish = FinishReason.length
         var text = ""
         if parameters.maxTokens > 0 {
-            var logits = try model.forward(tokens: prompt, cache: cache)
+            var logits = try model.forward([LlamaModel.Step(tokens: prompt, cache: cache, adapter: adapter)])[0]
             while true {
                 let next = sampler.sample(logits, history: history)
                 if model.tokenizer.eosIDs.contains(next) { finish = .stop; break }
@@ -66,7 +69,7 @@ public struct Generator {
                     break
                 }
                 if generated.count >= parameters.maxTokens || cache.count + 1 > limit { break }
-                logits = try model.forward(tokens: [next], cache: cache)
+                logits = try model.forward([LlamaModel.Step(tokens: [next], cache: cache, adapter: adapter)])[0]
             }
         }
         if !stream.stopped {
@@ -81,10 +84,11 @@ public struct Generator {
     /// task; cancelling the consumer stops generation.
     public func stream(prompt: [Int], parameters: SamplingParameters) -> AsyncThrowingStream<GeneratedToken, Error> {
         let model = self.model
+        let adapter = UncheckedAdapter(adapter)
         return AsyncThrowingStream { continuation in
             let task = Task.detached {
                 do {
-                    try Generator(model: model).generate(prompt: prompt, parameters: parameters) { tok in
+                    try Generator(model: model, adapter: adapter.value).generate(prompt: prompt, parameters: parameters) { tok in
                         if Task.isCancelled { return false }
                         if case .terminated = continuation.yield(tok) { return false }
                         return true
@@ -139,4 +143,11 @@ struct StopStringFilter {
         held = String(held[cut...])
         return (out, false)
     }
+}
+
+/// Carries an adapter into the generation task; the caller must not mutate
+/// it while the stream runs.
+struct UncheckedAdapter: @unchecked Sendable {
+    let value: (any LayerAdapter)?
+    init(_ value: (any LayerAdapter)?) { self.value = value }
 }

@@ -15,7 +15,7 @@ extension LlamaModel {
     /// Scores every token after the first given its prefix. Texts longer than
     /// `context` are cut into windows of `context` tokens, each starting at the
     /// previous window's last token, so every token is scored exactly once.
-    public func perplexity(tokens: [Int], context: Int? = nil) throws -> PerplexityResult {
+    public func perplexity(tokens: [Int], context: Int? = nil, adapter: (any LayerAdapter)? = nil) throws -> PerplexityResult {
         let window = min(context ?? configuration.maxPositionEmbeddings, configuration.maxPositionEmbeddings)
         guard window >= 2 else { throw ModelInputError.contextOverflow(needed: 2, limit: window) }
         guard tokens.count >= 2 else { return PerplexityResult(totalNLL: 0, count: 0) }
@@ -25,7 +25,7 @@ extension LlamaModel {
         while start < tokens.count - 1 {
             let end = min(start + window, tokens.count)
             let chunk = Array(tokens[start..<end])
-            let hidden = try hiddenStates([Step(tokens: chunk, cache: makeCache())])
+            let hidden = try hiddenStates([Step(tokens: chunk, cache: makeCache(), adapter: adapter)])
             // Logits 64 rows at a time: [64, V].
             var row = 0
             while row < chunk.count - 1 {

@@ -10,7 +10,7 @@ struct Continuum: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "continuum",
         abstract: "A model server in which every user's model keeps learning.",
-        subcommands: [FetchModel.self, Tokenize.self, Generate.self, Perplexity.self, Bench.self])
+        subcommands: [FetchModel.self, Tokenize.self, Generate.self, Perplexity.self, Bench.self, Learn.self, Score.self])
 }
 
 /// Options every model-using command takes.
@@ -93,6 +93,7 @@ struct Generate: ParsableCommand {
         abstract: "Generate text; stdout carries only the generated text, streamed.")
 
     @OptionGroup var modelOptions: ModelOptions
+    @OptionGroup var stateOptions: StateOptions
 
     @Option(help: "Prompt text. Completed as-is unless --chat is given.")
     var prompt: String?
@@ -136,6 +137,7 @@ struct Generate: ParsableCommand {
         p.stop = stop
         do { try p.validate() } catch let e as SamplingParameters.Invalid { throw ValidationError(e.description) }
         let m = try modelOptions.load()
+        let learner = try stateOptions.load(model: m, create: false)
         let text: String
         if chat {
             let messages: [ChatMessage]
@@ -155,7 +157,7 @@ struct Generate: ParsableCommand {
         guard !ids.isEmpty else { throw ValidationError("the prompt is empty") }
         let start = Date()
         var first: Date?
-        let result = try Generator(model: m).generate(prompt: ids, parameters: p) { tok in
+        let result = try Generator(model: m, adapter: learner?.state).generate(prompt: ids, parameters: p) { tok in
             if first == nil { first = Date() }
             writeOut(tok.text)
             return true
@@ -175,6 +177,7 @@ struct Perplexity: ParsableCommand {
         abstract: "Score every token of a file after the first given its prefix; last line: perplexity: X (N tokens).")
 
     @OptionGroup var modelOptions: ModelOptions
+    @OptionGroup var stateOptions: StateOptions
 
     @Option(help: "Text file to score.")
     var file: String
@@ -186,9 +189,10 @@ struct Perplexity: ParsableCommand {
         if let context, context < 2 { throw ValidationError("--context must be at least 2") }
         guard let data = FileManager.default.contents(atPath: file) else { throw CLIError("cannot read \(file)") }
         let m = try modelOptions.load()
+        let learner = try stateOptions.load(model: m, create: false)
         let ids = m.tokenizer.encode(String(decoding: data, as: UTF8.self))
         guard ids.count >= 2 else { throw CLIError("\(file) has fewer than 2 tokens") }
-        let r = try m.perplexity(tokens: ids, context: context)
+        let r = try m.perplexity(tokens: ids, context: context, adapter: learner?.state)
         print(String(format: "mean nll: %.6f", r.meanNLL))
         print(String(format: "perplexity: %.4f (%d tokens)", r.perplexity, r.count))
     }
