@@ -24,6 +24,8 @@ public final class LevelLearner {
     /// Updates applied and rejected, per level.
     public private(set) var updatesApplied: [Int]
     public private(set) var updatesRejected: [Int]
+    /// Consolidations run.
+    public private(set) var consolidations = 0
 
     public struct Unsupported: Error, CustomStringConvertible {
         public let description: String
@@ -138,13 +140,24 @@ public final class LevelLearner {
 
     /// Restores counters, accumulators and moments read from a saved state.
     func restore(tokenCounters: [Int], accumulators: [[LevelState.Block]], accumulatedTokens: [Int],
-                 moments: [[[OptimizerMoments]]], updatesApplied: [Int], updatesRejected: [Int]) {
+                 moments: [[[OptimizerMoments]]], updatesApplied: [Int], updatesRejected: [Int], consolidations: Int) {
         self.tokenCounters = tokenCounters
         self.accumulators = accumulators
         self.accumulatedTokens = accumulatedTokens
         self.moments = moments
         self.updatesApplied = updatesApplied
         self.updatesRejected = updatesRejected
+        self.consolidations = consolidations
+    }
+
+    /// After consolidation: level f starts over (empty chunk, fresh moments),
+    /// the target level keeps the moments its distillation steps produced.
+    func resetLevel(_ f: Int, targetMoments: (Int, [[OptimizerMoments]])) {
+        accumulators[f] = state.zeroGradients()[f]
+        accumulatedTokens[f] = 0
+        moments[f] = moments[f].map { $0.map { OptimizerMoments(count: $0.first.count) } }
+        moments[targetMoments.0] = targetMoments.1
+        consolidations += 1
     }
 
     /// For tests: replaces level l's accumulated gradient.

@@ -10,7 +10,8 @@
 //   format "continuum-levels", version "1",
 //   configuration (the LevelConfiguration as JSON), configuration_sha256,
 //   backbone (LlamaModel.fingerprint), counters (JSON: token_counters,
-//   accumulated_tokens, updates_applied, updates_rejected, optimizer_steps).
+//   accumulated_tokens, updates_applied, updates_rejected, optimizer_steps,
+//   consolidations).
 import Foundation
 import Model
 
@@ -29,11 +30,12 @@ public enum LevelStateFile {
         var updatesRejected: [Int]
         /// [level][block][tensor]
         var optimizerSteps: [[[Int]]]
+        var consolidations: Int
 
         enum CodingKeys: String, CodingKey {
             case tokenCounters = "token_counters", accumulatedTokens = "accumulated_tokens"
             case updatesApplied = "updates_applied", updatesRejected = "updates_rejected"
-            case optimizerSteps = "optimizer_steps"
+            case optimizerSteps = "optimizer_steps", consolidations
         }
     }
 
@@ -72,7 +74,8 @@ public enum LevelStateFile {
         }
         let counters = Counters(tokenCounters: learner.tokenCounters, accumulatedTokens: learner.accumulatedTokens,
                                 updatesApplied: learner.updatesApplied, updatesRejected: learner.updatesRejected,
-                                optimizerSteps: learner.moments.map { $0.map { $0.map(\.steps) } })
+                                optimizerSteps: learner.moments.map { $0.map { $0.map(\.steps) } },
+                                consolidations: learner.consolidations)
         let configData = try configurationJSON(config)
         let metadata: [String: String] = [
             "format": format, "version": version,
@@ -159,7 +162,8 @@ public enum LevelStateFile {
         }
         learner.restore(tokenCounters: counters.tokenCounters, accumulators: accumulators,
                         accumulatedTokens: counters.accumulatedTokens, moments: moments,
-                        updatesApplied: counters.updatesApplied, updatesRejected: counters.updatesRejected)
+                        updatesApplied: counters.updatesApplied, updatesRejected: counters.updatesRejected,
+                        consolidations: counters.consolidations)
         return learner
     }
 }

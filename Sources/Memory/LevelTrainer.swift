@@ -42,25 +42,55 @@ public struct LevelTrainer {
     /// learnable[0] is ignored.
     public func lossAndGradients(tokens: [Int], learnable: [Bool], state: LevelState) throws -> Result {
         precondition(learnable.count == tokens.count, "one learnable flag per token")
+        let v = model.configuration.vocabSize
+        let rows = (0..<max(0, tokens.count - 1)).filter { learnable[$0 + 1] }
+        return try lossAndGradients(tokens: tokens, rows: rows, state: state) { i, logits in
+            let target = tokens[rows[i] + 1]
+            let nll = LlamaModel.negativeLogLikelihood(Array(UnsafeBufferPointer(start: logits, count: v)), offset: 0,
+                                                      count: v, target: target)
+            Ops.softmax(logits, v)
+            logits[target] -= 1
+            return nll
+        }
+    }
+
+    /// Distillation: KL(teacher ‖ student) summed over `rows`, where
+    /// teacher[i] is the teacher's next-token distribution at rows[i]; the
+    /// gradients are the student's (`state`).
+    ///   teacher: [rows.count][V]
+    public func distillationGradients(tokens: [Int], rows: [Int], teacher: [[Float]], state: LevelState) throws -> Result {
+        let v = model.configuration.vocabSize
+        return try lossAndGradients(tokens: tokens, rows: rows, state: state) { i, logits in
+            Ops.softmax(logits, v)
+            var kl = 0.0
+            for j in 0..<v {
+                let p = Double(teacher[i][j])
+                if p > 0 { kl += p * (log(p) - log(max(Double(logits[j]), 1e-30))) }
+                logits[j] -= teacher[i][j]   // d KL / d logits = softmax − p
+            }
+            return kl
+        }
+    }
+
+    /// The shared pass: forward with a tape, per-row loss and dL/dlogits from
+    /// `rowLoss` (which overwrites the row's logits [V] with its gradient and
+    /// returns the row's loss), mean over rows, backward into the levels.
+    func lossAndGradients(tokens: [Int], rows: [Int], state: LevelState,
+                          rowLoss: (Int, UnsafeMutablePointer<Float>) -> Double) throws -> Result {
         let d = model.configuration.hiddenSize, v = model.configuration.vocabSize, t = tokens.count
         let lowest = state.configuration.levels.flatMap(\.layers).min()!
         let tape = ActivationTape(fromLayer: lowest)
         let normed = try model.hiddenStates([LlamaModel.Step(tokens: tokens, cache: model.makeCache(), adapter: state)],
                                             tape: tape)
-        // Rows whose next token is a learnable target: [m, D].
-        let rows = (0..<max(0, t - 1)).filter { learnable[$0 + 1] }
         var gradients = state.zeroGradients()
         guard !rows.isEmpty else { return Result(totalLoss: 0, count: 0, gradients: gradients) }
         let m = rows.count
-        var hidden = [Float](repeating: 0, count: m * d)
+        var hidden = [Float](repeating: 0, count: m * d)   // [m, D]
         for (i, r) in rows.enumerated() { for j in 0..<d { hidden[i * d + j] = normed[r * d + j] } }
         var dlogits = model.logits(hidden: hidden, count: m)   // [m, V], becomes dL/dlogits
         var total = 0.0
-        for (i, r) in rows.enumerated() {
-            let target = tokens[r + 1]
-            total += LlamaModel.negativeLogLikelihood(dlogits, offset: i * v, count: v, target: target)
-            dlogits.withUnsafeMutableBufferPointer { Ops.softmax($0.baseAddress! + i * v, v) }
-            dlogits[i * v + target] -= 1
+        dlogits.withUnsafeMutableBufferPointer { buf in
+            for i in 0..<m { total += rowLoss(i, buf.baseAddress! + i * v) }
         }
         let inv = 1 / Float(m)
         for i in dlogits.indices { dlogits[i] *= inv }

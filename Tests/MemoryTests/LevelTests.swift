@@ -307,3 +307,35 @@ struct LevelLearningTests {
         #expect(after.totalLoss < before.totalLoss)
     }
 }
+
+@Suite("Consolidation")
+struct ConsolidationTests {
+    @Test("sleep moves a fact from the fast level into mid and clears fast")
+    func consolidate() throws {
+        let model = try Backbone.get()
+        let upper = Array(15..<30)
+        let config = try LevelConfiguration(levels: [
+            .init(name: "mid", chunkSize: 1_000_000, width: 32, layers: upper, learningRate: 1e-3),
+            .init(name: "fast", chunkSize: 16, width: 32, layers: upper, learningRate: 3e-3),
+        ])
+        let learner = try LevelLearner(state: try LevelState(configuration: config, model: model.configuration), model: model)
+        let fact = model.tokenizer.encode("My sister's name is Ottilie Brannagh. Ottilie Brannagh lives in Quarrendon.")
+        var mask = [Bool](repeating: true, count: fact.count)
+        mask[0] = false
+        for _ in 0..<3 { try learner.learn(tokens: fact, learnable: mask) }
+        #expect(learner.updatesApplied[0] == 0 && learner.updatesApplied[1] > 0)
+        let trainer = learner.trainer
+        let bare = try trainer.loss(tokens: fact, learnable: mask, state: nil).total
+        let taught = try trainer.loss(tokens: fact, learnable: mask, state: learner.state).total
+        #expect(taught < bare)
+        let report = try learner.consolidate(contexts: [fact], budget: ConsolidationBudget(steps: 12, generatedTokens: 16))
+        print("consolidation: KL \(report.klBefore) → \(report.klAfter); loss bare \(bare), taught \(taught), consolidated \(try trainer.loss(tokens: fact, learnable: mask, state: learner.state).total)")
+        #expect(report.klAfter < report.klBefore)
+        #expect(learner.state.blocks[1].allSatisfy { $0.down.allSatisfy { $0 == 0 } }, "fast is cleared")
+        #expect(learner.accumulatedTokens[1] == 0 && learner.consolidations == 1)
+        let consolidated = try trainer.loss(tokens: fact, learnable: mask, state: learner.state).total
+        #expect(consolidated < bare, "mid now holds part of the fact")
+        let restored = try LevelStateFile.decode(try LevelStateFile.encode(learner, backbone: model.fingerprint), model: model)
+        #expect(restored.consolidations == 1 && restored.state.blocks == learner.state.blocks)
+    }
+}

@@ -1,0 +1,124 @@
+// Consolidation ("sleep"): moves what the fast level holds into a slower
+// level by on-policy distillation, then clears the fast level.
+//
+// Teacher A = backbone + every level as it is. Student B = backbone + the same
+// levels with the fast level's contribution removed; only B's target level
+// learns. The texts are the user's recent contexts, each continued by A
+// itself (on-policy); B is trained to match A's next-token distributions on
+// them (KL(A ‖ B)). Afterwards the target level keeps B's weights and the fast
+// level starts over (zero output projection, fresh moments, empty chunk).
+import Foundation
+import Model
+
+/// How much work one consolidation may do.
+public struct ConsolidationBudget: Sendable {
+    /// Optimizer steps on the target level (one text per step, round robin).
+    public var steps: Int = 16
+    /// Tokens the teacher generates after each context.
+    public var generatedTokens: Int = 32
+
+    public init(steps: Int = 16, generatedTokens: Int = 32) {
+        self.steps = steps
+        self.generatedTokens = generatedTokens
+    }
+}
+
+/// What a consolidation did.
+public struct ConsolidationReport: Sendable {
+    /// Mean KL(A ‖ B) per position over the texts, before and after training B.
+    public let klBefore: Double
+    public let klAfter: Double
+    public let steps: Int
+    public let positions: Int
+}
+
+extension LevelLearner {
+    /// Consolidates level `fast` into level `target` (by name) within `budget`.
+    public func consolidate(contexts: [[Int]], fast: String = "fast", into target: String = "mid",
+                            budget: ConsolidationBudget = ConsolidationBudget()) throws -> ConsolidationReport {
+        let levels = state.configuration.levels
+        guard let f = levels.firstIndex(where: { $0.name == fast }), let m = levels.firstIndex(where: { $0.name == target }),
+              f != m else {
+            throw LevelConfiguration.Invalid(description: "consolidation needs two different levels named '\(fast)' and '\(target)'")
+        }
+        let model = trainer.model
+        let limit = model.configuration.maxPositionEmbeddings
+        // On-policy texts: each context continued greedily by the teacher.
+        var greedy = SamplingParameters()
+        greedy.temperature = 0
+        greedy.maxTokens = budget.generatedTokens
+        var texts: [[Int]] = []
+        for c in contexts where c.count >= 1 {
+            let context = Array(c.suffix(limit - budget.generatedTokens - 1))
+            let continuation = budget.generatedTokens > 0
+                ? try Generator(model: model, adapter: state).generate(prompt: context, parameters: greedy).tokens : []
+            if context.count + continuation.count >= 2 { texts.append(context + continuation) }
+        }
+        guard !texts.isEmpty else { return ConsolidationReport(klBefore: 0, klAfter: 0, steps: 0, positions: 0) }
+        // The teacher's distributions at every position but the last.
+        let v = model.configuration.vocabSize, d = model.configuration.hiddenSize
+        var teacher: [[[Float]]] = []
+        for text in texts {
+            let normed = try model.hiddenStates([LlamaModel.Step(tokens: text, cache: model.makeCache(), adapter: state)])
+            teacher.append((0..<(text.count - 1)).map { r in
+                var p = normed.withUnsafeBufferPointer { model.logits(hidden: $0.baseAddress! + r * d, count: 1) }
+                p.withUnsafeMutableBufferPointer { softmaxInPlace($0.baseAddress!, v) }
+                return p
+            })
+        }
+        // The student: the same levels, the fast level silenced.
+        let student = try LevelState(configuration: state.configuration, model: model.configuration)
+        student.blocks = state.blocks
+        for b in student.blocks[f].indices {
+            student.blocks[f][b].down = student.blocks[f][b].down.map { _ in 0 }
+        }
+        func meanKL() throws -> Double {
+            var total = 0.0, count = 0
+            for (text, p) in zip(texts, teacher) {
+                total += try trainer.distillationGradients(tokens: text, rows: Array(0..<(text.count - 1)), teacher: p,
+                                                           state: student).totalLoss
+                count += text.count - 1
+            }
+            return total / Double(count)
+        }
+        let before = try meanKL()
+        let cfg = levels[m]
+        var moments = self.moments[m]
+        for step in 0..<budget.steps {
+            let i = step % texts.count
+            let g = try trainer.distillationGradients(tokens: texts[i], rows: Array(0..<(texts[i].count - 1)),
+                                                      teacher: teacher[i], state: student).gradients[m]
+            var blocks = student.blocks[m]
+            var trial = moments
+            for b in blocks.indices {
+                let old = blocks[b]
+                let grads = [g[b].gain, g[b].gate, g[b].up, g[b].down]
+                let stepped = [old.gain, old.gate, old.up, old.down].enumerated().map { k, p in
+                    cfg.optimizer.step(params: p, gradient: grads[k], learningRate: cfg.learningRate, moments: &trial[b][k])
+                }
+                blocks[b] = LevelState.Block(gain: stepped[0], gate: stepped[1], up: stepped[2], down: stepped[3])
+            }
+            // The NaN/Inf guard: a bad step leaves the student as it was.
+            if blocks.allSatisfy({ [$0.gain, $0.gate, $0.up, $0.down].allSatisfy { $0.allSatisfy(\.isFinite) } }) {
+                student.blocks[m] = blocks
+                moments = trial
+            }
+        }
+        let after = try meanKL()
+        // Commit: the target level keeps the student's weights, the fast level starts over.
+        let fresh = try LevelState(configuration: state.configuration, model: model.configuration)
+        state.blocks[m] = student.blocks[m]
+        state.blocks[f] = fresh.blocks[f]
+        resetLevel(f, targetMoments: (m, moments))
+        return ConsolidationReport(klBefore: before, klAfter: after, steps: budget.steps,
+                                   positions: texts.reduce(0) { $0 + $1.count - 1 })
+    }
+}
+
+private func softmaxInPlace(_ x: UnsafeMutablePointer<Float>, _ n: Int) {
+    var m = -Float.infinity
+    for i in 0..<n where x[i] > m { m = x[i] }
+    var s: Float = 0
+    for i in 0..<n { x[i] = expf(x[i] - m); s += x[i] }
+    for i in 0..<n { x[i] /= s }
+}
