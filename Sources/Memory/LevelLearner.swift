@@ -26,6 +26,10 @@ public final class LevelLearner {
     public private(set) var updatesRejected: [Int]
     /// Consolidations run.
     public private(set) var consolidations = 0
+    /// The user's most recent requests' tokens (at most `recentLimit` tokens
+    /// in all): the contexts consolidation distils on.
+    public private(set) var recentTokens: [[Int]] = []
+    public static let recentLimit = 2048
 
     public struct Unsupported: Error, CustomStringConvertible {
         public let description: String
@@ -56,6 +60,7 @@ public final class LevelLearner {
     /// applies several updates.
     public func learn(tokens: [Int], learnable: [Bool]) throws {
         precondition(learnable.count == tokens.count)
+        remember(tokens)
         let targets = (1..<max(1, tokens.count)).filter { learnable[$0] }
         var next = 0
         while next < targets.count {
@@ -148,6 +153,20 @@ public final class LevelLearner {
         self.updatesApplied = updatesApplied
         self.updatesRejected = updatesRejected
         self.consolidations = consolidations
+    }
+
+    /// Restores the recent contexts read from a saved state.
+    func restore(recentTokens: [[Int]]) {
+        self.recentTokens = recentTokens
+    }
+
+    /// Keeps `tokens` among the recent contexts, dropping the oldest beyond the limit.
+    func remember(_ tokens: [Int]) {
+        recentTokens.append(Array(tokens.suffix(Self.recentLimit)))
+        var total = recentTokens.reduce(0) { $0 + $1.count }
+        while total > Self.recentLimit, recentTokens.count > 1 {
+            total -= recentTokens.removeFirst().count
+        }
     }
 
     /// After consolidation: level f starts over (empty chunk, fresh moments),

@@ -11,7 +11,8 @@
 //   configuration (the LevelConfiguration as JSON), configuration_sha256,
 //   backbone (LlamaModel.fingerprint), counters (JSON: token_counters,
 //   accumulated_tokens, updates_applied, updates_rejected, optimizer_steps,
-//   consolidations).
+//   consolidations), recent_tokens (JSON: the recent requests' token ids,
+//   which consolidation distils on).
 import Foundation
 import Model
 
@@ -83,6 +84,7 @@ public enum LevelStateFile {
             "configuration_sha256": sha256(configData),
             "backbone": backbone,
             "counters": String(decoding: try JSONEncoder().encode(counters), as: UTF8.self),
+            "recent_tokens": String(decoding: try JSONEncoder().encode(learner.recentTokens), as: UTF8.self),
         ]
         var header: [String: Any] = ["__metadata__": metadata]
         var offset = 0
@@ -164,6 +166,12 @@ public enum LevelStateFile {
                         accumulatedTokens: counters.accumulatedTokens, moments: moments,
                         updatesApplied: counters.updatesApplied, updatesRejected: counters.updatesRejected,
                         consolidations: counters.consolidations)
+        if let recent = meta["recent_tokens"] {
+            guard let tokens = try? JSONDecoder().decode([[Int]].self, from: Data(recent.utf8)) else {
+                throw fail("recent_tokens is malformed")
+            }
+            learner.restore(recentTokens: tokens)
+        }
         return learner
     }
 }

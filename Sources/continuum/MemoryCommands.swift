@@ -108,3 +108,30 @@ struct Score: ParsableCommand {
         print(String(format: "nll: %.6f", r.total / Double(r.count)))
     }
 }
+
+struct Consolidate: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Sleep: distil the fast level into mid on the user's recent texts, clear fast, save the state.")
+
+    @OptionGroup var modelOptions: ModelOptions
+    @OptionGroup var stateOptions: StateOptions
+
+    @Option(help: "Distillation steps on the mid level.")
+    var steps: Int = 16
+
+    @Option(help: "Tokens the current model generates after each recent text (on-policy data).")
+    var generatedTokens: Int = 32
+
+    func run() throws {
+        guard stateOptions.state != nil else { throw ValidationError("consolidate needs --state FILE") }
+        guard steps >= 1, generatedTokens >= 0 else { throw ValidationError("--steps must be ≥ 1 and --generated-tokens ≥ 0") }
+        let model = try modelOptions.load()
+        let learner = try stateOptions.load(model: model, create: false)!
+        guard !learner.recentTokens.isEmpty else { throw CLIError("the state has no recent texts to consolidate on: teach it with `continuum learn` first") }
+        let report = try learner.consolidate(contexts: learner.recentTokens,
+                                             budget: ConsolidationBudget(steps: steps, generatedTokens: generatedTokens))
+        try stateOptions.save(learner, model: model)
+        print(String(format: "consolidated %d positions in %d steps; KL(teacher‖student) %.4f → %.4f", report.positions,
+                     report.steps, report.klBefore, report.klAfter))
+    }
+}

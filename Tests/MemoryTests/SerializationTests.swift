@@ -23,6 +23,7 @@ struct SerializationTests {
         #expect(restored.moments == learner.moments)
         #expect(restored.tokenCounters == learner.tokenCounters && restored.accumulatedTokens == learner.accumulatedTokens)
         #expect(restored.updatesApplied == learner.updatesApplied)
+        #expect(restored.recentTokens == learner.recentTokens && !restored.recentTokens.isEmpty)
         #expect(try LevelStateFile.encode(restored, backbone: model.fingerprint) == bytes)
         try learner.learn(tokens: Tiny.tokens, learnable: Tiny.mask(12..<19))
         try restored.learn(tokens: Tiny.tokens, learnable: Tiny.mask(12..<19))
