@@ -30,6 +30,10 @@ public final class LevelLearner {
     /// in all): the contexts consolidation distils on.
     public private(set) var recentTokens: [[Int]] = []
     public static let recentLimit = 2048
+    /// Tokens of context kept before each piece of a request when learning
+    /// (a request is learned piece by piece between chunk boundaries, each
+    /// piece with the weights current at its start).
+    public var contextWindow = 512
 
     public struct Unsupported: Error, CustomStringConvertible {
         public let description: String
@@ -70,9 +74,12 @@ public final class LevelLearner {
                 return c - tokenCounters[l] % c
             }.min()!
             let piece = Array(targets[next..<min(targets.count, next + room)])
-            var mask = [Bool](repeating: false, count: tokens.count)
-            for i in piece { mask[i] = true }
-            let result = try trainer.lossAndGradients(tokens: tokens, learnable: mask, state: state)
+            // Causality: the piece needs the tokens up to its last target,
+            // and at most `contextWindow` tokens of context before its first.
+            let from = max(0, piece[0] - contextWindow), to = piece[piece.count - 1] + 1
+            var mask = [Bool](repeating: false, count: to - from)
+            for i in piece { mask[i - from] = true }
+            let result = try trainer.lossAndGradients(tokens: Array(tokens[from..<to]), learnable: mask, state: state)
             let scale = Float(result.count)   // mean → sum over the piece's tokens
             for l in accumulators.indices {
                 for b in accumulators[l].indices {
