@@ -29,12 +29,13 @@ let package = Package(
             name: "continuum",
             dependencies: ["Memory", "Model", "Tensor", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
-        .testTarget(name: "TensorTests", dependencies: ["Tensor"], swiftSettings: computeSettings),
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        .testTarget(name: "TensorTests", dependencies: ["Tensor", "TestSupport"], swiftSettings: computeSettings),
         .testTarget(
             name: "ModelTests", dependencies: ["Model", "Tensor"],
             exclude: ["Fixtures"], swiftSettings: computeSettings
         ),
-        .testTarget(name: "MemoryTests", dependencies: ["Memory", "Model", "Tensor"], exclude: ["Fixtures"],
+        .testTarget(name: "MemoryTests", dependencies: ["Memory", "Model", "Tensor", "TestSupport"], exclude: ["Fixtures"],
                     swiftSettings: computeSettings),
     ]
 )

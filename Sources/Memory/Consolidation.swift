@@ -9,6 +9,7 @@
 // level starts over (zero output projection, fresh moments, empty chunk).
 import Foundation
 import Model
+import Tensor
 
 /// How much work one consolidation may do.
 public struct ConsolidationBudget: Sendable {
@@ -62,7 +63,7 @@ extension LevelLearner {
             let normed = try model.hiddenStates([LlamaModel.Step(tokens: text, cache: model.makeCache(), adapter: state)])
             teacher.append((0..<(text.count - 1)).map { r in
                 var p = normed.withUnsafeBufferPointer { model.logits(hidden: $0.baseAddress! + r * d, count: 1) }
-                p.withUnsafeMutableBufferPointer { softmaxInPlace($0.baseAddress!, v) }
+                p.withUnsafeMutableBufferPointer { Ops.softmax($0.baseAddress!, v) }
                 return p
             })
         }
@@ -82,24 +83,15 @@ extension LevelLearner {
             return total / Double(count)
         }
         let before = try meanKL()
-        let cfg = levels[m]
         var moments = self.moments[m]
         for step in 0..<budget.steps {
             let i = step % texts.count
             let g = try trainer.distillationGradients(tokens: texts[i], rows: Array(0..<(texts[i].count - 1)),
                                                       teacher: teacher[i], state: student).gradients[m]
-            var blocks = student.blocks[m]
             var trial = moments
-            for b in blocks.indices {
-                let old = blocks[b]
-                let grads = [g[b].gain, g[b].gate, g[b].up, g[b].down]
-                let stepped = [old.gain, old.gate, old.up, old.down].enumerated().map { k, p in
-                    cfg.optimizer.step(params: p, gradient: grads[k], learningRate: cfg.learningRate, moments: &trial[b][k])
-                }
-                blocks[b] = LevelState.Block(gain: stepped[0], gate: stepped[1], up: stepped[2], down: stepped[3])
-            }
+            let blocks = optimizerStep(level: m, blocks: student.blocks[m], gradients: g.map(\.tensors), moments: &trial)
             // The NaN/Inf guard: a bad step leaves the student as it was.
-            if blocks.allSatisfy({ [$0.gain, $0.gate, $0.up, $0.down].allSatisfy { $0.allSatisfy(\.isFinite) } }) {
+            if blocks.allSatisfy(\.isFinite) {
                 student.blocks[m] = blocks
                 moments = trial
             }
@@ -113,12 +105,4 @@ extension LevelLearner {
         return ConsolidationReport(klBefore: before, klAfter: after, steps: budget.steps,
                                    positions: texts.reduce(0) { $0 + $1.count - 1 })
     }
-}
-
-private func softmaxInPlace(_ x: UnsafeMutablePointer<Float>, _ n: Int) {
-    var m = -Float.infinity
-    for i in 0..<n where x[i] > m { m = x[i] }
-    var s: Float = 0
-    for i in 0..<n { x[i] = expf(x[i] - m); s += x[i] }
-    for i in 0..<n { x[i] /= s }
 }

@@ -83,11 +83,8 @@ public final class LevelLearner {
             let scale = Float(result.count)   // mean → sum over the piece's tokens
             for l in accumulators.indices {
                 for b in accumulators[l].indices {
-                    let g = result.gradients[l][b]
-                    accumulators[l][b].gain = zip(accumulators[l][b].gain, g.gain).map { $0 + scale * $1 }
-                    accumulators[l][b].gate = zip(accumulators[l][b].gate, g.gate).map { $0 + scale * $1 }
-                    accumulators[l][b].up = zip(accumulators[l][b].up, g.up).map { $0 + scale * $1 }
-                    accumulators[l][b].down = zip(accumulators[l][b].down, g.down).map { $0 + scale * $1 }
+                    accumulators[l][b] = LevelState.Block(tensors: zip(accumulators[l][b].tensors, result.gradients[l][b].tensors)
+                        .map { acc, g in zip(acc, g).map { $0 + scale * $1 } })
                 }
                 tokenCounters[l] += piece.count
                 accumulatedTokens[l] += piece.count
@@ -103,40 +100,29 @@ public final class LevelLearner {
     func applyUpdate(level l: Int) {
         let cfg = state.configuration.levels[l]
         defer {
-            accumulators[l] = accumulators[l].map { b in
-                LevelState.Block(gain: b.gain.map { _ in 0 }, gate: b.gate.map { _ in 0 }, up: b.up.map { _ in 0 }, down: b.down.map { _ in 0 })
-            }
+            accumulators[l] = accumulators[l].map(\.zeros)
             accumulatedTokens[l] = 0
         }
         let n = Float(max(1, accumulatedTokens[l]))
-        var grads = accumulators[l].map { b in [b.gain, b.gate, b.up, b.down].map { t in t.map { $0 / n } } }
+        var grads = accumulators[l].map { b in b.tensors.map { t in t.map { $0 / n } } }
         let norm = grads.joined().joined().reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()
         guard norm.isFinite else { return reject(l) }
         if cfg.gradientClip > 0 && norm > cfg.gradientClip {
             let s = Float(cfg.gradientClip / norm)
             grads = grads.map { $0.map { $0.map { $0 * s } } }
         }
-        var newBlocks = state.blocks[l]
         var newMoments = moments[l]
+        var newBlocks = optimizerStep(level: l, blocks: state.blocks[l], gradients: grads, moments: &newMoments)
+        // Retention pulls the learned contribution toward the start: the
+        // output projection toward zero, gains toward one.
         let keep = Float(cfg.retention)
-        for b in newBlocks.indices {
-            let old = newBlocks[b]
-            let tensors = [old.gain, old.gate, old.up, old.down]
-            var updated: [[Float]] = []
-            for (k, p) in tensors.enumerated() {
-                var stepped = cfg.optimizer.step(params: p, gradient: grads[b][k], learningRate: cfg.learningRate,
-                                                 moments: &newMoments[b][k])
-                // Retention pulls the learned weights toward their start:
-                // the output projection toward zero, gains toward one.
-                if keep < 1 {
-                    stepped = k == 0 ? stepped.map { 1 + keep * ($0 - 1) } : (k == 3 ? stepped.map { keep * $0 } : stepped)
-                }
-                updated.append(stepped)
+        if keep < 1 {
+            for b in newBlocks.indices {
+                newBlocks[b].gain = newBlocks[b].gain.map { 1 + keep * ($0 - 1) }
+                newBlocks[b].down = newBlocks[b].down.map { keep * $0 }
             }
-            newBlocks[b] = LevelState.Block(gain: updated[0], gate: updated[1], up: updated[2], down: updated[3])
         }
-        let finite = newBlocks.allSatisfy { b in [b.gain, b.gate, b.up, b.down].allSatisfy { $0.allSatisfy(\.isFinite) } }
-        guard finite else { return reject(l) }
+        guard newBlocks.allSatisfy(\.isFinite) else { return reject(l) }
         if cfg.maxNorm > 0 {
             let downNorm = newBlocks.reduce(0.0) { s, b in s + b.down.reduce(0.0) { $0 + Double($1) * Double($1) } }.squareRoot()
             guard downNorm <= cfg.maxNorm else { return reject(l) }
@@ -144,6 +130,18 @@ public final class LevelLearner {
         state.blocks[l] = newBlocks
         moments[l] = newMoments
         updatesApplied[l] += 1
+    }
+
+    /// One optimizer step of level l's optimizer on `blocks` (not committed).
+    ///   gradients: per block, the tensors in `Block.tensors` order
+    func optimizerStep(level l: Int, blocks: [LevelState.Block], gradients: [[[Float]]],
+                       moments: inout [[OptimizerMoments]]) -> [LevelState.Block] {
+        let cfg = state.configuration.levels[l]
+        return blocks.indices.map { b in
+            LevelState.Block(tensors: blocks[b].tensors.enumerated().map { k, p in
+                cfg.optimizer.step(params: p, gradient: gradients[b][k], learningRate: cfg.learningRate, moments: &moments[b][k])
+            })
+        }
     }
 
     private func reject(_ l: Int) {
@@ -179,7 +177,7 @@ public final class LevelLearner {
     /// After consolidation: level f starts over (empty chunk, fresh moments),
     /// the target level keeps the moments its distillation steps produced.
     func resetLevel(_ f: Int, targetMoments: (Int, [[OptimizerMoments]])) {
-        accumulators[f] = state.zeroGradients()[f]
+        accumulators[f] = accumulators[f].map(\.zeros)
         accumulatedTokens[f] = 0
         moments[f] = moments[f].map { $0.map { OptimizerMoments(count: $0.first.count) } }
         moments[targetMoments.0] = targetMoments.1

@@ -16,6 +16,26 @@ public final class LevelState: LayerAdapter, @unchecked Sendable {
         public var gate: [Float]   // [R, D]
         public var up: [Float]     // [R, D]
         public var down: [Float]   // [D, R], zero at creation
+
+        /// The four tensors in a fixed order: gain, gate, up, down.
+        public var tensors: [[Float]] { [gain, gate, up, down] }
+
+        public init(gain: [Float], gate: [Float], up: [Float], down: [Float]) {
+            self.gain = gain
+            self.gate = gate
+            self.up = up
+            self.down = down
+        }
+
+        /// From `tensors`' order.
+        public init(tensors t: [[Float]]) {
+            self.init(gain: t[0], gate: t[1], up: t[2], down: t[3])
+        }
+
+        /// Zeros of this block's shapes.
+        public var zeros: Block { Block(tensors: tensors.map { [Float](repeating: 0, count: $0.count) }) }
+
+        public var isFinite: Bool { tensors.allSatisfy { $0.allSatisfy(\.isFinite) } }
     }
 
     public let configuration: LevelConfiguration
@@ -78,12 +98,7 @@ public final class LevelState: LayerAdapter, @unchecked Sendable {
 extension LevelState {
     /// Gradients with the shapes of `blocks`, zero.
     public func zeroGradients() -> [[Block]] {
-        blocks.map { level in
-            level.map { b in
-                Block(gain: [Float](repeating: 0, count: b.gain.count), gate: [Float](repeating: 0, count: b.gate.count),
-                      up: [Float](repeating: 0, count: b.up.count), down: [Float](repeating: 0, count: b.down.count))
-            }
-        }
+        blocks.map { $0.map(\.zeros) }
     }
 
     /// Backward of `apply` at `layer`. Recomputes the blocks' activations

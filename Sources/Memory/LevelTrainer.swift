@@ -32,7 +32,9 @@ public struct LevelTrainer {
         var total = 0.0
         for r in rows {
             let logits = normed.withUnsafeBufferPointer { model.logits(hidden: $0.baseAddress! + r * d, count: 1) }
-            total += LlamaModel.negativeLogLikelihood(logits, offset: 0, count: v, target: tokens[r + 1])
+            total += logits.withUnsafeBufferPointer {
+                LlamaModel.negativeLogLikelihood($0.baseAddress!, count: v, target: tokens[r + 1])
+            }
         }
         return (total, rows.count)
     }
@@ -46,8 +48,7 @@ public struct LevelTrainer {
         let rows = (0..<max(0, tokens.count - 1)).filter { learnable[$0 + 1] }
         return try lossAndGradients(tokens: tokens, rows: rows, state: state) { i, logits in
             let target = tokens[rows[i] + 1]
-            let nll = LlamaModel.negativeLogLikelihood(Array(UnsafeBufferPointer(start: logits, count: v)), offset: 0,
-                                                      count: v, target: target)
+            let nll = LlamaModel.negativeLogLikelihood(logits, count: v, target: target)
             Ops.softmax(logits, v)
             logits[target] -= 1
             return nll

@@ -33,7 +33,9 @@ extension LlamaModel {
                 let logits = hidden.withUnsafeBufferPointer { self.logits(hidden: $0.baseAddress! + row * d, count: n) }
                 for i in 0..<n {
                     let target = chunk[row + i + 1]
-                    total += Self.negativeLogLikelihood(logits, offset: i * v, count: v, target: target)
+                    total += logits.withUnsafeBufferPointer {
+                        Self.negativeLogLikelihood($0.baseAddress! + i * v, count: v, target: target)
+                    }
                 }
                 count += n
                 row += n
@@ -44,11 +46,12 @@ extension LlamaModel {
     }
 
     /// −log softmax(logits)[target], in Double.
-    public static func negativeLogLikelihood(_ logits: [Float], offset: Int, count v: Int, target: Int) -> Double {
+    ///   logits: [V]
+    public static func negativeLogLikelihood(_ logits: UnsafePointer<Float>, count v: Int, target: Int) -> Double {
         var m = -Float.infinity
-        for j in 0..<v where logits[offset + j] > m { m = logits[offset + j] }
+        for j in 0..<v where logits[j] > m { m = logits[j] }
         var s = 0.0
-        for j in 0..<v { s += exp(Double(logits[offset + j] - m)) }
-        return log(s) + Double(m) - Double(logits[offset + target])
+        for j in 0..<v { s += exp(Double(logits[j] - m)) }
+        return log(s) + Double(m) - Double(logits[target])
     }
 }

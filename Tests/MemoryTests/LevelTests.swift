@@ -1,6 +1,7 @@
 // Continuum memory levels: configuration, and the forward pass with levels.
 import Foundation
 import Testing
+import TestSupport
 import Tensor
 @testable import Memory
 @testable import Model
@@ -221,21 +222,6 @@ struct LevelBackwardTests {
         // The fast level's block at layer 0 is untouched by layer 1's backward.
         #expect(grads[1][0].down.allSatisfy { $0 == 0 })
     }
-}
-
-/// Central differences of f at x, in Double.
-func numericGradient(_ x: [Double], _ f: ([Double]) -> Double, h: Double = 1e-6) -> [Double] {
-    (0..<x.count).map { i in
-        var p = x, m = x
-        p[i] += h
-        m[i] -= h
-        return (f(p) - f(m)) / (2 * h)
-    }
-}
-
-func maxRelativeError(_ a: [Float], _ b: [Double]) -> Double {
-    let scale = max(b.map(abs).max() ?? 0, 1e-12)
-    return zip(a, b).map { abs(Double($0) - $1) }.max()! / scale
 }
 
 @Suite("Level gradients through the backbone")

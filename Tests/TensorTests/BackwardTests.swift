@@ -1,22 +1,8 @@
 // Backward kernels against central finite differences of a Float64 forward.
 import Foundation
 import Testing
+import TestSupport
 @testable import Tensor
-
-/// Central differences of f at x, in Double.
-func numericGradient(_ x: [Double], _ f: ([Double]) -> Double, h: Double = 1e-6) -> [Double] {
-    (0..<x.count).map { i in
-        var p = x, m = x
-        p[i] += h
-        m[i] -= h
-        return (f(p) - f(m)) / (2 * h)
-    }
-}
-
-func maxRelativeError(_ a: [Float], _ b: [Double]) -> Double {
-    let scale = max(b.map(abs).max() ?? 0, 1e-12)
-    return zip(a, b).map { abs(Double($0) - $1) }.max()! / scale
-}
 
 @Suite("Backward kernels")
 struct BackwardTests {
