@@ -18,13 +18,16 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
     ],
     targets: [
         .systemLibrary(name: "CBLAS", path: "Sources/CBLAS"),
         .target(name: "CKernels", cSettings: [.unsafeFlags(["-O3", "-fno-math-errno"])]),
         .target(name: "Tensor", dependencies: ["CBLAS", "CKernels"], swiftSettings: computeSettings),
         .target(name: "Model", dependencies: ["Tensor"], swiftSettings: computeSettings),
-        .target(name: "Memory", dependencies: ["Model", "Tensor"], swiftSettings: computeSettings),
+        // Memory reads level configurations from YAML; only it imports Yams.
+        .target(name: "Memory", dependencies: ["Model", "Tensor", .product(name: "Yams", package: "Yams")],
+                swiftSettings: computeSettings),
         .executableTarget(
             name: "continuum",
             dependencies: ["Memory", "Model", "Tensor", .product(name: "ArgumentParser", package: "swift-argument-parser")]

@@ -1,6 +1,7 @@
 // LevelConfiguration: which continuum memory levels a user has, where they
 // sit in the backbone, and how each learns (ARCHITECTURE.md §1).
 import Foundation
+import Yams
 
 /// The ordered continuum memory levels (slowest first: they are applied in
 /// this order after each adapted layer's frozen MLP). Decodes from JSON with
@@ -74,21 +75,24 @@ public struct LevelConfiguration: Codable, Sendable, Equatable {
         }
 
         public var kind: Kind = .adamw
-        /// Adam β1 / SGD momentum / M3 fast momentum.
+        /// Adam β1 / SGD momentum / M3 weight of g added to M⁽¹⁾.
         public var beta1: Double = 0.9
-        /// Adam and M3 second-moment decay.
+        /// Adam second-moment decay; M3 weight of g² added to V.
         public var beta2: Double = 0.999
         public var epsilon: Double = 1e-8
         public var weightDecay: Double = 0
-        /// M3: slow-momentum decay, refresh period (updates) and weight α.
-        public var beta3: Double = 0.99
+        /// M3: slow-momentum weight β3, its refresh period (updates), the
+        /// slow direction's weight α, and Newton–Schulz iterations T.
+        public var beta3: Double = 0.9
         public var slowPeriod: Int = 4
         public var alpha: Double = 0.5
+        public var newtonSchulzSteps: Int = 5
 
         enum CodingKeys: String, CodingKey {
             case kind, beta1, beta2, epsilon, beta3, alpha
             case weightDecay = "weight_decay"
             case slowPeriod = "slow_period"
+            case newtonSchulzSteps = "newton_schulz_steps"
         }
 
         public init(kind: Kind = .adamw) {
@@ -105,6 +109,7 @@ public struct LevelConfiguration: Codable, Sendable, Equatable {
             beta3 = try c.decodeIfPresent(Double.self, forKey: .beta3) ?? beta3
             slowPeriod = try c.decodeIfPresent(Int.self, forKey: .slowPeriod) ?? slowPeriod
             alpha = try c.decodeIfPresent(Double.self, forKey: .alpha) ?? alpha
+            newtonSchulzSteps = try c.decodeIfPresent(Int.self, forKey: .newtonSchulzSteps) ?? newtonSchulzSteps
         }
     }
 
@@ -125,7 +130,7 @@ public struct LevelConfiguration: Codable, Sendable, Equatable {
     /// A starting point (ARCHITECTURE.md §1: chunk sizes ×8 apart; both levels
     /// in the upper half of a `layers`-layer backbone). To be tuned by the
     /// personalisation benchmark.
-    public static func starting(layers: Int) -> LevelConfiguration {
+    public static func defaults(layers: Int) -> LevelConfiguration {
         let upper = Array((layers / 2)..<layers)
         return try! LevelConfiguration(levels: [
             Level(name: "mid", chunkSize: 512, width: 32, layers: upper, learningRate: 3e-4),
@@ -133,12 +138,16 @@ public struct LevelConfiguration: Codable, Sendable, Equatable {
         ])
     }
 
-    /// Reads a configuration from a JSON file.
+    /// Reads a configuration from a JSON file, or a YAML file when the name
+    /// ends in .yaml or .yml (same keys).
     public static func load(path: String) throws -> LevelConfiguration {
         guard let data = FileManager.default.contents(atPath: path) else {
             throw Invalid(description: "\(path): cannot read the level configuration")
         }
         do {
+            if path.hasSuffix(".yaml") || path.hasSuffix(".yml") {
+                return try YAMLDecoder().decode(LevelConfiguration.self, from: data)
+            }
             return try JSONDecoder().decode(LevelConfiguration.self, from: data)
         } catch let e as Invalid {
             throw Invalid(description: "\(path): \(e.description)")
@@ -172,6 +181,8 @@ public struct LevelConfiguration: Codable, Sendable, Equatable {
             }
             if !(o.epsilon > 0) { try fail("\(n): optimizer epsilon must be > 0") }
             if o.slowPeriod < 1 { try fail("\(n): optimizer slow_period must be ≥ 1") }
+            if !(0...20).contains(o.newtonSchulzSteps) { try fail("\(n): optimizer newton_schulz_steps must be in 0...20") }
+            if !(o.alpha >= 0) || !(o.weightDecay >= 0) { try fail("\(n): optimizer alpha and weight_decay must be ≥ 0") }
         }
     }
 

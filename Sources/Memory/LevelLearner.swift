@@ -35,14 +35,7 @@ public final class LevelLearner {
     /// piece with the weights current at its start).
     public var contextWindow = 512
 
-    public struct Unsupported: Error, CustomStringConvertible {
-        public let description: String
-    }
-
     public init(state: LevelState, model: LlamaModel) throws {
-        for l in state.configuration.levels where l.optimizer.kind == .m3 {
-            throw Unsupported(description: "level '\(l.name)': the M3 optimizer is not implemented yet (use adamw or sgd)")
-        }
         self.state = state
         trainer = LevelTrainer(model: model)
         let n = state.configuration.levels.count
@@ -51,8 +44,8 @@ public final class LevelLearner {
         updatesApplied = tokenCounters
         updatesRejected = tokenCounters
         accumulators = state.zeroGradients()
-        moments = state.blocks.map { level in
-            level.map { b in [b.gain.count, b.gate.count, b.up.count, b.down.count].map(OptimizerMoments.init) }
+        moments = zip(state.blocks, state.configuration.levels).map { blocks, level in
+            blocks.map { b in b.tensors.map { OptimizerMoments(count: $0.count, kind: level.optimizer.kind) } }
         }
     }
 
@@ -137,9 +130,11 @@ public final class LevelLearner {
     func optimizerStep(level l: Int, blocks: [LevelState.Block], gradients: [[[Float]]],
                        moments: inout [[OptimizerMoments]]) -> [LevelState.Block] {
         let cfg = state.configuration.levels[l]
+        let shapes = state.tensorShapes(level: l)
         return blocks.indices.map { b in
             LevelState.Block(tensors: blocks[b].tensors.enumerated().map { k, p in
-                cfg.optimizer.step(params: p, gradient: gradients[b][k], learningRate: cfg.learningRate, moments: &moments[b][k])
+                cfg.optimizer.step(params: p, gradient: gradients[b][k], rows: shapes[k].rows, cols: shapes[k].cols,
+                                   learningRate: cfg.learningRate, moments: &moments[b][k])
             })
         }
     }
@@ -179,7 +174,8 @@ public final class LevelLearner {
     func resetLevel(_ f: Int, targetMoments: (Int, [[OptimizerMoments]])) {
         accumulators[f] = accumulators[f].map(\.zeros)
         accumulatedTokens[f] = 0
-        moments[f] = moments[f].map { $0.map { OptimizerMoments(count: $0.first.count) } }
+        let kind = state.configuration.levels[f].optimizer.kind
+        moments[f] = moments[f].map { $0.map { OptimizerMoments(count: $0.first.count, kind: kind) } }
         moments[targetMoments.0] = targetMoments.1
         consolidations += 1
     }

@@ -6,6 +6,8 @@
 //   levels.N.L.{gain,gate,up,down}          weights     [D] [R,D] [R,D] [D,R]
 //   moments.N.L.{gain,gate,up,down}.{m,v}   optimizer moments (same shapes)
 //   accumulators.N.L.{gain,gate,up,down}    Σ gradients of the open chunk
+//   moments.N.L.{…}.{slow,slow_direction,slow_sum}   M3 levels only: M⁽²⁾,
+//                                           O⁽²⁾ and Σ g of the open slow period
 // __metadata__ (strings):
 //   format "continuum-levels", version "1",
 //   configuration (the LevelConfiguration as JSON), configuration_sha256,
@@ -70,6 +72,12 @@ public enum LevelStateFile {
                     tensors.append(("moments." + base + ".m", shapes[k], learner.moments[li][bi][k].first))
                     tensors.append(("moments." + base + ".v", shapes[k], learner.moments[li][bi][k].second))
                     tensors.append(("accumulators." + base, shapes[k], accs[k]))
+                    if level.optimizer.kind == .m3 {
+                        let m = learner.moments[li][bi][k]
+                        tensors.append(("moments." + base + ".slow", shapes[k], m.slow))
+                        tensors.append(("moments." + base + ".slow_direction", shapes[k], m.slowDirection))
+                        tensors.append(("moments." + base + ".slow_sum", shapes[k], m.slowSum))
+                    }
                 }
             }
         }
@@ -157,6 +165,11 @@ public enum LevelStateFile {
                     moments[li][bi][k].first = try tensor("moments." + base + ".m", counts[k])
                     moments[li][bi][k].second = try tensor("moments." + base + ".v", counts[k])
                     moments[li][bi][k].steps = counters.optimizerSteps[li][bi][k]
+                    if level.optimizer.kind == .m3 {
+                        moments[li][bi][k].slow = try tensor("moments." + base + ".slow", counts[k])
+                        moments[li][bi][k].slowDirection = try tensor("moments." + base + ".slow_direction", counts[k])
+                        moments[li][bi][k].slowSum = try tensor("moments." + base + ".slow_sum", counts[k])
+                    }
                 }
                 state.blocks[li][bi] = LevelState.Block(gain: w[0], gate: w[1], up: w[2], down: w[3])
                 accumulators[li][bi] = LevelState.Block(gain: a[0], gate: a[1], up: a[2], down: a[3])

@@ -40,6 +40,13 @@ public final class LevelState: LayerAdapter, @unchecked Sendable {
 
     public let configuration: LevelConfiguration
     public let hiddenSize: Int
+
+    /// The [rows, cols] of each tensor of level l's blocks, in `Block.tensors`
+    /// order (the gain vector is one row).
+    public func tensorShapes(level l: Int) -> [(rows: Int, cols: Int)] {
+        let d = hiddenSize, r = configuration.levels[l].width
+        return [(1, d), (r, d), (r, d), (d, r)]
+    }
     public let epsilon: Float
     /// blocks[level][i] adapts layer configuration.levels[level].layers[i].
     public var blocks: [[Block]]

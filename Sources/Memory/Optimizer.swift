@@ -1,27 +1,42 @@
-// Optimizers for the memory levels: AdamW and momentum SGD, per tensor.
+// Optimizers for the memory levels, per tensor: AdamW, momentum SGD, and
+// M3 (Multi-scale Momentum Muon, Nested Learning Alg. 1).
 import Foundation
+import Tensor
 
-/// Moments an optimizer keeps for one parameter tensor.
+/// What an optimizer keeps for one parameter tensor.
 public struct OptimizerMoments: Sendable, Equatable {
+    /// Adam m / SGD momentum / M3 M⁽¹⁾.
     public var first: [Float]
+    /// Adam v / M3 V.
     public var second: [Float]
-    /// Updates applied so far (Adam's bias correction).
+    /// M3 only (empty otherwise): the slow momentum M⁽²⁾, its orthogonalised
+    /// form O⁽²⁾, and Σ g since the slow momentum was last refreshed.
+    public var slow: [Float] = []
+    public var slowDirection: [Float] = []
+    public var slowSum: [Float] = []
+    /// Updates applied so far (Adam's bias correction, M3's slow period).
     public var steps: Int
 
-    public init(count: Int) {
+    public init(count: Int, kind: LevelConfiguration.Optimizer.Kind = .adamw) {
         first = [Float](repeating: 0, count: count)
-        second = [Float](repeating: 0, count: count)
+        second = first
+        if kind == .m3 {
+            slow = first
+            slowDirection = first
+            slowSum = first
+        }
         steps = 0
     }
 }
 
 extension LevelConfiguration.Optimizer {
     /// The new parameter values after one step with gradient `g` (not applied:
-    /// the caller checks them before committing). `moments` advance.
-    ///   params, g: [n]
-    public func step(params: [Float], gradient g: [Float], learningRate lr: Double,
+    /// the caller checks them before committing). `moments` advance. M3 treats
+    /// the tensor as a [rows, cols] matrix (a vector is one row).
+    ///   params, g: [rows · cols]
+    public func step(params: [Float], gradient g: [Float], rows: Int, cols: Int, learningRate lr: Double,
                      moments: inout OptimizerMoments) -> [Float] {
-        precondition(params.count == g.count && moments.first.count == g.count)
+        precondition(params.count == g.count && moments.first.count == g.count && rows * cols == g.count)
         moments.steps += 1
         let b1 = Float(beta1), b2 = Float(beta2), eps = Float(epsilon), wd = Float(weightDecay), lr = Float(lr)
         var out = params
@@ -40,8 +55,36 @@ extension LevelConfiguration.Optimizer {
                 out[i] -= lr * (moments.first[i] + wd * params[i])
             }
         case .m3:
-            preconditionFailure("M3 is rejected when a LevelLearner is created")
+            // Alg. 1, one inner step t (k = the slow period's index):
+            //   M⁽¹⁾ ← M⁽¹⁾ + β1 g;  V ← V + β2 g²;  O⁽¹⁾ = NS_T(M⁽¹⁾)
+            //   Θ ← Θ − η (O⁽¹⁾ + α O⁽²⁾) / (√V + ε)   (+ decoupled weight decay)
+            // and after every `slowPeriod` steps, for the next period:
+            //   M⁽²⁾ ← M⁽²⁾ + β3 Σ g (over the period);  O⁽²⁾ = NS_T(M⁽²⁾)
+            if moments.slow.isEmpty { moments = OptimizerMoments(count: g.count, kind: .m3).with(steps: moments.steps) }
+            let b3 = Float(beta3), a = Float(alpha)
+            for i in g.indices {
+                moments.first[i] += b1 * g[i]
+                moments.second[i] += b2 * g[i] * g[i]
+                moments.slowSum[i] += g[i]
+            }
+            let o1 = Ops.newtonSchulz(moments.first, rows: rows, cols: cols, steps: newtonSchulzSteps)
+            for i in out.indices {
+                out[i] -= lr * ((o1[i] + a * moments.slowDirection[i]) / (moments.second[i].squareRoot() + eps) + wd * params[i])
+            }
+            if moments.steps % slowPeriod == 0 {
+                for i in g.indices { moments.slow[i] += b3 * moments.slowSum[i] }
+                moments.slowSum = moments.slowSum.map { _ in 0 }
+                moments.slowDirection = Ops.newtonSchulz(moments.slow, rows: rows, cols: cols, steps: newtonSchulzSteps)
+            }
         }
         return out
+    }
+}
+
+extension OptimizerMoments {
+    func with(steps: Int) -> OptimizerMoments {
+        var m = self
+        m.steps = steps
+        return m
     }
 }

@@ -191,3 +191,44 @@ public struct Rope: Sendable {
         }
     }
 }
+
+// MARK: Orthogonalisation
+
+extension Ops {
+    /// Muon's quintic Newton–Schulz coefficients (Jordan et al., 2024).
+    public static let newtonSchulzCoefficients: (a: Float, b: Float, c: Float) = (3.4445, -4.7750, 2.0315)
+
+    /// `steps` iterations of Muon's quintic Newton–Schulz map on m / ‖m‖_F:
+    /// X ← aX + (b·XXᵀ + c·(XXᵀ)²)X, run on the wide orientation (rows ≤
+    /// cols). The result keeps m's singular vectors with every non-negligible
+    /// singular value pushed into roughly [0.7, 1.2] — an approximately
+    /// orthogonal matrix (M3's and Muon's update direction). Zero maps to zero.
+    ///   m: [rows, cols] → [rows, cols]
+    public static func newtonSchulz(_ m: [Float], rows: Int, cols: Int, steps: Int = 5) -> [Float] {
+        precondition(m.count == rows * cols)
+        let norm = m.reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()
+        guard norm > 0 else { return m }
+        let wide = rows <= cols
+        let r = wide ? rows : cols, c = wide ? cols : rows
+        var x = [Float](repeating: 0, count: r * c)   // [r, c]
+        let s = Float(1 / (norm + 1e-7))
+        for i in 0..<rows { for j in 0..<cols { x[wide ? i * cols + j : j * rows + i] = m[i * cols + j] * s } }
+        let (ca, cb, cc) = newtonSchulzCoefficients
+        var a = [Float](repeating: 0, count: r * r), b = a   // [r, r]
+        var next = x
+        for _ in 0..<steps {
+            linear(x, rows: r, x, out: r, in: c, into: &a)   // A = XXᵀ
+            linear(a, rows: r, a, out: r, in: r, into: &b)   // A² (A symmetric)
+            for i in b.indices { b[i] = cb * a[i] + cc * b[i] }
+            next = x
+            // X ← aX + B·X
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(r), Int32(c), Int32(r),
+                        1, b, Int32(r), x, Int32(c), ca, &next, Int32(c))
+            swap(&x, &next)
+        }
+        if wide { return x }
+        var out = [Float](repeating: 0, count: rows * cols)
+        for i in 0..<rows { for j in 0..<cols { out[i * cols + j] = x[j * rows + i] } }
+        return out
+    }
+}

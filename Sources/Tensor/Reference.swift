@@ -73,3 +73,37 @@ public enum Reference {
         return y
     }
 }
+
+extension Reference {
+    /// Muon's quintic Newton–Schulz iteration in Double with plain loops (the
+    /// reference for `Ops.newtonSchulz`).
+    ///   m: [rows, cols] → [rows, cols]
+    public static func newtonSchulz(_ m: [Double], rows: Int, cols: Int, steps: Int = 5) -> [Double] {
+        let norm = m.reduce(0) { $0 + $1 * $1 }.squareRoot()
+        guard norm > 0 else { return m }
+        let (a, b, c) = (3.4445, -4.7750, 2.0315)
+        // Work on the wide orientation.
+        let wide = rows <= cols
+        let r = wide ? rows : cols, k = wide ? cols : rows
+        var x = [[Double]](repeating: [Double](repeating: 0, count: k), count: r)
+        for i in 0..<rows { for j in 0..<cols { if wide { x[i][j] = m[i * cols + j] / (norm + 1e-7) } else { x[j][i] = m[i * cols + j] / (norm + 1e-7) } } }
+        for _ in 0..<steps {
+            var g = [[Double]](repeating: [Double](repeating: 0, count: r), count: r)
+            for i in 0..<r { for j in 0..<r { for t in 0..<k { g[i][j] += x[i][t] * x[j][t] } } }
+            var g2 = [[Double]](repeating: [Double](repeating: 0, count: r), count: r)
+            for i in 0..<r { for j in 0..<r { for t in 0..<r { g2[i][j] += g[i][t] * g[t][j] } } }
+            var y = x
+            for i in 0..<r {
+                for j in 0..<k {
+                    var s = a * x[i][j]
+                    for t in 0..<r { s += (b * g[i][t] + c * g2[i][t]) * x[t][j] }
+                    y[i][j] = s
+                }
+            }
+            x = y
+        }
+        var out = [Double](repeating: 0, count: rows * cols)
+        for i in 0..<rows { for j in 0..<cols { out[i * cols + j] = wide ? x[i][j] : x[j][i] } }
+        return out
+    }
+}

@@ -4,8 +4,17 @@ import Foundation
 import Model
 import Tensor
 
+/// `continuum bench` runs the engine benchmark; `continuum bench learn` the
+/// personalisation benchmark.
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
+        abstract: "Benchmarks: engine throughput (default) and personalisation (`bench learn`).",
+        subcommands: [BenchEngine.self, BenchLearn.self], defaultSubcommand: BenchEngine.self)
+}
+
+struct BenchEngine: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "engine",
         abstract: "Measure prefill and decode tokens/s; prints a table (medians over repetitions).")
 
     @OptionGroup var modelOptions: ModelOptions

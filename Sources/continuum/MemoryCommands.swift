@@ -30,7 +30,7 @@ struct StateOptions: ParsableArguments {
             }
         }
         guard create else { throw CLIError("\(state): no such level state file (create one with `continuum learn`)") }
-        let config = configuration ?? LevelConfiguration.starting(layers: model.configuration.numHiddenLayers)
+        let config = configuration ?? LevelConfiguration.defaults(layers: model.configuration.numHiddenLayers)
         return try LevelLearner(state: try LevelState(configuration: config, model: model.configuration), model: model)
     }
 

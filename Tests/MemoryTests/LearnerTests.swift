@@ -2,6 +2,8 @@
 // optimizers and guards, on the tiny Llama fixture.
 import Foundation
 import Testing
+import TestSupport
+import Tensor
 @testable import Memory
 @testable import Model
 
@@ -30,15 +32,15 @@ struct LearnerTests {
         var adam = LevelConfiguration.Optimizer(kind: .adamw)
         adam.weightDecay = 0.1
         var m = OptimizerMoments(count: 2)
-        let p = adam.step(params: [1, -2], gradient: [0.5, -0.25], learningRate: 0.01, moments: &m)
+        let p = adam.step(params: [1, -2], gradient: [0.5, -0.25], rows: 1, cols: 2, learningRate: 0.01, moments: &m)
         // First step: m̂ = g, v̂ = g², so the step is lr·(sign(g)·g/(|g|+ε) + wd·p).
         #expect(abs(p[0] - (1 - 0.01 * (0.5 / (0.5 + 1e-8) + 0.1 * 1))) < 1e-6)
         #expect(abs(p[1] - (-2 - 0.01 * (-0.25 / (0.25 + 1e-8) + 0.1 * -2))) < 1e-6)
         var sgd = LevelConfiguration.Optimizer(kind: .sgd)
         sgd.beta1 = 0.5
         var ms = OptimizerMoments(count: 1)
-        let s1 = sgd.step(params: [1], gradient: [2], learningRate: 0.1, moments: &ms)   // m = 2
-        let s2 = sgd.step(params: s1, gradient: [2], learningRate: 0.1, moments: &ms)    // m = 3
+        let s1 = sgd.step(params: [1], gradient: [2], rows: 1, cols: 1, learningRate: 0.1, moments: &ms)   // m = 2
+        let s2 = sgd.step(params: s1, gradient: [2], rows: 1, cols: 1, learningRate: 0.1, moments: &ms)    // m = 3
         #expect(abs(s1[0] - 0.8) < 1e-6 && abs(s2[0] - 0.5) < 1e-6)
     }
 
@@ -81,7 +83,7 @@ struct LearnerTests {
         for bi in start[0].indices {
             var m = OptimizerMoments(count: start[0][bi].down.count)
             let g = zip(a.gradients[0][bi].down, b.gradients[0][bi].down).map { (2 * $0 + 4 * $1) / 6 }
-            let expected = level.optimizer.step(params: start[0][bi].down, gradient: g, learningRate: 1e-2, moments: &m)
+            let expected = level.optimizer.step(params: start[0][bi].down, gradient: g, rows: start[0][bi].down.count / level.width, cols: level.width, learningRate: 1e-2, moments: &m)
             let err = zip(expected, learner.state.blocks[0][bi].down).map { abs($0 - $1) }.max()!
             #expect(err < 1e-6, "block \(bi): max |Δ| \(err)")
         }
@@ -128,10 +130,55 @@ struct LearnerTests {
         #expect(abs(change - 1e-3) < 1e-5, "step norm \(change)")
     }
 
-    @Test("M3 is refused until it is implemented")
-    func m3Refused() throws {
-        var level = LevelConfiguration.Level(name: "m", chunkSize: 4, width: 4, layers: [1], learningRate: 1e-2)
+    @Test("M3 follows Nested Learning Alg. 1: accumulating momenta, Newton–Schulz directions, slow refresh every period")
+    func m3Steps() {
+        var m3 = LevelConfiguration.Optimizer(kind: .m3)
+        m3.beta1 = 0.8
+        m3.beta2 = 0.5
+        m3.beta3 = 0.7
+        m3.alpha = 0.3
+        m3.slowPeriod = 2
+        m3.epsilon = 1e-3
+        let rows = 3, cols = 5, lr = 0.01
+        var rng = SeededGenerator(seed: 5)
+        func unit() -> Double { Double(rng.next() % 1_000_001) / 1_000_000 }
+        var params = (0..<(rows * cols)).map { _ in Float(unit() - 0.5) }
+        var moments = OptimizerMoments(count: params.count, kind: .m3)
+        // The algorithm written out in Double.
+        var theta = params.map(Double.init)
+        var m1 = [Double](repeating: 0, count: theta.count), v = m1, m2 = m1, o2 = m1, sum = m1
+        for t in 1...5 {
+            let g = (0..<theta.count).map { _ in unit() - 0.5 }
+            params = m3.step(params: params, gradient: g.map(Float.init), rows: rows, cols: cols, learningRate: lr,
+                             moments: &moments)
+            for i in g.indices { m1[i] += 0.8 * g[i]; v[i] += 0.5 * g[i] * g[i]; sum[i] += g[i] }
+            let o1 = Reference.newtonSchulz(m1, rows: rows, cols: cols)
+            for i in theta.indices { theta[i] -= lr * (o1[i] + 0.3 * o2[i]) / (v[i].squareRoot() + 1e-3) }
+            if t % 2 == 0 {   // the next period uses the refreshed slow direction
+                for i in m2.indices { m2[i] += 0.7 * sum[i] }
+                sum = sum.map { _ in 0 }
+                o2 = Reference.newtonSchulz(m2, rows: rows, cols: cols)
+            }
+            #expect(maxRelativeError(params, theta) < 1e-5, "step \(t)")
+        }
+        #expect(moments.steps == 5)
+    }
+
+    @Test("an M3 learner lowers the loss it learns from, and its state round-trips")
+    func m3Learns() throws {
+        var level = LevelConfiguration.Level(name: "m", chunkSize: 8, width: 4, layers: [0, 1], learningRate: 1e-2)
         level.optimizer = .init(kind: .m3)
-        #expect(throws: LevelLearner.Unsupported.self) { try Tiny.learner([level]) }
+        level.optimizer.slowPeriod = 2
+        let learner = try Tiny.learner([level])
+        let mask = Tiny.mask(1..<9)
+        let before = try learner.trainer.loss(tokens: Tiny.tokens, learnable: mask, state: learner.state)
+        for _ in 0..<10 { try learner.learn(tokens: Tiny.tokens, learnable: mask) }
+        let after = try learner.trainer.loss(tokens: Tiny.tokens, learnable: mask, state: learner.state)
+        #expect(learner.updatesApplied == [10] && learner.updatesRejected == [0])
+        #expect(after.total < 0.9 * before.total, "loss \(before.total) → \(after.total)")
+        #expect(learner.moments[0][0][1].slowDirection.contains { $0 != 0 })
+        let model = try Tiny.model.get()
+        let copy = try LevelStateFile.decode(try LevelStateFile.encode(learner, backbone: model.fingerprint), model: model)
+        #expect(copy.moments == learner.moments && copy.state.blocks == learner.state.blocks)
     }
 }

@@ -62,12 +62,48 @@ struct LevelConfigurationTests {
 
     @Test("layers beyond the backbone are refused")
     func layersOutOfRange() throws {
-        let c = LevelConfiguration.starting(layers: 30)
+        let c = LevelConfiguration.defaults(layers: 30)
         try c.validate(layers: 30)
         #expect(throws: LevelConfiguration.Invalid.self) { try c.validate(layers: 12) }
         let model = try LlamaConfiguration(hiddenSize: 8, intermediateSize: 16, numHiddenLayers: 4, numAttentionHeads: 2,
                                            numKeyValueHeads: 1, vocabSize: 10)
         #expect(throws: LevelConfiguration.Invalid.self) { try LevelState(configuration: c, model: model) }
+    }
+
+    @Test("YAML and JSON files with the same keys load the same configuration")
+    func yaml() throws {
+        let dir = NSTemporaryDirectory() + "levels-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let yaml = """
+            # a user's levels
+            levels:
+              - name: mid
+                chunk_size: 256
+                layers: [14, 15]
+                learning_rate: 0.001
+                optimizer: {kind: m3, slow_period: 3}
+              - name: fast
+                chunk_size: 32
+                width: 16
+                layers: [15]
+                learning_rate: 0.01
+                retention: 0.99
+            """
+        let json = #"""
+            {"levels": [{"name": "mid", "chunk_size": 256, "layers": [14, 15], "learning_rate": 0.001,
+                         "optimizer": {"kind": "m3", "slow_period": 3}},
+                        {"name": "fast", "chunk_size": 32, "width": 16, "layers": [15], "learning_rate": 0.01, "retention": 0.99}]}
+            """#
+        try Data(yaml.utf8).write(to: URL(fileURLWithPath: dir + "/levels.yaml"))
+        try Data(json.utf8).write(to: URL(fileURLWithPath: dir + "/levels.json"))
+        let fromYAML = try LevelConfiguration.load(path: dir + "/levels.yaml")
+        #expect(fromYAML == (try LevelConfiguration.load(path: dir + "/levels.json")))
+        #expect(fromYAML.levels[0].optimizer.kind == .m3 && fromYAML.levels[1].width == 16)
+        // Validation applies to YAML too.
+        try Data("levels:\n  - {name: a, chunk_size: 0, layers: [1]}\n".utf8).write(to: URL(fileURLWithPath: dir + "/bad.yml"))
+        let error = #expect(throws: LevelConfiguration.Invalid.self) { try LevelConfiguration.load(path: dir + "/bad.yml") }
+        #expect(error?.description.contains("chunk_size") == true && error?.description.hasPrefix(dir + "/bad.yml") == true)
     }
 
     @Test("a configuration file that does not parse names the file")
@@ -115,7 +151,7 @@ struct LevelForwardTests {
     @Test("all-zero levels give the backbone's logits bit for bit, next to another user's levels in one batch")
     func isolation() throws {
         let model = try Backbone.get()
-        let config = LevelConfiguration.starting(layers: model.configuration.numHiddenLayers)
+        let config = LevelConfiguration.defaults(layers: model.configuration.numHiddenLayers)
         let fresh = try LevelState(configuration: config, model: model.configuration)
         let learned = try LevelState(configuration: config, model: model.configuration)
         perturb(learned, seed: 7)
@@ -270,7 +306,7 @@ struct LevelLearningTests {
     @Test("a gradient step on a user's text lowers that text's loss, starting from the backbone")
     func gradientStepLowersLoss() throws {
         let model = try Backbone.get()
-        let state = try LevelState(configuration: LevelConfiguration.starting(layers: model.configuration.numHiddenLayers),
+        let state = try LevelState(configuration: LevelConfiguration.defaults(layers: model.configuration.numHiddenLayers),
                                    model: model.configuration)
         let tokens = model.tokenizer.encode("My sister Ottilie Brannagh lives in Quarrendon and keeps eleven ferrets named after rivers.")
         let learnable = [Bool](repeating: true, count: tokens.count)
