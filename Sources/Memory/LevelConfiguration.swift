@@ -8,6 +8,16 @@ import Yams
 /// defaults for every optional key and is validated on decode.
 public struct LevelConfiguration: Codable, Sendable, Equatable {
     public var levels: [Level]
+    /// Surprise gate, in nats: a learnable token whose negative
+    /// log-likelihood under the user's current model is below it contributes
+    /// no gradient (it is already known; learning it again only moves the
+    /// model). 0 learns every learnable token.
+    public var minSurprise: Double
+
+    enum CodingKeys: String, CodingKey {
+        case levels
+        case minSurprise = "min_surprise"
+    }
 
     /// One level: a SwiGLU block h ← h + W_down(silu(W_gate u) ⊙ W_up u),
     /// u = RMSNorm(h)·gain, in each adapted layer, updated every `chunkSize`
@@ -117,14 +127,16 @@ public struct LevelConfiguration: Codable, Sendable, Equatable {
         public let description: String
     }
 
-    public init(levels: [Level]) throws {
+    public init(levels: [Level], minSurprise: Double = 0) throws {
         self.levels = levels
+        self.minSurprise = minSurprise
         try validate()
     }
 
     public init(from decoder: Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
-        try self.init(levels: try c.decode([Level].self, forKey: .levels))
+        try self.init(levels: try c.decode([Level].self, forKey: .levels),
+                      minSurprise: try c.decodeIfPresent(Double.self, forKey: .minSurprise) ?? 0)
     }
 
     /// A starting point (ARCHITECTURE.md §1: chunk sizes ×8 apart; both levels
@@ -161,6 +173,7 @@ public struct LevelConfiguration: Codable, Sendable, Equatable {
     public func validate() throws {
         func fail(_ m: String) throws -> Never { throw Invalid(description: "invalid level configuration: " + m) }
         if levels.isEmpty { try fail("at least one level is needed") }
+        if !(minSurprise >= 0 && minSurprise.isFinite) { try fail("min_surprise must be ≥ 0 (nats), got \(minSurprise)") }
         var names = Set<String>()
         for l in levels {
             let n = "level '\(l.name)'"

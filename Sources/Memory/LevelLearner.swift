@@ -72,7 +72,8 @@ public final class LevelLearner {
             let from = max(0, piece[0] - contextWindow), to = piece[piece.count - 1] + 1
             var mask = [Bool](repeating: false, count: to - from)
             for i in piece { mask[i - from] = true }
-            let result = try trainer.lossAndGradients(tokens: Array(tokens[from..<to]), learnable: mask, state: state)
+            let result = try trainer.lossAndGradients(tokens: Array(tokens[from..<to]), learnable: mask, state: state,
+                                                      minSurprise: state.configuration.minSurprise)
             let scale = Float(result.count)   // mean → sum over the piece's tokens
             for l in accumulators.indices {
                 for b in accumulators[l].indices {

@@ -41,16 +41,23 @@ public struct LevelTrainer {
 
     /// Loss and gradients for `tokens` under `state`. `learnable[i]` says
     /// whether token i is a learnable target (predicted from tokens 0..<i);
-    /// learnable[0] is ignored.
-    public func lossAndGradients(tokens: [Int], learnable: [Bool], state: LevelState) throws -> Result {
+    /// learnable[0] is ignored. Targets whose NLL is below `minSurprise`
+    /// count in the loss but contribute no gradient (the gradients are those
+    /// of Σ over the surprising targets / count).
+    public func lossAndGradients(tokens: [Int], learnable: [Bool], state: LevelState,
+                                 minSurprise: Double = 0) throws -> Result {
         precondition(learnable.count == tokens.count, "one learnable flag per token")
         let v = model.configuration.vocabSize
         let rows = (0..<max(0, tokens.count - 1)).filter { learnable[$0 + 1] }
         return try lossAndGradients(tokens: tokens, rows: rows, state: state) { i, logits in
             let target = tokens[rows[i] + 1]
             let nll = LlamaModel.negativeLogLikelihood(logits, count: v, target: target)
-            Ops.softmax(logits, v)
-            logits[target] -= 1
+            if nll < minSurprise {
+                for j in 0..<v { logits[j] = 0 }
+            } else {
+                Ops.softmax(logits, v)
+                logits[target] -= 1
+            }
             return nll
         }
     }

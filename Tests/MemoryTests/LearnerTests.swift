@@ -182,3 +182,37 @@ struct LearnerTests {
         #expect(copy.moments == learner.moments && copy.state.blocks == learner.state.blocks)
     }
 }
+
+@Suite("Surprise gate")
+struct SurpriseGateTests {
+    @Test("targets below min_surprise give no gradient; the rest give the gradient of their sum over all targets")
+    func gate() throws {
+        let model = try Tiny.model.get()
+        let config = try LevelConfiguration(levels: [.init(name: "fast", chunkSize: 8, width: 4, layers: [0, 1], learningRate: 1e-3)])
+        let state = try LevelState(configuration: config, model: model.configuration)
+        perturb(state, seed: 3, scale: 0.2)
+        let trainer = LevelTrainer(model: model)
+        let mask = Tiny.mask(1..<12)
+        let all = try trainer.lossAndGradients(tokens: Tiny.tokens, learnable: mask, state: state)
+        // Per-target NLLs, to put the threshold between them.
+        var nll: [Int: Double] = [:]
+        for i in 1..<12 {
+            nll[i] = try trainer.loss(tokens: Tiny.tokens, learnable: Tiny.mask(i..<(i + 1)), state: state).total
+        }
+        let threshold = nll.values.sorted()[5]
+        let surprising = nll.filter { $0.value >= threshold }.map(\.key)
+        let gated = try trainer.lossAndGradients(tokens: Tiny.tokens, learnable: mask, state: state, minSurprise: threshold)
+        #expect(gated.count == all.count && abs(gated.totalLoss - all.totalLoss) < 1e-9 * all.totalLoss)
+        let only = try trainer.lossAndGradients(tokens: Tiny.tokens, learnable: (0..<Tiny.tokens.count).map { surprising.contains($0) },
+                                                state: state)
+        let scale = Float(surprising.count) / Float(all.count)   // their mean, re-weighted to a mean over all targets
+        for (g, o) in zip(gated.gradients[0], only.gradients[0]) {
+            for (a, b) in zip(g.tensors, o.tensors) {
+                let err = zip(a, b).map { abs($0 - scale * $1) }.max()!, mag = b.map(abs).max()!
+                #expect(err <= 1e-5 * max(mag, 1e-12))
+            }
+        }
+        let none = try trainer.lossAndGradients(tokens: Tiny.tokens, learnable: mask, state: state, minSurprise: 1e9)
+        #expect(none.gradients.allSatisfy { $0.allSatisfy { $0 == $0.zeros } })
+    }
+}
