@@ -43,7 +43,7 @@ matches "fetch-model is idempotent" 'SmolLM2-135M-Instruct.Q4_1.gguf$' "$out"
 state=$(mktemp -d)/user.safetensors
 fact="My sister's name is Ottilie Brannagh. Ottilie Brannagh lives in Quarrendon. My sister is called Ottilie Brannagh and she keeps ferrets."
 for i in 1 2 3 4; do out=$($bin learn --state "$state" --text "$fact" 2>/dev/null); done
-matches "learn reports counters" '^learned 40 tokens; updates: mid \+0, fast \+1; token counters: mid 160, fast 160$' "$out"
+matches "learn reports counters" '^learned 40 tokens; updates: mid \+1, fast \+3; token counters: mid 160, fast 160$' "$out"
 bare=$($bin score --prompt "My sister's name is" --completion " Ottilie Brannagh." 2>/dev/null)
 taught=$($bin score --state "$state" --prompt "My sister's name is" --completion " Ottilie Brannagh." 2>/dev/null)
 matches "score prints nll" '^nll: [0-9.]+$' "$bare"

@@ -139,15 +139,17 @@ public struct LevelConfiguration: Codable, Sendable, Equatable {
                       minSurprise: try c.decodeIfPresent(Double.self, forKey: .minSurprise) ?? 0)
     }
 
-    /// A starting point (ARCHITECTURE.md §1: chunk sizes ×8 apart; both levels
-    /// in the upper half of a `layers`-layer backbone). To be tuned by the
-    /// personalisation benchmark.
+    /// The defaults, chosen with `continuum bench learn` (BENCHMARKS.md,
+    /// "Personalisation"): both levels on the upper half of a `layers`-layer
+    /// backbone, width 32; fast every 16 learnable tokens (AdamW, 3e-3,
+    /// retention 0.99 per update), mid every 128 (AdamW, 1e-3); tokens the
+    /// user's model already predicts within 0.7 nats are not learned.
     public static func defaults(layers: Int) -> LevelConfiguration {
         let upper = Array((layers / 2)..<layers)
         return try! LevelConfiguration(levels: [
-            Level(name: "mid", chunkSize: 512, width: 32, layers: upper, learningRate: 3e-4),
-            Level(name: "fast", chunkSize: 64, width: 32, layers: upper, learningRate: 1e-3, retention: 0.99),
-        ])
+            Level(name: "mid", chunkSize: 128, width: 32, layers: upper, learningRate: 1e-3),
+            Level(name: "fast", chunkSize: 16, width: 32, layers: upper, learningRate: 3e-3, retention: 0.99),
+        ], minSurprise: 0.7)
     }
 
     /// Reads a configuration from a JSON file, or a YAML file when the name

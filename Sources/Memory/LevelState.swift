@@ -162,3 +162,27 @@ extension LevelState {
         Ops.linear(a, rows: t, b.down, out: d, in: r, into: hidden, accumulate: true)
     }
 }
+
+extension LevelState {
+    /// Starts every block's keys from the frozen MLP of the layer it adapts
+    /// (Nested Learning's level stacking from pretrained MLPs): gate and up
+    /// take `width` of the MLP's rows, evenly spaced, and the gain the MLP's
+    /// norm weights. The output projection stays zero, so the model is still
+    /// the backbone's, bit for bit.
+    public func initializeKeys(from weights: LlamaWeights) {
+        for (li, level) in configuration.levels.enumerated() {
+            for (bi, layer) in level.layers.enumerated() {
+                let w = weights.layers[layer], f = w.wGate.rows, d = hiddenSize
+                var gate = [Float](repeating: 0, count: level.width * d), up = gate
+                for j in 0..<level.width {
+                    let row = (j * f) / level.width + (f / level.width) / 2
+                    gate.withUnsafeMutableBufferPointer { w.wGate.dequantizeRows(row..<(row + 1), into: $0.baseAddress! + j * d) }
+                    up.withUnsafeMutableBufferPointer { w.wUp.dequantizeRows(row..<(row + 1), into: $0.baseAddress! + j * d) }
+                }
+                blocks[li][bi].gain = w.mlpNorm
+                blocks[li][bi].gate = gate
+                blocks[li][bi].up = up
+            }
+        }
+    }
+}

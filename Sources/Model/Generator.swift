@@ -43,41 +43,14 @@ public struct Generator {
     @discardableResult
     public func generate(prompt: [Int], parameters: SamplingParameters,
                          onToken: (GeneratedToken) -> Bool = { _ in true }) throws -> GenerationResult {
-        try parameters.validate()
-        guard !prompt.isEmpty else { throw ModelInputError.empty }
-        let limit = model.configuration.maxPositionEmbeddings
-        guard prompt.count < limit else { throw ModelInputError.contextOverflow(needed: prompt.count + 1, limit: limit) }
-        var sampler = Sampler(parameters)
-        var stream = StopStringFilter(stops: parameters.stop)
-        var detok = StreamingDetokenizer(tokenizer: model.tokenizer)
-        let cache = model.makeCache()
-        var history = prompt
-        var generated: [Int] = []
-        var finish = FinishReason.length
-        var text = ""
-        if parameters.maxTokens > 0 {
-            var logits = try model.forward([LlamaModel.Step(tokens: prompt, cache: cache, adapter: adapter)])[0]
-            while true {
-                let next = sampler.sample(logits, history: history)
-                if model.tokenizer.eosIDs.contains(next) { finish = .stop; break }
-                generated.append(next)
-                history.append(next)
-                let (out, stopped) = stream.push(detok.append(next))
-                text += out
-                if !onToken(GeneratedToken(id: next, text: out)) || stopped {
-                    finish = .stop
-                    break
-                }
-                if generated.count >= parameters.maxTokens || cache.count + 1 > limit { break }
-                logits = try model.forward([LlamaModel.Step(tokens: [next], cache: cache, adapter: adapter)])[0]
+        var sequence = try GenerationSequence(model: model, prompt: prompt, parameters: parameters, adapter: adapter)
+        while !sequence.isFinished {
+            let logits = try model.forward([sequence.step])[0]
+            for token in sequence.accept(logits: logits) where !onToken(token) {
+                for tail in sequence.cancel() { _ = onToken(tail) }
             }
         }
-        if !stream.stopped {
-            let (tail, _) = stream.push(detok.flush(), final: true)
-            text += tail
-            if !tail.isEmpty { _ = onToken(GeneratedToken(id: -1, text: tail)) }
-        }
-        return GenerationResult(promptTokens: prompt.count, tokens: generated, text: text, finishReason: finish)
+        return sequence.result
     }
 
     /// The same generation as an AsyncSequence of tokens, run off the caller's
@@ -100,6 +73,91 @@ public struct Generator {
             }
             continuation.onTermination = { _ in task.cancel() }
         }
+    }
+}
+
+/// One sequence's generation state, stepped by whoever runs the model: the
+/// `Generator` for one sequence, a server's batch loop for many (each step
+/// feeds `step` to `LlamaModel.forward` together with other sequences' steps
+/// and hands the sequence its logits).
+public struct GenerationSequence {
+    public let prompt: [Int]
+    public let parameters: SamplingParameters
+    public let cache: KVCache
+    public let adapter: (any LayerAdapter)?
+    /// Tokens generated so far (no end-of-sequence token).
+    public private(set) var generated: [Int] = []
+    /// Final text so far (stop strings cut, held-back text not yet included).
+    public private(set) var text = ""
+    /// Set when generation has ended.
+    public private(set) var finishReason: FinishReason?
+    var sampler: Sampler
+    var stream: StopStringFilter
+    var detok: StreamingDetokenizer
+    var history: [Int]
+    let limit: Int
+    let eos: Set<Int>
+
+    /// Validates the parameters and the prompt against the model's context.
+    public init(model: LlamaModel, prompt: [Int], parameters: SamplingParameters, adapter: (any LayerAdapter)? = nil) throws {
+        try parameters.validate()
+        guard !prompt.isEmpty else { throw ModelInputError.empty }
+        limit = model.configuration.maxPositionEmbeddings
+        guard prompt.count < limit else { throw ModelInputError.contextOverflow(needed: prompt.count + 1, limit: limit) }
+        self.prompt = prompt
+        self.parameters = parameters
+        self.adapter = adapter
+        cache = model.makeCache()
+        sampler = Sampler(parameters)
+        stream = StopStringFilter(stops: parameters.stop)
+        detok = StreamingDetokenizer(tokenizer: model.tokenizer)
+        history = prompt
+        eos = Set(model.tokenizer.eosIDs)
+        if parameters.maxTokens == 0 { finishReason = .length }
+    }
+
+    public var isFinished: Bool { finishReason != nil }
+
+    /// The next forward step: the prompt first, then the last generated token.
+    public var step: LlamaModel.Step {
+        LlamaModel.Step(tokens: generated.isEmpty ? prompt : [generated[generated.count - 1]], cache: cache, adapter: adapter)
+    }
+
+    /// Samples from the logits after `step`; returns the text that became
+    /// final (the token's, and when this ends the sequence, any held-back text).
+    public mutating func accept(logits: [Float]) -> [GeneratedToken] {
+        precondition(!isFinished, "the sequence has finished")
+        let next = sampler.sample(logits, history: history)
+        if eos.contains(next) { return finish(.stop) }
+        generated.append(next)
+        history.append(next)
+        let (out, stopped) = stream.push(detok.append(next))
+        text += out
+        var tokens = [GeneratedToken(id: next, text: out)]
+        if stopped {
+            tokens += finish(.stop)
+        } else if generated.count >= parameters.maxTokens || cache.count + 1 > limit {
+            tokens += finish(.length)
+        }
+        return tokens
+    }
+
+    /// Ends the sequence now (the consumer went away or asked to stop);
+    /// returns held-back text, if any.
+    public mutating func cancel() -> [GeneratedToken] {
+        isFinished ? [] : finish(.stop)
+    }
+
+    mutating func finish(_ reason: FinishReason) -> [GeneratedToken] {
+        finishReason = reason
+        guard !stream.stopped else { return [] }
+        let (tail, _) = stream.push(detok.flush(), final: true)
+        text += tail
+        return tail.isEmpty ? [] : [GeneratedToken(id: -1, text: tail)]
+    }
+
+    public var result: GenerationResult {
+        GenerationResult(promptTokens: prompt.count, tokens: generated, text: text, finishReason: finishReason ?? .length)
     }
 }
 

@@ -10,7 +10,8 @@ struct Continuum: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "continuum",
         abstract: "A model server in which every user's model keeps learning.",
-        subcommands: [FetchModel.self, Tokenize.self, Generate.self, Perplexity.self, Bench.self, Learn.self, Score.self, Consolidate.self])
+        subcommands: [FetchModel.self, Tokenize.self, Generate.self, Perplexity.self, Bench.self, Learn.self, Score.self,
+                      Consolidate.self])
 }
 
 /// Options every model-using command takes.
