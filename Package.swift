@@ -15,10 +15,17 @@ let package = Package(
         .library(name: "Tensor", targets: ["Tensor"]),
         .library(name: "Model", targets: ["Model"]),
         .library(name: "Memory", targets: ["Memory"]),
+        .library(name: "Store", targets: ["Store"]),
+        .library(name: "Service", targets: ["Service"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
+        .package(url: "https://github.com/vapor/postgres-nio", from: "1.33.2"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
+        .package(url: "https://github.com/apple/swift-openapi-generator", from: "1.14.3"),
+        .package(url: "https://github.com/apple/swift-openapi-runtime", from: "1.13.4"),
+        .package(url: "https://github.com/hummingbird-project/swift-openapi-hummingbird", from: "2.1.0"),
     ],
     targets: [
         .systemLibrary(name: "CBLAS", path: "Sources/CBLAS"),
@@ -28,9 +35,25 @@ let package = Package(
         // Memory reads level configurations from YAML; only it imports Yams.
         .target(name: "Memory", dependencies: ["Model", "Tensor", .product(name: "Yams", package: "Yams")],
                 swiftSettings: computeSettings),
+        // The store: PostgreSQL through PostgresNIO (only it imports PostgresNIO).
+        .target(name: "Store", dependencies: ["Memory", "Model", .product(name: "PostgresNIO", package: "postgres-nio")],
+                resources: [.copy("Migrations")]),
+        // The HTTP service: Hummingbird 2 and the server generated from openapi.yaml
+        // (only it imports Hummingbird and the OpenAPI runtime).
+        .target(
+            name: "Service",
+            dependencies: [
+                "Store", "Memory", "Model",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "OpenAPIRuntime", package: "swift-openapi-runtime"),
+                .product(name: "OpenAPIHummingbird", package: "swift-openapi-hummingbird"),
+            ],
+            resources: [.copy("openapi.yaml")],
+            plugins: [.plugin(name: "OpenAPIGenerator", package: "swift-openapi-generator")]
+        ),
         .executableTarget(
             name: "continuum",
-            dependencies: ["Memory", "Model", "Tensor", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["Service", "Store", "Memory", "Model", "Tensor", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "TensorTests", dependencies: ["Tensor", "TestSupport"], swiftSettings: computeSettings),
@@ -38,6 +61,11 @@ let package = Package(
             name: "ModelTests", dependencies: ["Model", "Tensor"],
             exclude: ["Fixtures"], swiftSettings: computeSettings
         ),
+        .testTarget(name: "StoreTests", dependencies: ["Store"]),
+        .testTarget(name: "ServiceTests", dependencies: [
+            "Service", "Store", "Model",
+            .product(name: "HummingbirdTesting", package: "hummingbird"),
+        ]),
         .testTarget(name: "MemoryTests", dependencies: ["Memory", "Model", "Tensor", "TestSupport"], exclude: ["Fixtures"],
                     swiftSettings: computeSettings),
     ]

@@ -6,12 +6,12 @@ import Model
 import Tensor
 
 @main
-struct Continuum: ParsableCommand {
+struct Continuum: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "continuum",
         abstract: "A model server in which every user's model keeps learning.",
         subcommands: [FetchModel.self, Tokenize.self, Generate.self, Perplexity.self, Bench.self, Learn.self, Score.self,
-                      Consolidate.self])
+                      Consolidate.self, Serve.self, Migrate.self, Tenants.self, Keys.self])
 }
 
 /// Options every model-using command takes.

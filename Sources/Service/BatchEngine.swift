@@ -1,0 +1,144 @@
+// BatchEngine: continuous batching. One thread runs the backbone; every loop
+// iteration is one LlamaModel.forward over all sequences in flight, of any
+// users (new sequences prefill their prompt, the others decode one token),
+// each with its own KV cache and its user's memory levels. Sequences join
+// and leave between iterations.
+import Foundation
+import Model
+
+/// What a submitted generation produces, in order: tokens, then the result.
+public enum GenerationEvent: Sendable {
+    case token(GeneratedToken)
+    case finished(GenerationResult)
+}
+
+/// Runs many users' generations through one backbone together.
+public final class BatchEngine: @unchecked Sendable {
+    public let model: LlamaModel
+    /// Most sequences stepped together.
+    public let maxBatch: Int
+    /// Most sequences admitted (running + waiting); beyond it `submit` refuses.
+    public let maxQueued: Int
+
+    final class Entry: @unchecked Sendable {
+        var sequence: GenerationSequence
+        let continuation: AsyncThrowingStream<GenerationEvent, Error>.Continuation
+        var cancelled = false   // guarded by the engine's lock
+        init(_ s: GenerationSequence, _ c: AsyncThrowingStream<GenerationEvent, Error>.Continuation) {
+            sequence = s
+            continuation = c
+        }
+    }
+
+    private let condition = NSCondition()
+    private var waiting: [Entry] = []
+    private var running: [Entry] = []
+    private var stopping = false
+    private var thread: Thread?
+
+    public struct Overloaded: Error, CustomStringConvertible {
+        public let description = "the server has too many generations in flight; retry later"
+    }
+
+    public init(model: LlamaModel, maxBatch: Int = 16, maxQueued: Int = 64) {
+        self.model = model
+        self.maxBatch = maxBatch
+        self.maxQueued = maxQueued
+        let t = Thread { [unowned self] in self.loop() }
+        t.name = "continuum.batch"
+        t.stackSize = 8 << 20
+        thread = t
+        t.start()
+    }
+
+    /// Sequences running or waiting.
+    public var inFlight: Int {
+        condition.lock()
+        defer { condition.unlock() }
+        return waiting.count + running.count
+    }
+
+    /// Sequences waiting to join the batch.
+    public var queueDepth: Int {
+        condition.lock()
+        defer { condition.unlock() }
+        return waiting.count
+    }
+
+    /// Starts a generation. Throws at once for invalid parameters or prompts
+    /// (the model's errors) and `Overloaded` when `maxQueued` are in flight.
+    /// Cancelling the consumer of the stream ends the sequence.
+    public func submit(prompt: [Int], parameters: SamplingParameters, adapter: (any LayerAdapter)? = nil) throws
+        -> AsyncThrowingStream<GenerationEvent, Error> {
+        let sequence = try GenerationSequence(model: model, prompt: prompt, parameters: parameters, adapter: adapter)
+        let (stream, continuation) = AsyncThrowingStream<GenerationEvent, Error>.makeStream()
+        let entry = Entry(sequence, continuation)
+        condition.lock()
+        defer { condition.unlock() }
+        guard !stopping else { throw CancellationError() }
+        guard waiting.count + running.count < maxQueued else { throw Overloaded() }
+        if sequence.isFinished {   // max_tokens 0
+            continuation.yield(.finished(sequence.result))
+            continuation.finish()
+            return stream
+        }
+        continuation.onTermination = { [weak self, weak entry] reason in
+            guard case .cancelled = reason, let self, let entry else { return }
+            self.condition.lock()
+            entry.cancelled = true
+            self.condition.unlock()
+        }
+        waiting.append(entry)
+        condition.signal()
+        return stream
+    }
+
+    /// Finishes the sequences in flight, then stops the thread.
+    public func shutdown() {
+        condition.lock()
+        stopping = true
+        condition.signal()
+        condition.unlock()
+        while inFlight > 0 || thread?.isFinished == false {
+            Thread.sleep(forTimeInterval: 0.01)
+        }
+    }
+
+    private func loop() {
+        while true {
+            condition.lock()
+            while waiting.isEmpty && running.isEmpty && !stopping { condition.wait() }
+            if stopping && waiting.isEmpty && running.isEmpty {
+                condition.unlock()
+                return
+            }
+            let room = max(0, maxBatch - running.count)
+            running += waiting.prefix(room)
+            waiting.removeFirst(min(room, waiting.count))
+            let cancelled = running.filter(\.cancelled)
+            running.removeAll(where: \.cancelled)
+            let batch = running
+            condition.unlock()
+            for e in cancelled { e.continuation.finish() }
+            guard !batch.isEmpty else { continue }
+            do {
+                let logits = try model.forward(batch.map(\.sequence.step))
+                for (e, l) in zip(batch, logits) {
+                    for t in e.sequence.accept(logits: l) { e.continuation.yield(.token(t)) }
+                    if e.sequence.isFinished {
+                        e.continuation.yield(.finished(e.sequence.result))
+                        e.continuation.finish()
+                    }
+                }
+            } catch {
+                for e in batch {
+                    e.continuation.finish(throwing: error)
+                    _ = e.sequence.cancel()
+                }
+            }
+            condition.lock()
+            running.removeAll { $0.sequence.isFinished }
+            condition.unlock()
+        }
+    }
+}

@@ -1,0 +1,122 @@
+// Tenants and their API keys. A key is shown once, at creation; the database
+// keeps only its SHA-256 and an 8-character prefix for listings.
+import Foundation
+import Model
+import PostgresNIO
+
+/// An organisation using the server; its users and keys belong to it.
+public struct Tenant: Sendable, Equatable {
+    public let id: Int64
+    public let name: String
+    public let learning: Bool
+    public let createdAt: Date
+}
+
+/// A stored API key (never the key itself).
+public struct APIKey: Sendable, Equatable {
+    public let id: Int64
+    public let tenantID: Int64
+    public let name: String
+    /// The key's first characters, to recognise it in listings.
+    public let prefix: String
+    public let createdAt: Date
+    public let revokedAt: Date?
+}
+
+/// Who a request authenticated as.
+public struct Principal: Sendable, Equatable {
+    public let tenantID: Int64
+    public let keyID: Int64
+}
+
+extension Database {
+    /// SHA-256 of a key, hex.
+    static func hash(key: String) -> String {
+        var h = SHA256()
+        Array(key.utf8).withUnsafeBytes { h.update($0) }
+        return h.finalizeHex()
+    }
+
+    /// A new random key: "ck-" and 43 base-62 characters (256 bits from the system CSPRNG).
+    static func newKey() -> String {
+        let alphabet = Array("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+        var rng = SystemRandomNumberGenerator()
+        return "ck-" + String((0..<43).map { _ in alphabet[Int(rng.next(upperBound: UInt64(alphabet.count)))] })
+    }
+
+    public func createTenant(name: String) async throws -> Tenant {
+        let trimmed = name.trimmingCharacters(in: .whitespaces)
+        guard !trimmed.isEmpty, trimmed.count <= 200 else { throw Failure(description: "a tenant name must have 1 to 200 characters") }
+        let rows = try await client.query("""
+            INSERT INTO tenants (name) VALUES (\(trimmed)) ON CONFLICT (name) DO NOTHING
+            RETURNING id, name, learning, created_at
+            """, logger: logger)
+        for try await (id, name, learning, created) in rows.decode((Int64, String, Bool, Date).self) {
+            return Tenant(id: id, name: name, learning: learning, createdAt: created)
+        }
+        throw Failure(description: "a tenant named '\(trimmed)' already exists")
+    }
+
+    public func tenants() async throws -> [Tenant] {
+        let rows = try await client.query("SELECT id, name, learning, created_at FROM tenants ORDER BY id", logger: logger)
+        var out: [Tenant] = []
+        for try await (id, name, learning, created) in rows.decode((Int64, String, Bool, Date).self) {
+            out.append(Tenant(id: id, name: name, learning: learning, createdAt: created))
+        }
+        return out
+    }
+
+    public func tenant(named name: String) async throws -> Tenant? {
+        let rows = try await client.query("SELECT id, name, learning, created_at FROM tenants WHERE name = \(name)", logger: logger)
+        for try await (id, name, learning, created) in rows.decode((Int64, String, Bool, Date).self) {
+            return Tenant(id: id, name: name, learning: learning, createdAt: created)
+        }
+        return nil
+    }
+
+    /// Creates a key for the tenant; returns its record and the key, which is
+    /// not stored and cannot be shown again.
+    public func createKey(tenantID: Int64, name: String = "") async throws -> (APIKey, String) {
+        let key = Self.newKey()
+        let rows = try await client.query("""
+            INSERT INTO api_keys (tenant_id, name, prefix, key_hash)
+            VALUES (\(tenantID), \(name), \(String(key.prefix(11))), \(Self.hash(key: key)))
+            RETURNING id, tenant_id, name, prefix, created_at, revoked_at
+            """, logger: logger)
+        for try await r in rows.decode((Int64, Int64, String, String, Date, Date?).self) {
+            return (APIKey(id: r.0, tenantID: r.1, name: r.2, prefix: r.3, createdAt: r.4, revokedAt: r.5), key)
+        }
+        throw Failure(description: "the key was not created")
+    }
+
+    public func keys(tenantID: Int64) async throws -> [APIKey] {
+        let rows = try await client.query("""
+            SELECT id, tenant_id, name, prefix, created_at, revoked_at FROM api_keys WHERE tenant_id = \(tenantID) ORDER BY id
+            """, logger: logger)
+        var out: [APIKey] = []
+        for try await r in rows.decode((Int64, Int64, String, String, Date, Date?).self) {
+            out.append(APIKey(id: r.0, tenantID: r.1, name: r.2, prefix: r.3, createdAt: r.4, revokedAt: r.5))
+        }
+        return out
+    }
+
+    /// Revokes a key of the tenant; false when the tenant has no such live key.
+    public func revokeKey(id: Int64, tenantID: Int64) async throws -> Bool {
+        let rows = try await client.query("""
+            UPDATE api_keys SET revoked_at = now() WHERE id = \(id) AND tenant_id = \(tenantID) AND revoked_at IS NULL
+            RETURNING id
+            """, logger: logger)
+        for try await _ in rows.decode(Int64.self) { return true }
+        return false
+    }
+
+    /// The tenant and key a presented key belongs to; nil for unknown or revoked keys.
+    public func authenticate(key: String) async throws -> Principal? {
+        guard key.hasPrefix("ck-"), key.count < 200 else { return nil }
+        let rows = try await client.query("""
+            SELECT tenant_id, id FROM api_keys WHERE key_hash = \(Self.hash(key: key)) AND revoked_at IS NULL
+            """, logger: logger)
+        for try await (tenant, id) in rows.decode((Int64, Int64).self) { return Principal(tenantID: tenant, keyID: id) }
+        return nil
+    }
+}

@@ -1,0 +1,66 @@
+// continuum serve: the HTTP service. With no database URL it runs a private
+// PostgreSQL in the data directory, migrates it, and on first start creates a
+// "dev" tenant and prints its API key once.
+import ArgumentParser
+import Foundation
+import Model
+import Service
+import Store
+
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Serve the HTTP API (see openapi.yaml); Ctrl-C drains requests and stops.")
+
+    @OptionGroup var modelOptions: ModelOptions
+    @OptionGroup var database: DatabaseOptions
+
+    @Option(help: "Port to listen on (0: any free port).")
+    var port: Int = 8080
+
+    @Option(help: "Address to listen on.")
+    var host = "127.0.0.1"
+
+    @Option(help: "Service configuration (JSON: limits, batch size, model name); --host/--port override it.")
+    var config: String?
+
+    func run() async throws {
+        var cfg = ServiceConfiguration()
+        if let config {
+            guard let data = FileManager.default.contents(atPath: config) else { throw CLIError("cannot read \(config)") }
+            do {
+                cfg = try JSONDecoder().decode(ServiceConfiguration.self, from: data)
+            } catch let e as ServiceConfiguration.Invalid {
+                throw CLIError("\(config): \(e.description)")
+            } catch {
+                throw CLIError("\(config): not a service configuration: \(error)")
+            }
+        }
+        cfg.host = host
+        cfg.port = port
+        do { try cfg.validate() } catch let e as ServiceConfiguration.Invalid { throw ValidationError(e.description) }
+        if modelOptions.model == nil && ProcessInfo.processInfo.environment["CONTINUUM_MODEL"] == nil
+            && !FileManager.default.fileExists(atPath: DefaultModel.path) {
+            _ = try DefaultModel.fetch(to: DefaultModel.path, log: log)
+        }
+        let model = try modelOptions.load()
+        let (db, server) = try await database.open()
+        do {
+            if try await db.tenants().isEmpty {
+                let tenant = try await db.createTenant(name: "dev")
+                let (_, key) = try await db.createKey(tenantID: tenant.id, name: "dev")
+                writeOut("API key: \(key)\n")   // unbuffered: a supervisor reading stdout sees it at once
+            }
+            let host = cfg.host
+            let app = try buildApplication(configuration: cfg, model: model, database: db) { port in
+                log("serving on http://\(host):\(port) (docs at /docs)")
+            }
+            try await app.runService()
+        } catch {
+            await db.close()
+            server?.stop()
+            throw error
+        }
+        await db.close()
+        server?.stop()
+    }
+}

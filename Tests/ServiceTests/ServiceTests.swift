@@ -1,0 +1,243 @@
+// The HTTP service over real HTTP on loopback (Hummingbird's live test
+// client), with a real PostgreSQL (a private cluster started for this test
+// process) and the default model. Both must be present: the tests fail,
+// saying how to get them, when they are not.
+import Foundation
+import Hummingbird
+import HummingbirdTesting
+import Model
+import Testing
+@testable import Service
+import Store
+
+struct MissingResource: Error, CustomStringConvertible {
+    let description: String
+}
+
+enum Fixture {
+    static let model: Result<LlamaModel, Error> = Result {
+        guard FileManager.default.fileExists(atPath: DefaultModel.path) else {
+            throw MissingResource(description: "the default model is missing at \(DefaultModel.path): run `continuum fetch-model` (make test does)")
+        }
+        return try LlamaModel.load(path: DefaultModel.path)
+    }
+    static let postgres: Result<LocalPostgres, Error> = Result {
+        let pg = try LocalPostgres(dataDirectory: NSTemporaryDirectory() + "continuum-service-tests-\(getpid())")
+        pg.stopAtExit(removingData: true)
+        return pg
+    }
+
+    /// A migrated scratch database with one tenant and its key.
+    static func database() async throws -> (Database, key: String) {
+        let pg = try postgres.get()
+        let name = "s_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased()
+        let admin = try Database(url: pg.url)
+        try await admin.createDatabase(named: name)
+        await admin.close()
+        let db = try Database(url: "postgres://\(pg.user)@127.0.0.1:\(pg.port)/\(name)")
+        try await db.migrate()
+        let tenant = try await db.createTenant(name: "acme")
+        let (_, key) = try await db.createKey(tenantID: tenant.id)
+        return (db, key)
+    }
+
+    static func app(_ db: Database, _ configure: (inout ServiceConfiguration) -> Void = { _ in }) throws -> some ApplicationProtocol {
+        var c = ServiceConfiguration()
+        c.port = 0
+        configure(&c)
+        return try buildApplication(configuration: c, model: try model.get(), database: db)
+    }
+}
+
+extension ByteBuffer {
+    var text: String { String(buffer: self) }
+    func json() throws -> [String: Any] {
+        try #require(try JSONSerialization.jsonObject(with: Data(buffer: self)) as? [String: Any])
+    }
+}
+
+func post(_ client: some TestClientProtocol, _ uri: String, key: String?, _ body: String) async throws -> TestResponse {
+    var headers: HTTPFields = [.contentType: "application/json"]
+    if let key { headers[.authorization] = "Bearer \(key)" }
+    return try await client.execute(uri: uri, method: .post, headers: headers, body: ByteBuffer(string: body))
+}
+
+/// The error object of an OpenAI-style error body.
+func errorObject(_ r: TestResponse) throws -> [String: Any] {
+    try #require(try r.body.json()["error"] as? [String: Any])
+}
+
+/// Greedy text the engine gives without the server, for comparison.
+func greedy(_ prompt: String, maxTokens: Int) throws -> String {
+    let model = try Fixture.model.get()
+    var p = SamplingParameters()
+    p.temperature = 0
+    p.maxTokens = maxTokens
+    return try Generator(model: model).generate(prompt: model.tokenizer.encode(prompt), parameters: p).text
+}
+
+@Suite("Service", .serialized)
+struct ServiceTests {
+    @Test("health, readiness, the spec and its docs page are public")
+    func operations() async throws {
+        let (db, _) = try await Fixture.database()
+        try await Fixture.app(db).test(.live) { client in
+            let h = try await client.execute(uri: "/healthz", method: .get)
+            let status = try h.body.json()["status"] as? String
+            #expect(h.status == .ok && status == "ok")
+            let r = try await client.execute(uri: "/readyz", method: .get)
+            #expect(r.status == .ok)
+            let checks = try #require(try r.body.json()["checks"] as? [String: Bool])
+            #expect(checks == ["model": true, "database": true, "migrations": true])
+            let spec = try await client.execute(uri: "/openapi.yaml", method: .get)
+            let file = try String(contentsOf: URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+                .appendingPathComponent("../../openapi.yaml"), encoding: .utf8)
+            #expect(spec.status == .ok && spec.body.text == file)
+            let docs = try await client.execute(uri: "/docs", method: .get)
+            #expect(docs.status == .ok && docs.body.text.contains("/v1/chat/completions") && docs.body.text.contains("Liveness"))
+        }
+        await db.close()
+    }
+
+    @Test("no key, a wrong key or a revoked key gets 401 in the OpenAI error shape")
+    func authentication() async throws {
+        let (db, key) = try await Fixture.database()
+        try await Fixture.app(db).test(.live) { client in
+            let none = try await client.execute(uri: "/v1/models", method: .get)
+            #expect(none.status == .unauthorized)
+            #expect(try errorObject(none)["type"] as? String == "authentication_error")
+            let wrong = try await client.execute(uri: "/v1/models", method: .get, headers: [.authorization: "Bearer ck-nope"])
+            #expect(wrong.status == .unauthorized)
+            let gen = try await post(client, "/v1/generate", key: "ck-nope", #"{"user": "a", "prompt": "hi"}"#)
+            #expect(gen.status == .unauthorized)
+            let ok = try await client.execute(uri: "/v1/models", method: .get, headers: [.authorization: "Bearer \(key)"])
+            #expect(ok.status == .ok)
+            let data = try #require(try ok.body.json()["data"] as? [[String: Any]])
+            #expect(data.first?["id"] as? String == "continuum")
+            let p = try #require(try await db.authenticate(key: key))
+            #expect(try await db.revokeKey(id: p.keyID, tenantID: p.tenantID))
+            let revoked = try await client.execute(uri: "/v1/models", method: .get, headers: [.authorization: "Bearer \(key)"])
+            #expect(revoked.status == .unauthorized)
+        }
+        await db.close()
+    }
+
+    @Test("a new user's greedy generation equals the bare backbone's, as JSON and as server-sent events")
+    func generate() async throws {
+        let (db, key) = try await Fixture.database()
+        let prompt = "The capital of France is"
+        let expected = try greedy(prompt, maxTokens: 24)
+        try await Fixture.app(db).test(.live) { client in
+            let body = #"{"user": "alice", "prompt": "The capital of France is", "temperature": 0, "max_tokens": 24}"#
+            let r = try await post(client, "/v1/generate", key: key, body)
+            #expect(r.status == .ok)
+            let j = try r.body.json()
+            #expect(j["text"] as? String == expected)
+            #expect(j["memory_version"] as? Int == 0 && j["user"] as? String == "alice")
+            let usage = try #require(j["usage"] as? [String: Int])
+            #expect(usage["prompt_tokens"] == 5 && usage["total_tokens"] == 5 + usage["completion_tokens"]!)
+            let s = try await post(client, "/v1/generate", key: key,
+                                   #"{"user": "alice", "prompt": "The capital of France is", "temperature": 0, "max_tokens": 24, "stream": true}"#)
+            #expect(s.status == .ok && s.headers[.contentType] == "text/event-stream")
+            var streamed = "", done: [String: Any]?
+            for event in s.body.text.components(separatedBy: "\n\n") where !event.isEmpty {
+                let lines = event.split(separator: "\n")
+                let data = Data(lines.first { $0.hasPrefix("data: ") }!.dropFirst(6).utf8)
+                let object = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+                if lines.first == "event: token" { streamed += object["text"] as! String } else { done = object }
+            }
+            #expect(streamed == expected && done?["text"] as? String == expected)
+        }
+        await db.close()
+    }
+
+    @Test("OpenAI-compatible chat and completions, streamed with usage")
+    func openAICompatible() async throws {
+        let (db, key) = try await Fixture.database()
+        let model = try Fixture.model.get()
+        let chatPrompt = model.chatTemplate.render([ChatMessage(role: "user", content: "What is 2+2?")])
+        let expectedChat = try greedy(chatPrompt, maxTokens: 16)
+        try await Fixture.app(db).test(.live) { client in
+            let chat = #"{"model": "continuum", "messages": [{"role": "user", "content": "What is 2+2?"}], "temperature": 0, "max_tokens": 16, "user": "bob"}"#
+            let r = try await post(client, "/v1/chat/completions", key: key, chat)
+            #expect(r.status == .ok)
+            let choice = try #require((try r.body.json()["choices"] as? [[String: Any]])?.first)
+            #expect((choice["message"] as? [String: String])?["content"] == expectedChat)
+            let streamBody = chat.replacingOccurrences(of: #""user": "bob"}"#,
+                                                       with: #""user": "bob", "stream": true, "stream_options": {"include_usage": true}}"#)
+            let s = try await post(client, "/v1/chat/completions", key: key, streamBody)
+            let events = s.body.text.components(separatedBy: "\n\n").filter { !$0.isEmpty }
+            #expect(events.last == "data: [DONE]")
+            var content = "", usage: [String: Any]?
+            for e in events.dropLast() {
+                let o = try #require(try JSONSerialization.jsonObject(with: Data(e.dropFirst(6).utf8)) as? [String: Any])
+                #expect(o["object"] as? String == "chat.completion.chunk")
+                if let u = o["usage"] as? [String: Any] { usage = u }
+                for c in (o["choices"] as? [[String: Any]]) ?? [] { content += ((c["delta"] as? [String: Any])?["content"] as? String) ?? "" }
+            }
+            #expect(content == expectedChat && usage?["completion_tokens"] as? Int != nil)
+            let completion = try await post(client, "/v1/completions", key: key,
+                                            #"{"model": "continuum", "prompt": "The capital of France is", "temperature": 0, "max_tokens": 24}"#)
+            let text = (try completion.body.json()["choices"] as? [[String: Any]])?.first?["text"] as? String
+            #expect(text == (try greedy("The capital of France is", maxTokens: 24)))
+        }
+        await db.close()
+    }
+
+    @Test("bad input gets the right status and an OpenAI-style error", arguments: [
+        ("/v1/generate", "{not json", 400, "invalid_request_error", nil as String?),
+        ("/v1/generate", #"{"prompt": "hi"}"#, 400, "invalid_request_error", nil),
+        ("/v1/generate", #"{"user": "a"}"#, 400, "invalid_request_error", "prompt"),
+        ("/v1/generate", #"{"user": "a", "prompt": "hi", "max_tokens": 100000}"#, 400, "invalid_request_error", "max_tokens"),
+        ("/v1/generate", #"{"user": "a", "prompt": "hi", "temperature": -1}"#, 400, "invalid_request_error", "temperature"),
+        ("/v1/chat/completions", #"{"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}"#, 404, "invalid_request_error", "model"),
+        ("/v1/chat/completions", #"{"model": "continuum", "messages": []}"#, 400, "invalid_request_error", "messages"),
+        ("/v1/completions", #"{"model": "continuum", "prompt": ""}"#, 400, "invalid_request_error", "prompt"),
+    ])
+    func badInput(uri: String, body: String, status: Int, type: String, param: String?) async throws {
+        let (db, key) = try await Fixture.database()
+        try await Fixture.app(db).test(.live) { client in
+            let r = try await post(client, uri, key: key, body)
+            #expect(r.status.code == status, "\(r.body.text)")
+            let e = try errorObject(r)
+            #expect(e["type"] as? String == type && !((e["message"] as? String) ?? "").isEmpty)
+            if let param { #expect(e["param"] as? String == param) }
+        }
+        await db.close()
+    }
+
+    @Test("limits: body size and prompt length give 413")
+    func limits() async throws {
+        let (db, key) = try await Fixture.database()
+        try await Fixture.app(db, { $0.maxBodyBytes = 2048; $0.maxPromptTokens = 8 }).test(.live) { client in
+            let big = try await post(client, "/v1/generate", key: key,
+                                     #"{"user": "a", "prompt": ""# + String(repeating: "x", count: 4000) + #""}"#)
+            #expect(big.status == .contentTooLarge)
+            let long = try await post(client, "/v1/generate", key: key, #"{"user": "a", "prompt": "one two three four five six seven eight nine ten"}"#)
+            let param = try errorObject(long)["param"] as? String
+            #expect(long.status == .contentTooLarge && param == "prompt")
+        }
+        await db.close()
+    }
+
+    @Test("concurrent users are batched together and each gets its own greedy text")
+    func concurrent() async throws {
+        let (db, key) = try await Fixture.database()
+        let prompts = ["The capital of France is", "Water boils at", "def fibonacci(n):", "Once upon a time",
+                       "The largest planet is", "2 + 2 ="]
+        let expected = try prompts.map { try greedy($0, maxTokens: 12) }
+        try await Fixture.app(db).test(.live) { client in
+            try await withThrowingTaskGroup(of: (Int, String).self) { group in
+                for (i, p) in prompts.enumerated() {
+                    group.addTask {
+                        let body = try JSONSerialization.data(withJSONObject: ["user": "u\(i)", "prompt": p, "temperature": 0, "max_tokens": 12])
+                        let r = try await post(client, "/v1/generate", key: key, String(decoding: body, as: UTF8.self))
+                        return (i, (try r.body.json()["text"] as? String) ?? "<\(r.status)>")
+                    }
+                }
+                for try await (i, text) in group { #expect(text == expected[i], "prompt \(i)") }
+            }
+        }
+        await db.close()
+    }
+}
