@@ -60,7 +60,7 @@ extension LevelConfiguration.Optimizer {
             //   Θ ← Θ − η (O⁽¹⁾ + α O⁽²⁾) / (√V + ε)   (+ decoupled weight decay)
             // and after every `slowPeriod` steps, for the next period:
             //   M⁽²⁾ ← M⁽²⁾ + β3 Σ g (over the period);  O⁽²⁾ = NS_T(M⁽²⁾)
-            if moments.slow.isEmpty { moments = OptimizerMoments(count: g.count, kind: .m3).with(steps: moments.steps) }
+            precondition(moments.slow.count == g.count, "M3 needs OptimizerMoments(count:kind: .m3)")
             let b3 = Float(beta3), a = Float(alpha)
             for i in g.indices {
                 moments.first[i] += b1 * g[i]
@@ -78,13 +78,5 @@ extension LevelConfiguration.Optimizer {
             }
         }
         return out
-    }
-}
-
-extension OptimizerMoments {
-    func with(steps: Int) -> OptimizerMoments {
-        var m = self
-        m.steps = steps
-        return m
     }
 }

@@ -34,7 +34,6 @@ public struct APIError: Error, HTTPResponseError, CustomStringConvertible {
     }
     static let overloaded = APIError(.tooManyRequests, type: "rate_limit_error",
                                      message: "the server has too many generations in flight; retry later", code: "overloaded")
-    static let shuttingDown = APIError(.serviceUnavailable, type: "server_error", message: "the server is shutting down")
 
     public func response(from request: Request, context: some RequestContext) throws -> Response {
         let data = try JSONSerialization.data(withJSONObject: [

@@ -33,8 +33,6 @@ public final class BatchEngine: @unchecked Sendable {
     private let condition = NSCondition()
     private var waiting: [Entry] = []
     private var running: [Entry] = []
-    private var stopping = false
-    private var thread: Thread?
 
     public struct Overloaded: Error, CustomStringConvertible {
         public let description = "the server has too many generations in flight; retry later"
@@ -47,22 +45,7 @@ public final class BatchEngine: @unchecked Sendable {
         let t = Thread { [unowned self] in self.loop() }
         t.name = "continuum.batch"
         t.stackSize = 8 << 20
-        thread = t
         t.start()
-    }
-
-    /// Sequences running or waiting.
-    public var inFlight: Int {
-        condition.lock()
-        defer { condition.unlock() }
-        return waiting.count + running.count
-    }
-
-    /// Sequences waiting to join the batch.
-    public var queueDepth: Int {
-        condition.lock()
-        defer { condition.unlock() }
-        return waiting.count
     }
 
     /// Starts a generation. Throws at once for invalid parameters or prompts
@@ -75,7 +58,6 @@ public final class BatchEngine: @unchecked Sendable {
         let entry = Entry(sequence, continuation)
         condition.lock()
         defer { condition.unlock() }
-        guard !stopping else { throw CancellationError() }
         guard waiting.count + running.count < maxQueued else { throw Overloaded() }
         if sequence.isFinished {   // max_tokens 0
             continuation.yield(.finished(sequence.result))
@@ -93,25 +75,10 @@ public final class BatchEngine: @unchecked Sendable {
         return stream
     }
 
-    /// Finishes the sequences in flight, then stops the thread.
-    public func shutdown() {
-        condition.lock()
-        stopping = true
-        condition.signal()
-        condition.unlock()
-        while inFlight > 0 || thread?.isFinished == false {
-            Thread.sleep(forTimeInterval: 0.01)
-        }
-    }
-
     private func loop() {
         while true {
             condition.lock()
-            while waiting.isEmpty && running.isEmpty && !stopping { condition.wait() }
-            if stopping && waiting.isEmpty && running.isEmpty {
-                condition.unlock()
-                return
-            }
+            while waiting.isEmpty && running.isEmpty { condition.wait() }
             let room = max(0, maxBatch - running.count)
             running += waiting.prefix(room)
             waiting.removeFirst(min(room, waiting.count))

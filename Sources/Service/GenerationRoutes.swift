@@ -26,11 +26,7 @@ struct GenerationRoutes {
         } catch {
             throw APIError.tooLarge("the request body exceeds \(state.configuration.maxBodyBytes) bytes")
         }
-        do {
-            return try JSONDecoder().decode(T.self, from: Data(buffer: buffer))
-        } catch let e as DecodingError {
-            throw APIError.invalid("the request body does not match the API: \(APIError.describe(e))")
-        }
+        return try JSONDecoder().decode(T.self, from: Data(buffer: buffer))   // DecodingError → 400 in APIError.from
     }
 
     /// Sampling parameters from a request, checked against the server's limits.
@@ -74,8 +70,6 @@ struct GenerationRoutes {
             return try state.engine.submit(prompt: prompt, parameters: parameters)
         } catch is BatchEngine.Overloaded {
             throw APIError.overloaded
-        } catch is CancellationError {
-            throw APIError.shuttingDown
         }
     }
 
@@ -161,6 +155,17 @@ struct GenerationRoutes {
         }
     }
 
+    /// One server-sent event of an OpenAI stream: `data: {id, object, created, model, choices[, usage]}`.
+    static func openAIChunk(id: String, object: String, created: Int64, model: String, choices: [[String: Any]],
+                            usage: GenerationResult?) -> ByteBuffer {
+        var o: [String: Any] = ["id": id, "object": object, "created": created, "model": model, "choices": choices]
+        if let u = usage {
+            o["usage"] = ["prompt_tokens": u.promptTokens, "completion_tokens": u.tokens.count,
+                          "total_tokens": u.promptTokens + u.tokens.count]
+        }
+        return ByteBuffer(string: "data: \(jsonObject(o))\n\n")
+    }
+
     func completion(_ request: Request, _ context: AppContext) async throws -> Response {
         _ = try RequestPrincipal.required()
         let body = try await decode(Components.Schemas.CompletionRequest.self, request)
@@ -178,12 +183,7 @@ struct GenerationRoutes {
         let includeUsage = r.streamOptions?.includeUsage == true
         return Self.eventStream { writer in
             func chunk(_ choices: [[String: Any]], usage: GenerationResult? = nil) -> ByteBuffer {
-                var o: [String: Any] = ["id": id, "object": "text_completion", "created": created, "model": model, "choices": choices]
-                if let u = usage {
-                    o["usage"] = ["prompt_tokens": u.promptTokens, "completion_tokens": u.tokens.count,
-                                  "total_tokens": u.promptTokens + u.tokens.count]
-                }
-                return ByteBuffer(string: "data: \(Self.jsonObject(o))\n\n")
+                Self.openAIChunk(id: id, object: "text_completion", created: created, model: model, choices: choices, usage: usage)
             }
             for try await event in stream {
                 switch event {
@@ -218,13 +218,7 @@ struct GenerationRoutes {
         let includeUsage = r.streamOptions?.includeUsage == true
         return Self.eventStream { writer in
             func chunk(_ choices: [[String: Any]], usage: GenerationResult? = nil) -> ByteBuffer {
-                var o: [String: Any] = ["id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                                        "choices": choices]
-                if let u = usage {
-                    o["usage"] = ["prompt_tokens": u.promptTokens, "completion_tokens": u.tokens.count,
-                                  "total_tokens": u.promptTokens + u.tokens.count]
-                }
-                return ByteBuffer(string: "data: \(Self.jsonObject(o))\n\n")
+                Self.openAIChunk(id: id, object: "chat.completion.chunk", created: created, model: model, choices: choices, usage: usage)
             }
             try await writer.write(chunk([["index": 0, "delta": ["role": "assistant", "content": ""], "finish_reason": NSNull()]]))
             for try await event in stream {

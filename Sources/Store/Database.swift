@@ -68,6 +68,9 @@ public final class Database: Sendable {
         }
     }
 
+    /// The highest migration shipped with this build (read once; /readyz asks often).
+    static let latestBundledVersion: Int = (try? bundledMigrations().map(\.version).max()) ?? Int.max
+
     /// The migrations shipped with this build, in order.
     public static func bundledMigrations() throws -> [Migration] {
         guard let dir = Bundle.module.url(forResource: "Migrations", withExtension: nil) else {
@@ -144,8 +147,7 @@ public final class Database: Sendable {
     public func isMigrated() async throws -> Bool {
         let exists = try await client.query("SELECT to_regclass('schema_migrations') IS NOT NULL", logger: logger)
         for try await e in exists.decode(Bool.self) where !e { return false }
-        let latest = try Self.bundledMigrations().map(\.version).max() ?? 0
-        return try await schemaVersion() >= latest
+        return try await schemaVersion() >= Self.latestBundledVersion
     }
 }
 
