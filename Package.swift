@@ -26,6 +26,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-openapi-generator", from: "1.14.3"),
         .package(url: "https://github.com/apple/swift-openapi-runtime", from: "1.13.4"),
         .package(url: "https://github.com/hummingbird-project/swift-openapi-hummingbird", from: "2.1.0"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
     ],
     targets: [
         .systemLibrary(name: "CBLAS", path: "Sources/CBLAS"),
@@ -39,7 +40,7 @@ let package = Package(
         .target(name: "Store", dependencies: ["Memory", "Model", .product(name: "PostgresNIO", package: "postgres-nio")],
                 resources: [.copy("Migrations")]),
         // The HTTP service: Hummingbird 2 and the server generated from openapi.yaml
-        // (only it imports Hummingbird and the OpenAPI runtime).
+        // (only it imports Hummingbird, its service lifecycle and the OpenAPI runtime).
         .target(
             name: "Service",
             dependencies: [
@@ -47,6 +48,7 @@ let package = Package(
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "OpenAPIRuntime", package: "swift-openapi-runtime"),
                 .product(name: "OpenAPIHummingbird", package: "swift-openapi-hummingbird"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             resources: [.copy("openapi.yaml")],
             plugins: [.plugin(name: "OpenAPIGenerator", package: "swift-openapi-generator")]
@@ -63,7 +65,7 @@ let package = Package(
         ),
         .testTarget(name: "StoreTests", dependencies: ["Store"]),
         .testTarget(name: "ServiceTests", dependencies: [
-            "Service", "Store", "Model",
+            "Service", "Store", "Memory", "Model",
             .product(name: "HummingbirdTesting", package: "hummingbird"),
         ]),
         .testTarget(name: "MemoryTests", dependencies: ["Memory", "Model", "Tensor", "TestSupport"], exclude: ["Fixtures"],

@@ -181,6 +181,21 @@ public final class LevelLearner {
         consolidations += 1
     }
 
+    /// Returns level l to how a new user's level starts: its initial weights
+    /// (down projection zero, so it changes no output), fresh moments, an
+    /// empty chunk and its counters at zero.
+    public func reset(level l: Int) throws {
+        let fresh = try LevelState(configuration: state.configuration, model: trainer.model.configuration)
+        state.blocks[l] = fresh.blocks[l]
+        accumulators[l] = accumulators[l].map(\.zeros)
+        accumulatedTokens[l] = 0
+        tokenCounters[l] = 0
+        updatesApplied[l] = 0
+        updatesRejected[l] = 0
+        let kind = state.configuration.levels[l].optimizer.kind
+        moments[l] = moments[l].map { $0.map { OptimizerMoments(count: $0.first.count, kind: kind) } }
+    }
+
     /// For tests: replaces level l's accumulated gradient.
     func setAccumulator(level l: Int, to blocks: [LevelState.Block], tokens: Int) {
         accumulators[l] = blocks

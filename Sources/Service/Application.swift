@@ -3,9 +3,11 @@
 import Foundation
 import Hummingbird
 import Logging
+import Memory
 import Model
 import OpenAPIHummingbird
 import OpenAPIRuntime
+import ServiceLifecycle
 import Store
 
 /// The request context: Hummingbird's core storage.
@@ -41,40 +43,104 @@ struct AuthMiddleware<Context: RequestContext>: RouterMiddleware {
     }
 }
 
+/// Counts every request by route and status, with its latency to the response head.
+struct MetricsMiddleware<Context: RequestContext>: RouterMiddleware {
+    let metrics: Metrics
+
+    /// The path with the user id replaced, so a label names a route, not a user.
+    static func route(_ path: String) -> String {
+        var parts = path.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
+        if parts.count > 3, parts[1] == "v1", parts[2] == "users" { parts[3] = "{user}" }
+        return parts.joined(separator: "/")
+    }
+
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        let start = ContinuousClock.now
+        let route = Self.route(request.uri.path)
+        do {
+            let response = try await next(request, context)
+            metrics.record(route: route, status: Int(response.status.code), seconds: (ContinuousClock.now - start).seconds)
+            return response
+        } catch {
+            metrics.record(route: route, status: Int(APIError.from(error).status.code), seconds: (ContinuousClock.now - start).seconds)
+            throw error
+        }
+    }
+}
+
+extension Duration {
+    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) * 1e-18 }
+}
+
 /// Everything the handlers share.
 final class ServiceState: Sendable {
     let configuration: ServiceConfiguration
     let model: LlamaModel
     let database: Database
     let engine: BatchEngine
+    let memory: UserMemory
+    let metrics = Metrics()
     let started = Date()
 
-    init(configuration: ServiceConfiguration, model: LlamaModel, database: Database) {
+    init(configuration: ServiceConfiguration, model: LlamaModel, levels: LevelConfiguration, database: Database) {
         self.configuration = configuration
         self.model = model
         self.database = database
         engine = BatchEngine(model: model, maxBatch: configuration.maxBatch, maxQueued: configuration.maxQueued)
+        memory = UserMemory(model: model, levels: levels, database: database, cacheBytes: configuration.cacheBytes)
     }
 }
 
-/// Builds the service: routes, middleware and the batch engine. The database
-/// must be migrated. Run it with `runService()` (or in tests, `test`-style
-/// clients against the bound port).
-public func buildApplication(configuration: ServiceConfiguration, model: LlamaModel, database: Database,
-                             logger: Logger = Logger(label: "continuum"),
+/// A learning worker as a service of the application: it starts with the
+/// server and, on graceful shutdown, finishes the round in progress and stops.
+struct LearningService: ServiceLifecycle.Service {
+    let worker: LearningWorker
+
+    func run() async throws {
+        let stop = StopFlag()
+        await withGracefulShutdownHandler {
+            await worker.run(until: { stop.isSet })
+        } onGracefulShutdown: {
+            stop.set()
+        }
+    }
+}
+
+final class StopFlag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = false
+    func set() { lock.lock(); value = true; lock.unlock() }
+    var isSet: Bool { lock.lock(); defer { lock.unlock() }; return value }
+}
+
+/// Builds the service: routes, middleware, the batch engine and the
+/// learning workers. The database must be migrated. `levels` is the level
+/// configuration every user's memory follows (default: the documented
+/// defaults for this backbone); stored states made under another are refused.
+public func buildApplication(configuration: ServiceConfiguration, model: LlamaModel, levels: LevelConfiguration? = nil,
+                             database: Database, logger: Logger = Logger(label: "continuum"),
                              onServerRunning: @escaping @Sendable (Int) async -> Void = { _ in })
     throws -> some ApplicationProtocol {
     try configuration.validate()
-    let state = ServiceState(configuration: configuration, model: model, database: database)
+    let levels = levels ?? LevelConfiguration.defaults(layers: model.configuration.numHiddenLayers)
+    try levels.validate(layers: model.configuration.numHiddenLayers)
+    let state = ServiceState(configuration: configuration, model: model, levels: levels, database: database)
     let router = Router(context: AppContext.self)
+    router.add(middleware: MetricsMiddleware(metrics: state.metrics))
     router.add(middleware: ErrorMiddleware())
     router.add(middleware: AuthMiddleware(database: database))
     try OperationsAPI(state: state).registerHandlers(on: router)
     GenerationRoutes(state: state).register(on: router)
     DocumentationRoutes.register(on: router)
+    MetricsRoutes(state: state).register(on: router)
+    let workers: [any ServiceLifecycle.Service] = (0..<configuration.learningWorkers).map { _ in
+        LearningService(worker: LearningWorker(memory: state.memory, configuration: configuration, metrics: state.metrics,
+                                               logger: logger))
+    }
     return Application(
         router: router,
         configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: "continuum"),
+        services: workers,
         onServerRunning: { channel in await onServerRunning(channel.localAddress?.port ?? configuration.port) },
         logger: logger)
 }

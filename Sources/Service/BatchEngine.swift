@@ -75,6 +75,13 @@ public final class BatchEngine: @unchecked Sendable {
         return stream
     }
 
+    /// Sequences stepping and waiting for a slot, now.
+    public var load: (running: Int, waiting: Int) {
+        condition.lock()
+        defer { condition.unlock() }
+        return (running.count, waiting.count)
+    }
+
     private func loop() {
         while true {
             condition.lock()

@@ -2,10 +2,14 @@
 // /v1/completions and /v1/chat/completions. Each answers JSON, or server-sent
 // events when the request's `stream` is true (whatever the Accept header
 // says, as OpenAI clients expect), with the schema types generated from
-// openapi.yaml.
+// openapi.yaml. A request with a user runs with that user's current memory
+// version; once generated, the generation and (unless learning is off) its
+// learning job are committed before the response's last bytes are sent.
 import Foundation
 import Hummingbird
+import Memory
 import Model
+import Store
 
 struct GenerationRoutes {
     let state: ServiceState
@@ -38,6 +42,11 @@ struct GenerationRoutes {
             }
             p.maxTokens = v
         }
+        if let v = s.maxTokens, v < 1 { throw APIError.invalid("max_tokens must be at least 1, got \(v)", param: "max_tokens") }
+        if let v = s.temperature, !(0...2).contains(v) {
+            throw APIError.invalid("temperature must be in [0, 2], got \(v)", param: "temperature")
+        }
+        if let v = s.stop, v.count > 4 { throw APIError.invalid("stop takes at most 4 strings, got \(v.count)", param: "stop") }
         if let v = s.temperature { p.temperature = Float(v) }
         if let v = s.topP { p.topP = Float(v) }
         if let v = s.topK { p.topK = v }
@@ -49,9 +58,48 @@ struct GenerationRoutes {
         return p
     }
 
+    /// A prompt's tokens and which of them are the user's own text (learnable).
+    struct Prompt: Sendable {
+        let tokens: [Int]
+        let learnable: [Bool]
+    }
+
+    /// A prompt given as text: all of it is the user's.
+    func prompt(_ text: String) throws -> Prompt {
+        let ids = try checked(state.model.tokenizer.encode(text))
+        return Prompt(tokens: ids, learnable: ids.map { _ in true })
+    }
+
+    /// Chat messages rendered with the model's template; the learnable tokens
+    /// are the content of the user's messages (not the template's markup, the
+    /// system prompt or earlier assistant turns).
+    func prompt(_ messages: [Components.Schemas.ChatMessage]) throws -> Prompt {
+        guard !messages.isEmpty else { throw APIError.invalid("messages must not be empty", param: "messages") }
+        let chat = state.model.chatTemplate, tokenizer = state.model.tokenizer
+        let ids = try checked(tokenizer.encode(chat.render(messages.map { ChatMessage(role: $0.role.rawValue, content: $0.content) })))
+        // The template around placeholder contents, so each content's tokens can be told apart.
+        let marker = "\u{1}"
+        let pieces = chat.render(messages.map { ChatMessage(role: $0.role.rawValue, content: marker) }).components(separatedBy: marker)
+        if pieces.count == messages.count + 1, !messages.contains(where: { $0.content.contains(marker) }) {
+            var tokens: [Int] = [], learnable: [Bool] = []
+            for (i, piece) in pieces.enumerated() {
+                let t = tokenizer.encode(piece)
+                tokens += t
+                learnable += t.map { _ in false }
+                if i < messages.count {
+                    let c = tokenizer.encode(messages[i].content)
+                    tokens += c
+                    learnable += c.map { _ in messages[i].role == .user }
+                }
+            }
+            // Used only where piecewise tokenisation agrees with the whole text's.
+            if tokens == ids { return Prompt(tokens: ids, learnable: learnable) }
+        }
+        return Prompt(tokens: ids, learnable: ids.map { _ in true })
+    }
+
     /// The prompt's tokens, within the server's limit.
-    func tokens(_ text: String) throws -> [Int] {
-        let ids = state.model.tokenizer.encode(text)
+    func checked(_ ids: [Int]) throws -> [Int] {
         guard !ids.isEmpty else { throw APIError.invalid("the prompt is empty", param: "prompt") }
         let limit = min(state.configuration.maxPromptTokens, state.model.configuration.maxPositionEmbeddings - 1)
         guard ids.count <= limit else {
@@ -60,17 +108,54 @@ struct GenerationRoutes {
         return ids
     }
 
-    func render(_ messages: [Components.Schemas.ChatMessage]) throws -> String {
-        guard !messages.isEmpty else { throw APIError.invalid("messages must not be empty", param: "messages") }
-        return state.model.chatTemplate.render(messages.map { ChatMessage(role: $0.role.rawValue, content: $0.content) })
+    /// Whose memory a request runs with: the user (nil for a user-less
+    /// OpenAI request: the backbone, nothing learned or recorded) at their
+    /// current version, and that version's levels (nil: none stored).
+    struct Target: @unchecked Sendable {
+        let principal: Principal
+        let user: User?
+        let adapter: LevelState?
+        var version: Int64 { user?.version ?? 0 }
     }
 
-    func submit(_ prompt: [Int], _ parameters: SamplingParameters) throws -> AsyncThrowingStream<GenerationEvent, Error> {
+    func target(_ name: String?, _ principal: Principal) async throws -> Target {
+        guard let name else { return Target(principal: principal, user: nil, adapter: nil) }
+        guard !name.isEmpty, name.utf8.count <= 256 else { throw APIError.invalid("user must have 1 to 256 bytes", param: "user") }
+        for _ in 0..<5 {
+            guard let user = try await state.database.user(tenantID: principal.tenantID, name: name, create: true) else { break }
+            do {
+                return Target(principal: principal, user: user, adapter: try await state.memory.adapter(for: user))
+            } catch is UserMemory.VersionMoved {
+                continue   // a learning round committed between the two reads
+            }
+        }
+        throw APIError(.serviceUnavailable, type: "server_error", message: "the user's memory is changing too fast; retry",
+                       code: "memory_busy")
+    }
+
+    func submit(_ prompt: Prompt, _ parameters: SamplingParameters, _ target: Target) throws
+        -> AsyncThrowingStream<GenerationEvent, Error> {
         do {
-            return try state.engine.submit(prompt: prompt, parameters: parameters)
+            return try state.engine.submit(prompt: prompt.tokens, parameters: parameters, adapter: target.adapter)
         } catch is BatchEngine.Overloaded {
             throw APIError.overloaded
         }
+    }
+
+    /// After a generation: counts its tokens, records it for a user with its
+    /// learning job (one transaction), and waits for the job when asked.
+    func finish(_ result: GenerationResult, id: UUID, target: Target, prompt: Prompt, learn: Bool, wait: Bool) async throws
+        -> Components.Schemas.Learning {
+        state.metrics.promptTokens.increment(by: result.promptTokens)
+        state.metrics.completionTokens.increment(by: result.tokens.count)
+        guard let user = target.user else { return .init(state: .off) }
+        let job = learn && user.learning && prompt.learnable.dropFirst().contains(true)
+            ? LearningRequest(tokens: prompt.tokens, learnable: prompt.learnable) : nil
+        let jobID = try await state.database.recordGeneration(id: id, userID: user.id, memoryVersion: user.version,
+                                                              prompt: prompt.tokens, completion: result.tokens,
+                                                              job: job, actor: ServiceState.actor(target.principal))
+        if jobID != nil { state.metrics.jobsEnqueued.increment() }
+        return try await state.learning(job: jobID, wait: wait)
     }
 
     /// Waits for the whole generation.
@@ -110,26 +195,27 @@ struct GenerationRoutes {
     // MARK: /v1/generate
 
     func generate(_ request: Request, _ context: AppContext) async throws -> Response {
-        _ = try RequestPrincipal.required()
+        let principal = try RequestPrincipal.required()
         let body = try await decode(Components.Schemas.GenerateRequest.self, request)
         let r = body.value2
-        guard !r.user.isEmpty else { throw APIError.invalid("user must not be empty", param: "user") }
-        let text: String
+        let prompt: Prompt
         switch (r.prompt, r.messages) {
-        case (let p?, nil): text = p
-        case (nil, let m?): text = try render(m)
+        case (let p?, nil): prompt = try self.prompt(p)
+        case (nil, let m?): prompt = try self.prompt(m)
         default: throw APIError.invalid("give exactly one of prompt and messages", param: "prompt")
         }
         let parameters = try sampling(body.value1)
-        let stream = try submit(try tokens(text), parameters)
-        let id = "gen-" + UUID().uuidString.lowercased()
-        let user = r.user
-        let response: @Sendable (GenerationResult) -> Components.Schemas.GenerateResponse = { result in
-            .init(id: id, user: user, text: result.text,
-                  finishReason: result.finishReason == .stop ? .stop : .length,
-                  usage: Self.usage(result), memoryVersion: 0)
+        let target = try await target(r.user, principal)
+        let stream = try submit(prompt, parameters, target)
+        let uuid = UUID(), id = "gen-" + uuid.uuidString.lowercased()
+        let user = r.user, learn = r.learn ?? true, wait = r.waitForLearning ?? false
+        let response: @Sendable (GenerationResult) async throws -> Components.Schemas.GenerateResponse = { result in
+            let learning = try await finish(result, id: uuid, target: target, prompt: prompt, learn: learn, wait: wait)
+            return .init(id: id, user: user, text: result.text,
+                         finishReason: result.finishReason == .stop ? .stop : .length,
+                         usage: Self.usage(result), memoryVersion: target.version, learning: learning)
         }
-        guard r.stream == true else { return try Self.json(response(try await collect(stream))) }
+        guard r.stream == true else { return try Self.json(try await response(try await collect(stream))) }
         return Self.eventStream { writer in
             for try await event in stream {
                 switch event {
@@ -138,11 +224,22 @@ struct GenerationRoutes {
                 case .token:
                     break
                 case .finished(let result):
-                    let data = try JSONEncoder().encode(response(result))
-                    try await writer.write(ByteBuffer(string: "event: done\ndata: \(String(decoding: data, as: UTF8.self))\n\n"))
+                    do {
+                        let data = try JSONEncoder().encode(try await response(result))
+                        try await writer.write(ByteBuffer(string: "event: done\ndata: \(String(decoding: data, as: UTF8.self))\n\n"))
+                    } catch {
+                        try await writer.write(ByteBuffer(string: "event: error\ndata: \(Self.errorJSON(error))\n\n"))
+                    }
                 }
             }
         }
+    }
+
+    /// An error as the body of a stream event, once the response has started.
+    static func errorJSON(_ error: any Error) -> String {
+        let e = APIError.from(error)
+        return jsonObject(["error": ["message": e.message, "type": e.type, "param": e.param as Any? ?? NSNull(),
+                                     "code": e.code as Any? ?? NSNull()]])
     }
 
     // MARK: OpenAI-compatible
@@ -167,14 +264,21 @@ struct GenerationRoutes {
     }
 
     func completion(_ request: Request, _ context: AppContext) async throws -> Response {
-        _ = try RequestPrincipal.required()
+        let principal = try RequestPrincipal.required()
         let body = try await decode(Components.Schemas.CompletionRequest.self, request)
         let r = body.value2
         try checkModel(r.model)
-        let stream = try submit(try tokens(r.prompt), try sampling(body.value1))
-        let id = "cmpl-" + UUID().uuidString.lowercased(), created = Int64(Date().timeIntervalSince1970), model = r.model
+        let prompt = try self.prompt(r.prompt), parameters = try sampling(body.value1)
+        let target = try await target(r.user, principal)
+        let stream = try submit(prompt, parameters, target)
+        let uuid = UUID(), learn = r.learn ?? true, wait = r.waitForLearning ?? false
+        let id = "cmpl-" + uuid.uuidString.lowercased(), created = Int64(Date().timeIntervalSince1970), model = r.model
+        let finished: @Sendable (GenerationResult) async throws -> Void = { result in
+            _ = try await finish(result, id: uuid, target: target, prompt: prompt, learn: learn, wait: wait)
+        }
         guard r.stream == true else {
             let result = try await collect(stream)
+            try await finished(result)
             return try Self.json(Components.Schemas.Completion(
                 id: id, object: .textCompletion, created: created, model: model,
                 choices: [.init(index: 0, text: result.text, finishReason: result.finishReason == .stop ? .stop : .length)],
@@ -192,6 +296,10 @@ struct GenerationRoutes {
                 case .token:
                     break
                 case .finished(let result):
+                    do { try await finished(result) } catch {
+                        try await writer.write(ByteBuffer(string: "data: \(Self.errorJSON(error))\n\n"))
+                        return
+                    }
                     try await writer.write(chunk([["index": 0, "text": "", "finish_reason": result.finishReason.rawValue]]))
                     if includeUsage { try await writer.write(chunk([], usage: result)) }
                 }
@@ -201,14 +309,21 @@ struct GenerationRoutes {
     }
 
     func chatCompletion(_ request: Request, _ context: AppContext) async throws -> Response {
-        _ = try RequestPrincipal.required()
+        let principal = try RequestPrincipal.required()
         let body = try await decode(Components.Schemas.ChatCompletionRequest.self, request)
         let r = body.value2
         try checkModel(r.model)
-        let stream = try submit(try tokens(try render(r.messages)), try sampling(body.value1))
-        let id = "chatcmpl-" + UUID().uuidString.lowercased(), created = Int64(Date().timeIntervalSince1970), model = r.model
+        let prompt = try self.prompt(r.messages), parameters = try sampling(body.value1)
+        let target = try await target(r.user, principal)
+        let stream = try submit(prompt, parameters, target)
+        let uuid = UUID(), learn = r.learn ?? true, wait = r.waitForLearning ?? false
+        let id = "chatcmpl-" + uuid.uuidString.lowercased(), created = Int64(Date().timeIntervalSince1970), model = r.model
+        let finished: @Sendable (GenerationResult) async throws -> Void = { result in
+            _ = try await finish(result, id: uuid, target: target, prompt: prompt, learn: learn, wait: wait)
+        }
         guard r.stream == true else {
             let result = try await collect(stream)
+            try await finished(result)
             return try Self.json(Components.Schemas.ChatCompletion(
                 id: id, object: .chat_completion, created: created, model: model,
                 choices: [.init(index: 0, message: .init(role: .assistant, content: result.text),
@@ -228,6 +343,10 @@ struct GenerationRoutes {
                 case .token:
                     break
                 case .finished(let result):
+                    do { try await finished(result) } catch {
+                        try await writer.write(ByteBuffer(string: "data: \(Self.errorJSON(error))\n\n"))
+                        return
+                    }
                     try await writer.write(chunk([["index": 0, "delta": [String: String](), "finish_reason": result.finishReason.rawValue]]))
                     if includeUsage { try await writer.write(chunk([], usage: result)) }
                 }

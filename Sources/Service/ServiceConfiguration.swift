@@ -19,11 +19,23 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
     public var maxQueued = 64
     /// The model's name in the OpenAI-compatible API.
     public var modelName = "continuum"
+    /// Learning workers in this process (each applies one user's jobs at a time).
+    public var learningWorkers = 1
+    /// Most jobs of one user applied in one transaction.
+    public var learningBatch = 8
+    /// Memory versions kept per user (older ones cannot be rolled back to).
+    public var versionsKept = 32
+    /// Bytes of users' level weights cached in memory.
+    public var cacheBytes = 256 << 20
+    /// Longest wait for a request's own learning job (`wait_for_learning`).
+    public var learningWaitSeconds = 120.0
 
     enum CodingKeys: String, CodingKey {
         case host, port
         case maxBodyBytes = "max_body_bytes", maxPromptTokens = "max_prompt_tokens", maxTokens = "max_tokens"
         case maxBatch = "max_batch", maxQueued = "max_queued", modelName = "model_name"
+        case learningWorkers = "learning_workers", learningBatch = "learning_batch", versionsKept = "versions_kept"
+        case cacheBytes = "cache_bytes", learningWaitSeconds = "learning_wait_seconds"
     }
 
     public struct Invalid: Error, CustomStringConvertible {
@@ -43,6 +55,11 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
         maxBatch = try c.decodeIfPresent(Int.self, forKey: .maxBatch) ?? d.maxBatch
         maxQueued = try c.decodeIfPresent(Int.self, forKey: .maxQueued) ?? d.maxQueued
         modelName = try c.decodeIfPresent(String.self, forKey: .modelName) ?? d.modelName
+        learningWorkers = try c.decodeIfPresent(Int.self, forKey: .learningWorkers) ?? d.learningWorkers
+        learningBatch = try c.decodeIfPresent(Int.self, forKey: .learningBatch) ?? d.learningBatch
+        versionsKept = try c.decodeIfPresent(Int.self, forKey: .versionsKept) ?? d.versionsKept
+        cacheBytes = try c.decodeIfPresent(Int.self, forKey: .cacheBytes) ?? d.cacheBytes
+        learningWaitSeconds = try c.decodeIfPresent(Double.self, forKey: .learningWaitSeconds) ?? d.learningWaitSeconds
         try validate()
     }
 
@@ -55,5 +72,10 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
         if maxBatch < 1 { try fail("max_batch must be at least 1") }
         if maxQueued < maxBatch { try fail("max_queued must be at least max_batch") }
         if modelName.isEmpty { try fail("model_name must not be empty") }
+        if learningWorkers < 0 { try fail("learning_workers must be at least 0 (0: this replica applies no jobs)") }
+        if learningBatch < 1 { try fail("learning_batch must be at least 1") }
+        if versionsKept < 1 { try fail("versions_kept must be at least 1") }
+        if cacheBytes < 0 { try fail("cache_bytes must be at least 0") }
+        if !(learningWaitSeconds > 0) { try fail("learning_wait_seconds must be positive") }
     }
 }

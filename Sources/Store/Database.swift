@@ -152,6 +152,20 @@ public final class Database: Sendable {
 }
 
 extension Database {
+    /// Runs `body` in a transaction on one connection: committed when it
+    /// returns, rolled back when it throws, and then its own error is rethrown.
+    func transaction<T: Sendable>(_ body: @Sendable (PostgresConnection) async throws -> T) async throws -> T {
+        let logger = self.logger
+        do {
+            return try await client.withConnection { conn in
+                try await conn.withTransaction(logger: logger) { tx in try await body(tx) }
+            }
+        } catch let e as PostgresTransactionError {
+            if let inner = e.closureError, e.rollbackError == nil { throw inner }
+            throw e
+        }
+    }
+
     /// The name of the database this pool is connected to.
     public func currentDatabase() async throws -> String {
         for try await name in try await client.query("SELECT current_database()", logger: logger).decode(String.self) { return name }

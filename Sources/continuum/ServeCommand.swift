@@ -3,6 +3,7 @@
 // "dev" tenant and prints its API key once.
 import ArgumentParser
 import Foundation
+import Memory
 import Model
 import Service
 import Store
@@ -22,6 +23,9 @@ struct Serve: AsyncParsableCommand {
 
     @Option(help: "Service configuration (JSON: limits, batch size, model name); --host/--port override it.")
     var config: String?
+
+    @Option(help: "Level configuration (JSON or YAML) every user's memory follows (default: the documented defaults).")
+    var levels: String?
 
     func run() async throws {
         var cfg = ServiceConfiguration()
@@ -43,15 +47,21 @@ struct Serve: AsyncParsableCommand {
             _ = try DefaultModel.fetch(to: DefaultModel.path, log: log)
         }
         let model = try modelOptions.load()
+        let levelConfiguration: LevelConfiguration?
+        do { levelConfiguration = try levels.map { try LevelConfiguration.load(path: $0) } } catch {
+            throw CLIError("\(levels!): \(error)")
+        }
         let (db, server) = try await database.open()
         do {
             if try await db.tenants().isEmpty {
-                let tenant = try await db.createTenant(name: "dev")
-                let (_, key) = try await db.createKey(tenantID: tenant.id, name: "dev")
-                writeOut("API key: \(key)\n")   // unbuffered: a supervisor reading stdout sees it at once
+                // Replicas starting together on an empty database: one creates it, the others see it exists.
+                if let tenant = try? await db.createTenant(name: "dev") {
+                    let (_, key) = try await db.createKey(tenantID: tenant.id, name: "dev")
+                    writeOut("API key: \(key)\n")   // unbuffered: a supervisor reading stdout sees it at once
+                }
             }
             let host = cfg.host
-            let app = try buildApplication(configuration: cfg, model: model, database: db) { port in
+            let app = try buildApplication(configuration: cfg, model: model, levels: levelConfiguration, database: db) { port in
                 log("serving on http://\(host):\(port) (docs at /docs)")
             }
             try await app.runService()

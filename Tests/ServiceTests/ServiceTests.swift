@@ -5,6 +5,7 @@
 import Foundation
 import Hummingbird
 import HummingbirdTesting
+import Memory
 import Model
 import Testing
 @testable import Service
@@ -41,11 +42,22 @@ enum Fixture {
         return (db, key)
     }
 
-    static func app(_ db: Database, _ configure: (inout ServiceConfiguration) -> Void = { _ in }) throws -> some ApplicationProtocol {
+    /// Small, quick levels for tests: the last six layers, width 8; fast every
+    /// 8 learnable tokens, mid every 32, every token learned (no surprise gate).
+    static let levels = try! LevelConfiguration(levels: [
+        .init(name: "mid", chunkSize: 32, width: 8, layers: Array(24..<30), learningRate: 3e-3),
+        .init(name: "fast", chunkSize: 8, width: 8, layers: Array(24..<30), learningRate: 1e-2),
+    ], minSurprise: 0)
+
+    /// The service on any free port. Without `learning`, no worker applies
+    /// the jobs requests enqueue (so a user's memory stays where it is).
+    static func app(_ db: Database, learning: Bool = false, _ configure: (inout ServiceConfiguration) -> Void = { _ in })
+        throws -> some ApplicationProtocol {
         var c = ServiceConfiguration()
         c.port = 0
+        c.learningWorkers = learning ? 1 : 0
         configure(&c)
-        return try buildApplication(configuration: c, model: try model.get(), database: db)
+        return try buildApplication(configuration: c, model: try model.get(), levels: levels, database: db)
     }
 }
 
@@ -193,6 +205,13 @@ struct ServiceTests {
         ("/v1/chat/completions", #"{"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}"#, 404, "invalid_request_error", "model"),
         ("/v1/chat/completions", #"{"model": "continuum", "messages": []}"#, 400, "invalid_request_error", "messages"),
         ("/v1/completions", #"{"model": "continuum", "prompt": ""}"#, 400, "invalid_request_error", "prompt"),
+        ("/v1/completions", #"{"model": "continuum", "prompt": "hi", "temperature": 7}"#, 400, "invalid_request_error", "temperature"),
+        ("/v1/generate", #"{"user": "a", "prompt": "hi", "max_tokens": 0}"#, 400, "invalid_request_error", "max_tokens"),
+        ("/v1/feedback", #"{"generation_id": "gen-00000000-0000-0000-0000-000000000000", "rating": "positive"}"#, 404,
+         "not_found_error", nil),
+        ("/v1/feedback", #"{"generation_id": "gen-x", "rating": "meh"}"#, 400, "invalid_request_error", nil),
+        ("/v1/users/nobody/memory/rollback", #"{"version": 1}"#, 404, "not_found_error", nil),
+        ("/v1/users/nobody/memory/fork", #"{"to": "somebody"}"#, 404, "not_found_error", nil),
     ])
     func badInput(uri: String, body: String, status: Int, type: String, param: String?) async throws {
         let (db, key) = try await Fixture.database()

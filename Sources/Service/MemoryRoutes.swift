@@ -1,0 +1,258 @@
+// The memory operations (generated from openapi.yaml): feedback, a user's
+// memory and its versions, reset, rollback, fork, consolidation, export and
+// erasure; and GET /metrics. Every lookup is scoped by the key's tenant, so
+// another tenant's user is simply not found.
+import Foundation
+import Hummingbird
+import Memory
+import Model
+import OpenAPIRuntime
+import Store
+
+extension ServiceState {
+    /// The caller's user named `name`, or 404.
+    func existingUser(_ name: String, _ principal: Principal) async throws -> User {
+        guard let user = try await database.user(tenantID: principal.tenantID, name: name) else {
+            throw APIError.notFound("no user '\(name)' in this tenant")
+        }
+        return user
+    }
+
+    /// What became of a learning job; with `wait`, after waiting for it (up
+    /// to learning_wait_seconds).
+    func learning(job: Int64?, wait: Bool) async throws -> Components.Schemas.Learning {
+        guard let job else { return .init(state: .off) }
+        if wait {
+            let deadline = ContinuousClock.now + .seconds(configuration.learningWaitSeconds)
+            while ContinuousClock.now < deadline {
+                if let s = try await database.jobState(id: job), s.state == "done" {
+                    return .init(state: .applied, jobId: job, version: s.version)
+                }
+                try await Task.sleep(for: .milliseconds(20))
+            }
+        }
+        return .init(state: .queued, jobId: job)
+    }
+
+    /// The user's memory as the API shows it.
+    func memoryInfo(_ user: User) async throws -> Components.Schemas.Memory {
+        // Queued jobs first: when none are left, the reads below see every applied one.
+        let queued = try await database.queuedJobs(userID: user.id)
+        guard let stored = try await database.memory(userID: user.id, withLearner: true) else {
+            throw APIError.notFound("user '\(user.name)' has no memory")
+        }
+        let memory = self.memory
+        // The counters are in the learner part; the levels' weights are not needed.
+        let (levels, consolidations) = try await memory.compute {
+            let learner = try LevelStateFile.decode(levels: [:], learner: stored.learner, model: memory.model,
+                                                    configuration: memory.levels)
+            return (memory.levels.levels.enumerated().map { l, level in
+                Components.Schemas.LevelCounters(name: level.name, tokens: Int64(learner.tokenCounters[l]),
+                                                 accumulatedTokens: Int64(learner.accumulatedTokens[l]),
+                                                 updatesApplied: Int64(learner.updatesApplied[l]),
+                                                 updatesRejected: Int64(learner.updatesRejected[l]),
+                                                 stored: stored.levels[level.name] != nil)
+            }, learner.consolidations)
+        }
+        return .init(user: user.name, version: stored.version, jobsApplied: stored.jobsApplied,
+                     queuedJobs: Int64(queued),
+                     consolidations: Int64(consolidations), levels: levels)
+    }
+
+    static func actor(_ p: Principal) -> String { "key:\(p.keyID)" }
+}
+
+extension OperationsAPI {
+    func createFeedback(_ input: Operations.CreateFeedback.Input) async throws -> Operations.CreateFeedback.Output {
+        let principal = try RequestPrincipal.required()
+        guard case .json(let body) = input.body else { throw APIError.invalid("expected a JSON body") }
+        guard let uuid = Self.generationUUID(body.generationId),
+              let generation = try await state.database.generation(id: uuid, tenantID: principal.tenantID) else {
+            throw APIError.notFound("no generation '\(body.generationId)' in this tenant")
+        }
+        let positive = body.rating == .positive
+        if let c = body.correction, c.isEmpty { throw APIError.invalid("correction must not be empty", param: "correction") }
+        var job: LearningRequest?
+        let tenantLearns = try await state.database.tenants().first { $0.id == principal.tenantID }?.learning ?? false
+        if tenantLearns {
+            let prompt = generation.promptTokens
+            if let c = body.correction {
+                let answer = state.model.tokenizer.encode(c)
+                job = LearningRequest(tokens: prompt + answer, learnable: prompt.map { _ in false } + answer.map { _ in true })
+            } else if positive, !generation.completionTokens.isEmpty {
+                let answer = generation.completionTokens
+                job = LearningRequest(tokens: prompt + answer, learnable: prompt.map { _ in false } + answer.map { _ in true })
+            }
+        }
+        let (id, jobID) = try await state.database.recordFeedback(generation: generation, rating: body.rating.rawValue,
+                                                                  correction: body.correction, job: job,
+                                                                  actor: ServiceState.actor(principal))
+        if jobID != nil { state.metrics.jobsEnqueued.increment() }
+        let learning = try await state.learning(job: jobID, wait: body.waitForLearning ?? false)
+        return .ok(.init(body: .json(.init(id: "fb-" + id.uuidString.lowercased(), generationId: body.generationId,
+                                           learning: learning))))
+    }
+
+    /// The generation's UUID from any id a generation endpoint returns.
+    static func generationUUID(_ id: String) -> UUID? {
+        for prefix in ["gen-", "cmpl-", "chatcmpl-"] where id.hasPrefix(prefix) {
+            return UUID(uuidString: String(id.dropFirst(prefix.count)))
+        }
+        return UUID(uuidString: id)
+    }
+
+    func eraseUser(_ input: Operations.EraseUser.Input) async throws -> Operations.EraseUser.Output {
+        let principal = try RequestPrincipal.required()
+        let user = try await state.existingUser(input.path.user, principal)
+        guard try await state.database.eraseUser(tenantID: principal.tenantID, name: user.name) else {
+            throw APIError.notFound("no user '\(user.name)' in this tenant")
+        }
+        state.memory.cache.remove(user: user.id)
+        return .ok(.init(body: .json(.init(user: user.name, erased: true))))
+    }
+
+    func getMemory(_ input: Operations.GetMemory.Input) async throws -> Operations.GetMemory.Output {
+        let principal = try RequestPrincipal.required()
+        return .ok(.init(body: .json(try await state.memoryInfo(try await state.existingUser(input.path.user, principal)))))
+    }
+
+    func listVersions(_ input: Operations.ListVersions.Input) async throws -> Operations.ListVersions.Output {
+        let principal = try RequestPrincipal.required()
+        let user = try await state.existingUser(input.path.user, principal)
+        let versions = try await state.database.versions(userID: user.id).map { v in
+            Components.Schemas.MemoryVersion(
+                version: v.version, parent: v.parent,
+                cause: Components.Schemas.MemoryVersion.CausePayload(rawValue: v.cause) ?? .learning,
+                causeId: v.causeID, actor: v.actor, created: Int64(v.createdAt.timeIntervalSince1970),
+                levels: v.levels.keys.sorted())
+        }
+        return .ok(.init(body: .json(.init(user: user.name, data: versions))))
+    }
+
+    func resetMemory(_ input: Operations.ResetMemory.Input) async throws -> Operations.ResetMemory.Output {
+        let principal = try RequestPrincipal.required()
+        let user = try await state.existingUser(input.path.user, principal)
+        var names: [String]?
+        if case .json(let body)? = input.body { names = body.levels }
+        let config = state.memory.levels
+        let indices = try (names ?? config.levels.map(\.name)).map { name in
+            guard let i = config.levels.firstIndex(where: { $0.name == name }) else {
+                throw APIError.invalid("no level named '\(name)'; the levels are \(config.levels.map(\.name).joined(separator: ", "))",
+                                       param: "levels")
+            }
+            return i
+        }
+        let memory = state.memory, actor = ServiceState.actor(principal)
+        _ = try await state.database.mutateMemory(userID: user.id, keep: state.configuration.versionsKept) { stored in
+            try await memory.compute {
+                let learner = try memory.learner(stored)
+                for l in indices { try learner.reset(level: l) }
+                return try memory.change(learner, changed: [], fresh: indices, cause: "reset",
+                                         causeID: indices.map { config.levels[$0].name }.joined(separator: ","), actor: actor)
+            }
+        }
+        return .ok(.init(body: .json(try await state.memoryInfo(user))))
+    }
+
+    func rollbackMemory(_ input: Operations.RollbackMemory.Input) async throws -> Operations.RollbackMemory.Output {
+        let principal = try RequestPrincipal.required()
+        let user = try await state.existingUser(input.path.user, principal)
+        guard case .json(let body) = input.body else { throw APIError.invalid("expected a JSON body") }
+        guard try await state.database.rollback(userID: user.id, to: body.version, keep: state.configuration.versionsKept,
+                                                actor: ServiceState.actor(principal)) != nil else {
+            throw APIError.notFound("version \(body.version) of user '\(user.name)' is not kept")
+        }
+        return .ok(.init(body: .json(try await state.memoryInfo(user))))
+    }
+
+    func forkMemory(_ input: Operations.ForkMemory.Input) async throws -> Operations.ForkMemory.Output {
+        let principal = try RequestPrincipal.required()
+        let user = try await state.existingUser(input.path.user, principal)
+        guard case .json(let body) = input.body else { throw APIError.invalid("expected a JSON body") }
+        guard !body.to.isEmpty, body.to.utf8.count <= 256 else { throw APIError.invalid("to must have 1 to 256 bytes", param: "to") }
+        do {
+            let forked = try await state.database.forkUser(source: user, version: body.version, target: body.to,
+                                                           actor: ServiceState.actor(principal))
+            return .ok(.init(body: .json(try await state.memoryInfo(forked))))
+        } catch let e as NotFound {
+            throw APIError.notFound(e.description)
+        } catch let e as Conflict {
+            throw APIError(.conflict, type: "invalid_request_error", message: e.description, param: "to", code: "user_exists")
+        }
+    }
+
+    func consolidateMemory(_ input: Operations.ConsolidateMemory.Input) async throws -> Operations.ConsolidateMemory.Output {
+        let principal = try RequestPrincipal.required()
+        let user = try await state.existingUser(input.path.user, principal)
+        var budget = ConsolidationBudget()
+        if case .json(let body)? = input.body {
+            if let s = body.steps { budget.steps = s }
+            if let g = body.generatedTokens { budget.generatedTokens = g }
+        }
+        guard (1...1000).contains(budget.steps) else { throw APIError.invalid("steps must be in 1...1000", param: "steps") }
+        guard (0...256).contains(budget.generatedTokens) else {
+            throw APIError.invalid("generated_tokens must be in 0...256", param: "generated_tokens")
+        }
+        let config = state.memory.levels
+        guard let fast = config.levels.firstIndex(where: { $0.name == "fast" }),
+              let mid = config.levels.firstIndex(where: { $0.name == "mid" }) else {
+            throw APIError.invalid("consolidation needs levels named 'fast' and 'mid' in the server's level configuration")
+        }
+        let memory = state.memory, actor = ServiceState.actor(principal), budgetValue = budget
+        let report = ReportBox()
+        _ = try await state.database.mutateMemory(userID: user.id, keep: state.configuration.versionsKept) { stored in
+            try await memory.compute {
+                let learner = try memory.learner(stored)
+                let r = try learner.consolidate(contexts: learner.recentTokens, budget: budgetValue)
+                report.value = r
+                guard r.steps > 0 else { return nil }
+                return try memory.change(learner, changed: [mid], fresh: [fast], cause: "consolidate", causeID: nil, actor: actor)
+            }
+        }
+        let r = report.value
+        return .ok(.init(body: .json(.init(memory: try await state.memoryInfo(user), klBefore: r?.klBefore ?? 0,
+                                           klAfter: r?.klAfter ?? 0, steps: r?.steps ?? 0))))
+    }
+
+    final class ReportBox: @unchecked Sendable {
+        var value: ConsolidationReport?
+    }
+
+    func exportMemory(_ input: Operations.ExportMemory.Input) async throws -> Operations.ExportMemory.Output {
+        let principal = try RequestPrincipal.required()
+        let user = try await state.existingUser(input.path.user, principal)
+        guard let stored = try await state.database.memory(userID: user.id, version: input.query.version) else {
+            throw APIError.notFound("version \(input.query.version ?? user.version) of user '\(user.name)' is not kept")
+        }
+        let memory = state.memory
+        let bytes = try await memory.compute {
+            try LevelStateFile.encode(try memory.learner(stored), backbone: memory.model.fingerprint)
+        }
+        return .ok(.init(body: .binary(HTTPBody(bytes))))
+    }
+}
+
+/// GET /metrics in the Prometheus text format (no key needed, like /healthz).
+struct MetricsRoutes {
+    let state: ServiceState
+
+    func register(on router: Router<AppContext>) {
+        router.get("/metrics") { _, _ in
+            let queue = (try? await state.database.queuedJobs()) ?? (count: -1, oldestSeconds: -1)
+            let cache = state.memory.cache.snapshot()
+            let engine = state.engine.load
+            let text = state.metrics.render(gauges: [
+                ("continuum_generations_running", "Sequences in the batch engine.", Double(engine.running)),
+                ("continuum_generations_waiting", "Sequences admitted, waiting for a batch slot.", Double(engine.waiting)),
+                ("continuum_learning_jobs_queued", "Learning jobs queued in the database (all replicas).", Double(queue.count)),
+                ("continuum_learning_oldest_queued_seconds", "Age of the oldest queued learning job.", queue.oldestSeconds),
+                ("continuum_level_cache_entries", "Users' level weights cached.", Double(cache.entries)),
+                ("continuum_level_cache_bytes", "Bytes of cached level weights.", Double(cache.bytes)),
+                ("continuum_level_cache_hits", "Level cache hits.", Double(cache.hits)),
+                ("continuum_level_cache_misses", "Level cache misses.", Double(cache.misses)),
+            ])
+            return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+                            body: ResponseBody(byteBuffer: ByteBuffer(string: text)))
+        }
+    }
+}

@@ -1,0 +1,113 @@
+// Metrics in the Prometheus text exposition format (version 0.0.4), served at
+// GET /metrics: request counts and latency by route and status, tokens,
+// generations in flight, learning jobs queued and their lag, cache hits.
+import Foundation
+
+/// A monotonically increasing count.
+final class Counter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = 0.0
+    func increment(by n: Int = 1) { lock.lock(); value += Double(n); lock.unlock() }
+    var current: Double { lock.lock(); defer { lock.unlock() }; return value }
+}
+
+/// Observations in cumulative buckets, with their sum and count.
+final class Histogram: @unchecked Sendable {
+    let bounds: [Double]
+    private let lock = NSLock()
+    private var counts: [Int]
+    private var sum = 0.0
+    private var count = 0
+
+    init(bounds: [Double]) {
+        self.bounds = bounds
+        counts = [Int](repeating: 0, count: bounds.count)
+    }
+
+    func observe(_ v: Double) {
+        lock.lock()
+        defer { lock.unlock() }
+        for (i, b) in bounds.enumerated() where v <= b { counts[i] += 1 }
+        sum += v
+        count += 1
+    }
+
+    func render(name: String, labels: String = "") -> String {
+        lock.lock()
+        defer { lock.unlock() }
+        let sep = labels.isEmpty ? "" : labels + ","
+        var out = ""
+        for (i, b) in bounds.enumerated() { out += "\(name)_bucket{\(sep)le=\"\(b)\"} \(counts[i])\n" }
+        out += "\(name)_bucket{\(sep)le=\"+Inf\"} \(count)\n"
+        out += "\(name)_sum\(labels.isEmpty ? "" : "{\(labels)}") \(sum)\n"
+        out += "\(name)_count\(labels.isEmpty ? "" : "{\(labels)}") \(count)\n"
+        return out
+    }
+}
+
+/// The service's metrics.
+final class Metrics: @unchecked Sendable {
+    static let latencyBounds = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+
+    private let lock = NSLock()
+    /// route + status → count; route → latency.
+    private var requests: [String: [Int: Int]] = [:]
+    private var latency: [String: Histogram] = [:]
+
+    let promptTokens = Counter()
+    let completionTokens = Counter()
+    let jobsEnqueued = Counter()
+    let jobsApplied = Counter()
+    let tokensLearned = Counter()
+    let learningFailures = Counter()
+    let learningLag = Histogram(bounds: [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300])
+
+    func record(route: String, status: Int, seconds: Double) {
+        lock.lock()
+        requests[route, default: [:]][status, default: 0] += 1
+        let h = latency[route] ?? Histogram(bounds: Self.latencyBounds)
+        latency[route] = h
+        lock.unlock()
+        h.observe(seconds)
+    }
+
+    /// The exposition text; `gauges` are sampled by the caller (queue depths, cache).
+    func render(gauges: [(name: String, help: String, value: Double)]) -> String {
+        var out = ""
+        func header(_ name: String, _ type: String, _ help: String) {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
+        }
+        lock.lock()
+        let requests = self.requests, latency = self.latency
+        lock.unlock()
+        header("continuum_http_requests_total", "counter", "HTTP requests by route and status.")
+        for (route, byStatus) in requests.sorted(by: { $0.key < $1.key }) {
+            for (status, n) in byStatus.sorted(by: { $0.key < $1.key }) {
+                out += "continuum_http_requests_total{route=\"\(route)\",status=\"\(status)\"} \(n)\n"
+            }
+        }
+        header("continuum_http_request_duration_seconds", "histogram", "HTTP request latency by route (to the response head).")
+        for (route, h) in latency.sorted(by: { $0.key < $1.key }) {
+            out += h.render(name: "continuum_http_request_duration_seconds", labels: "route=\"\(route)\"")
+        }
+        let counters: [(String, String, Counter)] = [
+            ("continuum_prompt_tokens_total", "Prompt tokens processed.", promptTokens),
+            ("continuum_completion_tokens_total", "Tokens generated.", completionTokens),
+            ("continuum_learning_jobs_enqueued_total", "Learning jobs committed by this replica.", jobsEnqueued),
+            ("continuum_learning_jobs_applied_total", "Learning jobs applied by this replica's workers.", jobsApplied),
+            ("continuum_learned_tokens_total", "Learnable tokens applied by this replica's workers.", tokensLearned),
+            ("continuum_learning_failures_total", "Learning rounds that failed and were retried.", learningFailures),
+        ]
+        for (name, help, c) in counters {
+            header(name, "counter", help)
+            out += "\(name) \(c.current)\n"
+        }
+        header("continuum_learning_lag_seconds", "histogram", "From a learning job's commit to its application.")
+        out += learningLag.render(name: "continuum_learning_lag_seconds")
+        for g in gauges {
+            header(g.name, "gauge", g.help)
+            out += "\(g.name) \(g.value)\n"
+        }
+        return out
+    }
+}

@@ -1,0 +1,130 @@
+// Users' memories in the service: the level weights a user's requests run
+// with (from a bounded LRU cache keyed by user and version, PostgreSQL
+// behind it), the learning state the worker and the memory operations
+// decode and encode, and the thread the learning maths runs on.
+import Foundation
+import Memory
+import Model
+import Store
+
+/// The weights of users' current memory versions, least recently used
+/// dropped first beyond `capacityBytes`. Keyed by user id and version: a
+/// version's weights never change, so an entry is never stale; a request
+/// reads the user's current version from the database first.
+final class LevelCache: @unchecked Sendable {
+    struct Key: Hashable {
+        let user: Int64
+        let version: Int64
+    }
+
+    let capacityBytes: Int
+    private let lock = NSLock()
+    private var entries: [Key: (state: LevelState, bytes: Int, tick: UInt64)] = [:]
+    private var tick: UInt64 = 0
+    private(set) var bytes = 0
+    private(set) var hits = 0
+    private(set) var misses = 0
+
+    init(capacityBytes: Int) {
+        self.capacityBytes = capacityBytes
+    }
+
+    func get(_ key: Key) -> LevelState? {
+        lock.lock()
+        defer { lock.unlock() }
+        tick += 1
+        guard let e = entries[key] else { misses += 1; return nil }
+        hits += 1
+        entries[key]!.tick = tick
+        return e.state
+    }
+
+    func put(_ key: Key, _ state: LevelState) {
+        let size = state.blocks.joined().reduce(0) { $0 + $1.tensors.reduce(0) { $0 + 4 * $1.count } }
+        lock.lock()
+        defer { lock.unlock() }
+        guard size <= capacityBytes else { return }
+        tick += 1
+        if let old = entries[key] { bytes -= old.bytes }
+        entries[key] = (state, size, tick)
+        bytes += size
+        while bytes > capacityBytes, let oldest = entries.min(by: { $0.value.tick < $1.value.tick }) {
+            bytes -= oldest.value.bytes
+            entries[oldest.key] = nil
+        }
+    }
+
+    /// Drops every entry of the user (erasure).
+    func remove(user: Int64) {
+        lock.lock()
+        defer { lock.unlock() }
+        for key in entries.keys where key.user == user {
+            bytes -= entries[key]!.bytes
+            entries[key] = nil
+        }
+    }
+
+    func snapshot() -> (entries: Int, bytes: Int, hits: Int, misses: Int) {
+        lock.lock()
+        defer { lock.unlock() }
+        return (entries.count, bytes, hits, misses)
+    }
+}
+
+/// Decodes, runs and encodes users' level states for the service.
+final class UserMemory: Sendable {
+    let model: LlamaModel
+    let levels: LevelConfiguration
+    let database: Database
+    let cache: LevelCache
+    /// Learning work (learning jobs, consolidation) runs here, off the
+    /// server's event loops and cooperative threads.
+    private let queue = DispatchQueue(label: "continuum.learning")
+
+    init(model: LlamaModel, levels: LevelConfiguration, database: Database, cacheBytes: Int) {
+        self.model = model
+        self.levels = levels
+        self.database = database
+        cache = LevelCache(capacityBytes: cacheBytes)
+    }
+
+    /// Runs `work` on the learning thread.
+    func compute<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { c in
+            queue.async { c.resume(with: Result { try work() }) }
+        }
+    }
+
+    /// The adapter for the user's current version: nil at a memory with no
+    /// stored level (the backbone itself, so a new user's output is the backbone's).
+    func adapter(for user: User) async throws -> LevelState? {
+        let key = LevelCache.Key(user: user.id, version: user.version)
+        if let state = cache.get(key) { return state }
+        guard let stored = try await database.memory(userID: user.id, version: user.version, withLearner: false) else {
+            // The version moved on since the user row was read: the caller retries with the new one.
+            throw VersionMoved()
+        }
+        guard !stored.levels.isEmpty else { return nil }
+        let state = try learner(stored).state   // a few milliseconds; not behind the learning queue
+        cache.put(key, state)
+        return state
+    }
+
+    struct VersionMoved: Error {}
+
+    /// The learner a stored memory holds.
+    func learner(_ stored: StoredMemory) throws -> LevelLearner {
+        try LevelStateFile.decode(levels: stored.levels, learner: stored.learner, model: model, configuration: levels)
+    }
+
+    /// A change writing the `changed` levels' parts of `learner` (and
+    /// marking the `fresh` ones fresh) and its learner part.
+    func change(_ learner: LevelLearner, changed: [Int], fresh: [Int] = [], cause: String, causeID: String?,
+                actor: String) throws -> MemoryChange {
+        var parts: [String: Data?] = [:]
+        for l in changed { parts[levels.levels[l].name] = try LevelStateFile.encodeLevel(learner, level: l, backbone: model.fingerprint) }
+        for l in fresh { parts[levels.levels[l].name] = .some(nil) }
+        return MemoryChange(levels: parts, learner: try LevelStateFile.encodeLearner(learner, backbone: model.fingerprint),
+                            cause: cause, causeID: causeID, actor: actor)
+    }
+}
