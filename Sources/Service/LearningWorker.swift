@@ -39,11 +39,14 @@ final class LearningWorker: Sendable {
     /// One round: nil when no job waited, else the jobs applied.
     @discardableResult
     func round() async throws -> [(job: LearningJob, version: Int64, lagSeconds: Double)]? {
-        let memory = self.memory
+        let memory = self.memory, metrics = self.metrics
         let final = FinalState()
+        let start = ContinuousClock.now
         let applied = try await memory.database.learnNext(limit: configuration.learningBatch, keep: configuration.versionsKept) {
             user, stored, jobs in
             try await memory.compute {
+                let computeStart = ContinuousClock.now
+                defer { metrics.learningCompute.observe((ContinuousClock.now - computeStart).seconds) }
                 let learner = try memory.learner(stored)
                 var changes: [MemoryChange?] = []
                 for job in jobs {
@@ -59,6 +62,7 @@ final class LearningWorker: Sendable {
                                        learner: try LevelStateFile.encodeLearner(learner, backbone: memory.model.fingerprint))
             }
         }
+        if applied?.isEmpty == false { metrics.learningRound.observe((ContinuousClock.now - start).seconds) }
         // Committed: the new current version's weights are the learner's.
         if let applied, let last = applied.last, let f = final.get(), f.changed {
             memory.cache.put(.init(user: f.user, version: last.version), f.state)

@@ -61,6 +61,9 @@ final class Metrics: @unchecked Sendable {
     let tokensLearned = Counter()
     let learningFailures = Counter()
     let learningLag = Histogram(bounds: [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300])
+    /// A learning round, claim to commit; and its compute part (decode, learn, encode).
+    let learningRound = Histogram(bounds: latencyBounds)
+    let learningCompute = Histogram(bounds: latencyBounds)
 
     func record(route: String, status: Int, seconds: Double) {
         lock.lock()
@@ -104,6 +107,10 @@ final class Metrics: @unchecked Sendable {
         }
         header("continuum_learning_lag_seconds", "histogram", "From a learning job's commit to its application.")
         out += learningLag.render(name: "continuum_learning_lag_seconds")
+        header("continuum_learning_round_seconds", "histogram", "A learning round of one user's jobs, claim to commit.")
+        out += learningRound.render(name: "continuum_learning_round_seconds")
+        header("continuum_learning_compute_seconds", "histogram", "A round's compute: decode the state, learn, encode the changes.")
+        out += learningCompute.render(name: "continuum_learning_compute_seconds")
         for g in gauges {
             header(g.name, "gauge", g.help)
             out += "\(g.name) \(g.value)\n"

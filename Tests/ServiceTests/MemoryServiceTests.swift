@@ -129,6 +129,19 @@ struct MemoryServiceTests {
             #expect(versions.contains { $0["cause"] as? String == "learning" && ($0["cause_id"] as? String)?.count == 36 })
             #expect(versions.allSatisfy { $0["cause"] as? String == "created" || ($0["actor"] as? String)?.hasPrefix("key:") == true })
 
+            // Metrics: the jobs this replica applied, their lag, the cache.
+            let metrics = try await client.execute(uri: "/metrics", method: .get)
+            #expect(metrics.status == .ok && metrics.headers[.contentType]?.hasPrefix("text/plain") == true)
+            let lines = metrics.body.text.split(separator: "\n")
+            func value(_ name: String) -> Double? {
+                lines.first { $0.hasPrefix(name + " ") }.flatMap { Double($0.split(separator: " ")[1]) }
+            }
+            #expect(value("continuum_learning_jobs_applied_total") == 13 && value("continuum_learning_jobs_enqueued_total") == 13)
+            #expect(value("continuum_learning_lag_seconds_count") == 13 && value("continuum_learning_jobs_queued") == 0)
+            #expect(try #require(value("continuum_level_cache_hits")) > 0)
+            #expect(lines.contains { $0.hasPrefix("continuum_http_requests_total{route=\"/v1/generate\",status=\"200\"}") })
+            #expect(lines.contains { $0.hasPrefix("continuum_http_requests_total{route=\"/v1/users/{user}/memory\",status=\"200\"}") })
+
             // Bob, generating meanwhile, has the backbone's output and no version.
             let bob = try await generate(client, key: key, user: "bob", prompt: probe, maxTokens: 8, learn: false)
             #expect(bob["text"] as? String == backboneText && bob["memory_version"] as? Int == 0)

@@ -74,6 +74,19 @@ func post(_ client: some TestClientProtocol, _ uri: String, key: String?, _ body
     return try await client.execute(uri: uri, method: .post, headers: headers, body: ByteBuffer(string: body))
 }
 
+/// POST on a connection of its own: the test client's one connection
+/// pipelines requests one after another, so concurrent requests need their own.
+func postOnNewConnection(port: Int, _ uri: String, key: String, _ body: String) async throws
+    -> (status: HTTPResponse.Status, body: ByteBuffer) {
+    let client = TestClient(host: "localhost", port: port, configuration: .init(timeout: .seconds(120)))
+    client.connect()
+    defer { Task { try? await client.shutdown() } }
+    let r = try await client.execute(.init(uri, method: .post, authority: "localhost",
+                                           headers: [.contentType: "application/json", .authorization: "Bearer \(key)"],
+                                           body: ByteBuffer(string: body)))
+    return (r.head.status, r.body ?? ByteBuffer())
+}
+
 /// The error object of an OpenAI-style error body.
 func errorObject(_ r: TestResponse) throws -> [String: Any] {
     try #require(try r.body.json()["error"] as? [String: Any])
@@ -225,6 +238,28 @@ struct ServiceTests {
         await db.close()
     }
 
+    @Test("admission: beyond max_queued generations in flight, 429 in the OpenAI shape")
+    func admission() async throws {
+        let (db, key) = try await Fixture.database()
+        try await Fixture.app(db, { $0.maxBatch = 1; $0.maxQueued = 1 }).test(.live) { client in
+            let statuses = try await withThrowingTaskGroup(of: (Int, String).self) { group in
+                for i in 0..<4 {
+                    group.addTask {
+                        let r = try await postOnNewConnection(port: client.port!, "/v1/generate", key: key,
+                                               #"{"user": "u\#(i)", "prompt": "Once upon a time", "max_tokens": 96, "temperature": 0}"#)
+                        let type = (try? r.body.json()["error"] as? [String: Any])??["type"] as? String
+                        return (Int(r.status.code), type ?? "")
+                    }
+                }
+                return try await group.reduce(into: []) { $0.append($1) }
+            }
+            #expect(statuses.contains { $0.0 == 200 }, "\(statuses)")
+            #expect(statuses.contains { $0.0 == 429 && $0.1 == "rate_limit_error" }, "\(statuses)")
+            #expect(statuses.allSatisfy { $0.0 == 200 || $0.0 == 429 })
+        }
+        await db.close()
+    }
+
     @Test("limits: body size and prompt length give 413")
     func limits() async throws {
         let (db, key) = try await Fixture.database()
@@ -250,7 +285,8 @@ struct ServiceTests {
                 for (i, p) in prompts.enumerated() {
                     group.addTask {
                         let body = try JSONSerialization.data(withJSONObject: ["user": "u\(i)", "prompt": p, "temperature": 0, "max_tokens": 12])
-                        let r = try await post(client, "/v1/generate", key: key, String(decoding: body, as: UTF8.self))
+                        let r = try await postOnNewConnection(port: client.port!, "/v1/generate", key: key,
+                                                              String(decoding: body, as: UTF8.self))
                         return (i, (try r.body.json()["text"] as? String) ?? "<\(r.status)>")
                     }
                 }

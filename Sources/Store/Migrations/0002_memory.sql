@@ -21,3 +21,9 @@ CREATE TABLE feedback (
     created_at      TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX feedback_user ON feedback (user_id);
+
+-- Level tensors and learner parts are float32 data that pglz barely
+-- compresses: store them out of line uncompressed (no CPU spent on it).
+ALTER TABLE level_snapshots ALTER COLUMN tensors SET STORAGE EXTERNAL;
+ALTER TABLE users ALTER COLUMN learner SET STORAGE EXTERNAL;
+ALTER TABLE memory_versions ALTER COLUMN learner SET STORAGE EXTERNAL;
