@@ -110,6 +110,17 @@ def main():
         check("the user's chat turns were learned before the responses", m["jobs_applied"] == 3 and m["queued_jobs"] == 0
               and all(level["tokens"] > 0 for level in m["levels"]), m)
 
+        # The drift audit of that user, on demand, then from the CLI against the same database.
+        audit = json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/users/carol/audit", data=b"", method="POST",
+            headers={"Authorization": f"Bearer {key}"})).read())
+        check("audit report of the user", audit["audited_version"] == m["version"] and audit["metrics"]["probe_positions"] > 100
+              and 0 <= audit["metrics"]["top1_agreement"] <= 1, audit.get("metrics"))
+        table = subprocess.run([BIN, "audit", "--tenant", "dev", "--data-dir", workdir], capture_output=True, text=True)
+        rows = table.stdout.splitlines()
+        check("continuum audit prints the ranking", table.returncode == 0 and rows[0].split()[:3] == ["rank", "user", "version"]
+              and rows[1].split()[1] == "carol", table.stdout + table.stderr)
+
         try:
             client.completions.create(model="gpt-4", prompt=prompt, max_tokens=4)
             check("unknown model raises NotFoundError", False, "no error")

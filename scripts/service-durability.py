@@ -117,7 +117,9 @@ def main():
         {"name": "fast", "chunk_size": 16, "width": 8, "layers": list(range(24, 30)), "learning_rate": 1e-2},
     ], "min_surprise": 0}, open(levels, "w"))
     config = os.path.join(workdir, "service.json")
-    json.dump({"learning_workers": 1, "learning_batch": 4, "max_queued": 256, "max_batch": 16}, open(config, "w"))
+    # Auditing is off here: this checks the queue, not drift (AuditTests does).
+    json.dump({"learning_workers": 1, "learning_batch": 4, "max_queued": 256, "max_batch": 16, "audit": False},
+              open(config, "w"))
     common = ["--data-dir", workdir, "--levels", levels, "--config", config]
     ports = [free_port(), free_port()]
     a = Replica(workdir, "a", ports[0], common)

@@ -120,11 +120,7 @@ public enum LevelStateFile {
 
     /// The learner's complete state as safetensors bytes.
     public static func encode(_ learner: LevelLearner, backbone: String) throws -> Data {
-        var meta = try commonMetadata(learner, format: format, backbone: backbone)
-        meta["counters"] = try json(counters(learner, steps: true))
-        meta["recent_tokens"] = try json(learner.recentTokens)
-        let all = learner.state.configuration.levels.indices.flatMap { tensors(learner, level: $0, weights: true, accumulators: true) }
-        return try write(all, metadata: meta)
+        try encode(learner, format: format, weights: true, backbone: backbone)
     }
 
     /// One level's weights and optimizer moments (the part written when that level changes).
@@ -138,10 +134,18 @@ public enum LevelStateFile {
     /// Everything but the levels' weights and moments: accumulators, counters
     /// and recent contexts (the part that changes with every learned request).
     public static func encodeLearner(_ learner: LevelLearner, backbone: String) throws -> Data {
-        var meta = try commonMetadata(learner, format: learnerFormat, backbone: backbone)
-        meta["counters"] = try json(counters(learner, steps: false))
+        try encode(learner, format: learnerFormat, weights: false, backbone: backbone)
+    }
+
+    /// Accumulators, counters and recent contexts, with every level's weights
+    /// and moments (and optimizer steps in the counters) when `weights`.
+    static func encode(_ learner: LevelLearner, format: String, weights: Bool, backbone: String) throws -> Data {
+        var meta = try commonMetadata(learner, format: format, backbone: backbone)
+        meta["counters"] = try json(counters(learner, steps: weights))
         meta["recent_tokens"] = try json(learner.recentTokens)
-        let all = learner.state.configuration.levels.indices.flatMap { tensors(learner, level: $0, weights: false, accumulators: true) }
+        let all = learner.state.configuration.levels.indices.flatMap {
+            tensors(learner, level: $0, weights: weights, accumulators: true)
+        }
         return try write(all, metadata: meta)
     }
 

@@ -79,15 +79,18 @@ final class ServiceState: Sendable {
     let database: Database
     let engine: BatchEngine
     let memory: UserMemory
+    let auditor: Auditor
     let metrics = Metrics()
     let started = Date()
 
-    init(configuration: ServiceConfiguration, model: LlamaModel, levels: LevelConfiguration, database: Database) {
+    init(configuration: ServiceConfiguration, model: LlamaModel, levels: LevelConfiguration, database: Database,
+         logger: Logger) throws {
         self.configuration = configuration
         self.model = model
         self.database = database
         engine = BatchEngine(model: model, maxBatch: configuration.maxBatch, maxQueued: configuration.maxQueued)
         memory = UserMemory(model: model, levels: levels, database: database, cacheBytes: configuration.cacheBytes)
+        auditor = try Auditor(memory: memory, configuration: configuration, logger: logger)
     }
 }
 
@@ -124,7 +127,7 @@ public func buildApplication(configuration: ServiceConfiguration, model: LlamaMo
     try configuration.validate()
     let levels = levels ?? LevelConfiguration.defaults(layers: model.configuration.numHiddenLayers)
     try levels.validate(layers: model.configuration.numHiddenLayers)
-    let state = ServiceState(configuration: configuration, model: model, levels: levels, database: database)
+    let state = try ServiceState(configuration: configuration, model: model, levels: levels, database: database, logger: logger)
     let router = Router(context: AppContext.self)
     router.add(middleware: MetricsMiddleware(metrics: state.metrics))
     router.add(middleware: ErrorMiddleware())
@@ -133,9 +136,10 @@ public func buildApplication(configuration: ServiceConfiguration, model: LlamaMo
     GenerationRoutes(state: state).register(on: router)
     DocumentationRoutes.register(on: router)
     MetricsRoutes(state: state).register(on: router)
+    AuditRoutes(state: state).register(on: router)
     let workers: [any ServiceLifecycle.Service] = (0..<configuration.learningWorkers).map { _ in
         LearningService(worker: LearningWorker(memory: state.memory, configuration: configuration, metrics: state.metrics,
-                                               logger: logger))
+                                               auditor: configuration.audit ? state.auditor : nil, logger: logger))
     }
     return Application(
         router: router,

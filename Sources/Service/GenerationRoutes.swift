@@ -149,7 +149,7 @@ struct GenerationRoutes {
         state.metrics.promptTokens.increment(by: result.promptTokens)
         state.metrics.completionTokens.increment(by: result.tokens.count)
         guard let user = target.user else { return .init(state: .off) }
-        let job = learn && user.learning && prompt.learnable.dropFirst().contains(true)
+        let job = learn && user.learns && prompt.learnable.dropFirst().contains(true)
             ? LearningRequest(tokens: prompt.tokens, learnable: prompt.learnable) : nil
         let jobID = try await state.database.recordGeneration(id: id, userID: user.id, memoryVersion: user.version,
                                                               prompt: prompt.tokens, completion: result.tokens,
@@ -263,19 +263,29 @@ struct GenerationRoutes {
         return ByteBuffer(string: "data: \(jsonObject(o))\n\n")
     }
 
+    /// What the OpenAI-compatible endpoints share: the generation started
+    /// with the request's user's memory, its id, and the step that records it
+    /// (and its learning job) once it has finished.
+    func start(_ prompt: Prompt, _ s: Components.Schemas.Sampling, _ principal: Principal, user: String?, learn: Bool?,
+               wait: Bool?, idPrefix: String) async throws
+        -> (AsyncThrowingStream<GenerationEvent, Error>, String, @Sendable (GenerationResult) async throws -> Void) {
+        let parameters = try sampling(s)
+        let target = try await target(user, principal)
+        let stream = try submit(prompt, parameters, target)
+        let uuid = UUID(), learn = learn ?? true, wait = wait ?? false
+        return (stream, idPrefix + uuid.uuidString.lowercased(), { result in
+            _ = try await finish(result, id: uuid, target: target, prompt: prompt, learn: learn, wait: wait)
+        })
+    }
+
     func completion(_ request: Request, _ context: AppContext) async throws -> Response {
         let principal = try RequestPrincipal.required()
         let body = try await decode(Components.Schemas.CompletionRequest.self, request)
         let r = body.value2
         try checkModel(r.model)
-        let prompt = try self.prompt(r.prompt), parameters = try sampling(body.value1)
-        let target = try await target(r.user, principal)
-        let stream = try submit(prompt, parameters, target)
-        let uuid = UUID(), learn = r.learn ?? true, wait = r.waitForLearning ?? false
-        let id = "cmpl-" + uuid.uuidString.lowercased(), created = Int64(Date().timeIntervalSince1970), model = r.model
-        let finished: @Sendable (GenerationResult) async throws -> Void = { result in
-            _ = try await finish(result, id: uuid, target: target, prompt: prompt, learn: learn, wait: wait)
-        }
+        let (stream, id, finished) = try await start(try prompt(r.prompt), body.value1, principal, user: r.user, learn: r.learn,
+                                                     wait: r.waitForLearning, idPrefix: "cmpl-")
+        let created = Int64(Date().timeIntervalSince1970), model = r.model
         guard r.stream == true else {
             let result = try await collect(stream)
             try await finished(result)
@@ -313,14 +323,9 @@ struct GenerationRoutes {
         let body = try await decode(Components.Schemas.ChatCompletionRequest.self, request)
         let r = body.value2
         try checkModel(r.model)
-        let prompt = try self.prompt(r.messages), parameters = try sampling(body.value1)
-        let target = try await target(r.user, principal)
-        let stream = try submit(prompt, parameters, target)
-        let uuid = UUID(), learn = r.learn ?? true, wait = r.waitForLearning ?? false
-        let id = "chatcmpl-" + uuid.uuidString.lowercased(), created = Int64(Date().timeIntervalSince1970), model = r.model
-        let finished: @Sendable (GenerationResult) async throws -> Void = { result in
-            _ = try await finish(result, id: uuid, target: target, prompt: prompt, learn: learn, wait: wait)
-        }
+        let (stream, id, finished) = try await start(try prompt(r.messages), body.value1, principal, user: r.user, learn: r.learn,
+                                                     wait: r.waitForLearning, idPrefix: "chatcmpl-")
+        let created = Int64(Date().timeIntervalSince1970), model = r.model
         guard r.stream == true else {
             let result = try await collect(stream)
             try await finished(result)

@@ -13,12 +13,14 @@ final class LearningWorker: Sendable {
     let memory: UserMemory
     let configuration: ServiceConfiguration
     let metrics: Metrics
+    let auditor: Auditor?
     let logger: Logger
 
-    init(memory: UserMemory, configuration: ServiceConfiguration, metrics: Metrics, logger: Logger) {
+    init(memory: UserMemory, configuration: ServiceConfiguration, metrics: Metrics, auditor: Auditor?, logger: Logger) {
         self.memory = memory
         self.configuration = configuration
         self.metrics = metrics
+        self.auditor = auditor
         self.logger = logger
     }
 
@@ -27,7 +29,9 @@ final class LearningWorker: Sendable {
     func run(idle: Duration = .milliseconds(50), until stop: @escaping @Sendable () -> Bool) async {
         while !Task.isCancelled && !stop() {
             do {
-                if try await round() == nil { try? await Task.sleep(for: idle) }
+                let applied = try await round()
+                await auditor?.runDue()   // audits of new versions, between rounds
+                if applied == nil { try? await Task.sleep(for: idle) }
             } catch {
                 logger.error("learning round failed: \(error)")
                 metrics.learningFailures.increment()
@@ -57,7 +61,7 @@ final class LearningWorker: Sendable {
                         learner, changed: changed, cause: job.kind == "feedback" ? "feedback" : "learning",
                         causeID: job.sourceID?.uuidString.lowercased(), actor: job.actor))
                 }
-                final.set(user: user.id, state: learner.state, changed: changes.contains { $0 != nil })
+                final.set(user: user.id, tenant: user.tenantID, state: learner.state, changed: changes.contains { $0 != nil })
                 return LearningOutcome(changes: changes,
                                        learner: try LevelStateFile.encodeLearner(learner, backbone: memory.model.fingerprint))
             }
@@ -66,6 +70,7 @@ final class LearningWorker: Sendable {
         // Committed: the new current version's weights are the learner's.
         if let applied, let last = applied.last, let f = final.get(), f.changed {
             memory.cache.put(.init(user: f.user, version: last.version), f.state)
+            auditor?.versionChanged(userID: f.user, tenantID: f.tenant)
         }
         for a in applied ?? [] {
             metrics.learningLag.observe(a.lagSeconds)
@@ -78,12 +83,12 @@ final class LearningWorker: Sendable {
     /// The learner state a round ended with, handed out of the compute closure.
     final class FinalState: @unchecked Sendable {
         private let lock = NSLock()
-        private var value: (user: Int64, state: LevelState, changed: Bool)?
-        func set(user: Int64, state: LevelState, changed: Bool) {
+        private var value: (user: Int64, tenant: Int64, state: LevelState, changed: Bool)?
+        func set(user: Int64, tenant: Int64, state: LevelState, changed: Bool) {
             lock.lock(); defer { lock.unlock() }
-            value = (user, state, changed)
+            value = (user, tenant, state, changed)
         }
-        func get() -> (user: Int64, state: LevelState, changed: Bool)? {
+        func get() -> (user: Int64, tenant: Int64, state: LevelState, changed: Bool)? {
             lock.lock(); defer { lock.unlock() }
             return value
         }

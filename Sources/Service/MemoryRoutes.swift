@@ -25,8 +25,9 @@ extension ServiceState {
         if wait {
             let deadline = ContinuousClock.now + .seconds(configuration.learningWaitSeconds)
             while ContinuousClock.now < deadline {
-                if let s = try await database.jobState(id: job), s.state == "done" {
-                    return .init(state: .applied, jobId: job, version: s.version)
+                if let s = try await database.jobState(id: job) {
+                    if s.state == "done" { return .init(state: .applied, jobId: job, version: s.version) }
+                    if s.frozen { return .init(state: .frozen, jobId: job) }   // waits until the user is cleared
                 }
                 try await Task.sleep(for: .milliseconds(20))
             }
@@ -73,8 +74,8 @@ extension OperationsAPI {
         let positive = body.rating == .positive
         if let c = body.correction, c.isEmpty { throw APIError.invalid("correction must not be empty", param: "correction") }
         var job: LearningRequest?
-        let tenantLearns = try await state.database.tenants().first { $0.id == principal.tenantID }?.learning ?? false
-        if tenantLearns {
+        let learns = try await state.database.user(id: generation.userID, tenantID: principal.tenantID)?.learns ?? false
+        if learns {
             let prompt = generation.promptTokens
             if let c = body.correction {
                 let answer = state.model.tokenizer.encode(c)
@@ -104,7 +105,7 @@ extension OperationsAPI {
     func eraseUser(_ input: Operations.EraseUser.Input) async throws -> Operations.EraseUser.Output {
         let principal = try RequestPrincipal.required()
         let user = try await state.existingUser(input.path.user, principal)
-        guard try await state.database.eraseUser(tenantID: principal.tenantID, name: user.name) else {
+        guard try await state.database.eraseUser(tenantID: principal.tenantID, name: user.name, actor: ServiceState.actor(principal)) else {
             throw APIError.notFound("no user '\(user.name)' in this tenant")
         }
         state.memory.cache.remove(user: user.id)

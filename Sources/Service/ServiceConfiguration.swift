@@ -29,6 +29,14 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
     public var cacheBytes = 256 << 20
     /// Longest wait for a request's own learning job (`wait_for_learning`).
     public var learningWaitSeconds = 120.0
+    /// Audit users' new memory versions in the background (drift metrics, policies).
+    public var audit = true
+    /// Least seconds between two background audits of one user (new versions in between wait).
+    public var auditIntervalSeconds = 30.0
+    /// Tokens of the user's recent text the personalisation metric scores.
+    public var auditPersonalTokens = 128
+    /// Tokens of the shipped reference text the forgetting metric scores.
+    public var auditReferenceTokens = 256
 
     enum CodingKeys: String, CodingKey {
         case host, port
@@ -36,6 +44,8 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
         case maxBatch = "max_batch", maxQueued = "max_queued", modelName = "model_name"
         case learningWorkers = "learning_workers", learningBatch = "learning_batch", versionsKept = "versions_kept"
         case cacheBytes = "cache_bytes", learningWaitSeconds = "learning_wait_seconds"
+        case audit, auditIntervalSeconds = "audit_interval_seconds", auditPersonalTokens = "audit_personal_tokens"
+        case auditReferenceTokens = "audit_reference_tokens"
     }
 
     public struct Invalid: Error, CustomStringConvertible {
@@ -60,6 +70,10 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
         versionsKept = try c.decodeIfPresent(Int.self, forKey: .versionsKept) ?? d.versionsKept
         cacheBytes = try c.decodeIfPresent(Int.self, forKey: .cacheBytes) ?? d.cacheBytes
         learningWaitSeconds = try c.decodeIfPresent(Double.self, forKey: .learningWaitSeconds) ?? d.learningWaitSeconds
+        audit = try c.decodeIfPresent(Bool.self, forKey: .audit) ?? d.audit
+        auditIntervalSeconds = try c.decodeIfPresent(Double.self, forKey: .auditIntervalSeconds) ?? d.auditIntervalSeconds
+        auditPersonalTokens = try c.decodeIfPresent(Int.self, forKey: .auditPersonalTokens) ?? d.auditPersonalTokens
+        auditReferenceTokens = try c.decodeIfPresent(Int.self, forKey: .auditReferenceTokens) ?? d.auditReferenceTokens
         try validate()
     }
 
@@ -77,5 +91,8 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
         if versionsKept < 1 { try fail("versions_kept must be at least 1") }
         if cacheBytes < 0 { try fail("cache_bytes must be at least 0") }
         if !(learningWaitSeconds > 0) { try fail("learning_wait_seconds must be positive") }
+        if !(auditIntervalSeconds >= 0) { try fail("audit_interval_seconds must be at least 0") }
+        if auditPersonalTokens < 2 { try fail("audit_personal_tokens must be at least 2") }
+        if auditReferenceTokens < 2 { try fail("audit_reference_tokens must be at least 2") }
     }
 }

@@ -23,7 +23,12 @@ public struct User: Sendable, Equatable {
     public let jobsApplied: Int64
     /// Whether the tenant lets its users' memories learn.
     public let learning: Bool
+    /// Frozen by a drift policy or an operator: no learning until cleared.
+    public let frozen: Bool
     public let createdAt: Date
+
+    /// Whether this user's requests are learned.
+    public var learns: Bool { learning && !frozen }
 }
 
 /// One version of a user's memory.
@@ -118,10 +123,11 @@ public struct StoredGeneration: Sendable {
 extension Database {
     // MARK: Users
 
-    static let userColumns = "u.id, u.tenant_id, u.name, u.version, u.jobs_applied, t.learning, u.created_at"
+    static let userColumns = "u.id, u.tenant_id, u.name, u.version, u.jobs_applied, t.learning, u.frozen, u.created_at"
+    typealias UserRow = (Int64, Int64, String, Int64, Int64, Bool, Bool, Date)
 
-    static func user(_ r: (Int64, Int64, String, Int64, Int64, Bool, Date)) -> User {
-        User(id: r.0, tenantID: r.1, name: r.2, version: r.3, jobsApplied: r.4, learning: r.5, createdAt: r.6)
+    static func user(_ r: UserRow) -> User {
+        User(id: r.0, tenantID: r.1, name: r.2, version: r.3, jobsApplied: r.4, learning: r.5, frozen: r.6, createdAt: r.7)
     }
 
     /// The tenant's user named `name`; created (at version 0) when `create` and missing.
@@ -147,7 +153,18 @@ extension Database {
             SELECT \(unescaped: Self.userColumns) FROM users u JOIN tenants t ON t.id = u.tenant_id
             WHERE u.tenant_id = \(tenantID) AND u.name = \(name)
             """, logger: logger)
-        for try await r in rows.decode((Int64, Int64, String, Int64, Int64, Bool, Date).self) { return Self.user(r) }
+        for try await r in rows.decode(UserRow.self) { return Self.user(r) }
+        return nil
+    }
+
+    /// The tenant's user with this id.
+    public func user(id: Int64, tenantID: Int64) async throws -> User? {
+        for try await r in try await client.query("""
+            SELECT \(unescaped: Self.userColumns) FROM users u JOIN tenants t ON t.id = u.tenant_id
+            WHERE u.tenant_id = \(tenantID) AND u.id = \(id)
+            """, logger: logger).decode(UserRow.self) {
+            return Self.user(r)
+        }
         return nil
     }
 
@@ -158,19 +175,27 @@ extension Database {
             WHERE u.tenant_id = \(tenantID) ORDER BY u.name
             """, logger: logger)
         var out: [User] = []
-        for try await r in rows.decode((Int64, Int64, String, Int64, Int64, Bool, Date).self) { out.append(Self.user(r)) }
+        for try await r in rows.decode(UserRow.self) { out.append(Self.user(r)) }
         return out
     }
 
     /// Erases the user: every row that holds their data (generations,
-    /// feedback, jobs, versions, snapshots) goes with the user row. False
-    /// when the tenant has no such user.
-    public func eraseUser(tenantID: Int64, name: String) async throws -> Bool {
-        let rows = try await client.query("""
-            DELETE FROM users WHERE tenant_id = \(tenantID) AND name = \(name) RETURNING id
-            """, logger: logger)
-        for try await _ in rows.decode(Int64.self) { return true }
-        return false
+    /// feedback, jobs, versions, snapshots, audit events and drift reports)
+    /// goes with the user row; a content-free tombstone (event, time, actor,
+    /// the internal id) stays in the audit log. False when the tenant has no such user.
+    public func eraseUser(tenantID: Int64, name: String, actor: String) async throws -> Bool {
+        try await transaction { tx in
+            var erased: (Int64, Int64)?
+            for try await r in try await tx.query("""
+                DELETE FROM users WHERE tenant_id = \(tenantID) AND name = \(name) RETURNING id, version
+                """, logger: self.logger).decode((Int64, Int64).self) { erased = r }
+            guard let (id, version) = erased else { return false }
+            try await tx.query("""
+                INSERT INTO audit_events (tenant_id, user_id, event, from_version, actor, detail)
+                VALUES (\(tenantID), NULL, 'erase', \(version), \(actor), jsonb_build_object('user_id', \(id)))
+                """, logger: self.logger)
+            return true
+        }
     }
 
     // MARK: Versions
@@ -305,6 +330,8 @@ extension Database {
             else { throw Failure(description: "user \(userID) has no current memory version") }
             guard let change = try await body(current) else { return current.version }
             let next = try await Self.apply(change, after: (current.version, map), userID: userID, tx: tx, logger: self.logger)
+            try await Self.audit(tx, userID: userID, event: change.cause, from: current.version, to: next.version, actor: change.actor,
+                                 causeID: change.causeID, logger: self.logger)
             try await Self.prune(userID: userID, keep: keep, tx: tx, logger: self.logger)
             return next.version
         }
@@ -343,6 +370,8 @@ extension Database {
                                           cause: "fork", causeID: "\(source.name)@\(memory.version)", actor: actor)
                 _ = try await Self.apply(change, after: (0, [:]), userID: id, tx: tx, logger: self.logger)
             }
+            try await Self.audit(tx, userID: id, event: "fork", from: nil, to: memory.levels.isEmpty && memory.learner == nil ? 0 : 1,
+                                 actor: actor, causeID: "\(source.name)@\(memory.version)", logger: self.logger)
         }
         guard let user = try await user(tenantID: source.tenantID, name: target) else {
             throw Failure(description: "the forked user '\(target)' was not created")
@@ -438,17 +467,20 @@ extension Database {
                 VALUES (\(userID), \(next), \(current), \(levels)::jsonb, \(learner), 'rollback', \(String(version)), \(actor))
                 """, logger: self.logger)
             try await tx.query("UPDATE users SET version = \(next), learner = \(learner) WHERE id = \(userID)", logger: self.logger)
+            try await Self.audit(tx, userID: userID, event: "rollback", from: current, to: next, actor: actor,
+                                 causeID: String(version), detail: "{\"restored\": \(version)}", logger: self.logger)
             try await Self.prune(userID: userID, keep: keep, tx: tx, logger: self.logger)
             return next
         }
     }
 
-    /// A job's state ("queued" or "done") and the version it was applied in.
-    public func jobState(id: Int64) async throws -> (state: String, version: Int64?)? {
+    /// A job's state ("queued" or "done"), the version it was applied in,
+    /// and whether its user is frozen (a frozen user's jobs wait until cleared).
+    public func jobState(id: Int64) async throws -> (state: String, version: Int64?, frozen: Bool)? {
         for try await r in try await client.query("""
-            SELECT state, applied_version FROM learning_jobs WHERE id = \(id)
-            """, logger: logger).decode((String, Int64?).self) {
-            return (r.0, r.1)
+            SELECT j.state, j.applied_version, u.frozen FROM learning_jobs j JOIN users u ON u.id = j.user_id WHERE j.id = \(id)
+            """, logger: logger).decode((String, Int64?, Bool).self) {
+            return (r.0, r.1, r.2)
         }
         return nil
     }
@@ -479,11 +511,11 @@ extension Database {
             var claimed: User?
             for try await r in try await tx.query("""
                 SELECT \(unescaped: Self.userColumns) FROM users u JOIN tenants t ON t.id = u.tenant_id
-                WHERE EXISTS (SELECT 1 FROM learning_jobs j WHERE j.user_id = u.id AND j.state = 'queued')
+                WHERE NOT u.frozen AND EXISTS (SELECT 1 FROM learning_jobs j WHERE j.user_id = u.id AND j.state = 'queued')
                 ORDER BY (SELECT min(j.id) FROM learning_jobs j WHERE j.user_id = u.id AND j.state = 'queued')
                 LIMIT 1
                 FOR NO KEY UPDATE OF u SKIP LOCKED
-                """, logger: self.logger).decode((Int64, Int64, String, Int64, Int64, Bool, Date).self) {
+                """, logger: self.logger).decode(UserRow.self) {
                 claimed = Self.user(r)
             }
             guard let user = claimed else { return nil }
@@ -504,7 +536,12 @@ extension Database {
             precondition(outcome.changes.count == jobs.count, "one outcome per job")
             var applied: [(job: LearningJob, version: Int64, lagSeconds: Double)] = []
             for (job, change) in zip(jobs, outcome.changes) {
+                let from = current.version
                 if let change { current = try await Self.apply(change, after: current, userID: user.id, tx: tx, logger: self.logger) }
+                try await Self.audit(tx, userID: user.id, event: job.kind == "feedback" ? "feedback" : "learning", from: from,
+                                     to: current.version, actor: job.actor, causeID: job.sourceID?.uuidString.lowercased(),
+                                     detail: "{\"job_id\": \(job.id), \"learnable_tokens\": \(job.learnable.dropFirst().filter { $0 }.count)}",
+                                     logger: self.logger)
                 for try await lag in try await tx.query("""
                     UPDATE learning_jobs SET state = 'done', applied_version = \(current.version), finished_at = clock_timestamp()
                     WHERE id = \(job.id) RETURNING EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8

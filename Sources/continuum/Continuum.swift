@@ -11,7 +11,7 @@ struct Continuum: AsyncParsableCommand {
         commandName: "continuum",
         abstract: "A model server in which every user's model keeps learning.",
         subcommands: [FetchModel.self, Tokenize.self, Generate.self, Perplexity.self, Bench.self, Learn.self, Score.self,
-                      Consolidate.self, Serve.self, Migrate.self, Tenants.self, Keys.self])
+                      Consolidate.self, Serve.self, Migrate.self, Tenants.self, Keys.self, Audit.self])
 }
 
 /// Options every model-using command takes.

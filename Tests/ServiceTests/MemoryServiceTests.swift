@@ -206,7 +206,8 @@ struct MemoryServiceTests {
             let id = try #require(try await db.user(tenantID: tenant.id, name: "alice")?.id)
             let erase = try await delete(client, "/v1/users/alice", key: key)
             #expect(erase.status == .ok)
-            for table in ["users", "generations", "learning_jobs", "memory_versions", "level_snapshots", "feedback"] {
+            for table in ["users", "generations", "learning_jobs", "memory_versions", "level_snapshots", "feedback", "audit_events",
+                          "drift_reports"] {
                 let column = table == "users" ? "id" : "user_id"
                 #expect(try await db.integer(unsafeSQL: "SELECT count(*)::bigint FROM \(table) WHERE \(column) = \(id)") == 0, "\(table)")
             }

@@ -56,6 +56,8 @@ enum Fixture {
         var c = ServiceConfiguration()
         c.port = 0
         c.learningWorkers = learning ? 1 : 0
+        c.audit = false   // AuditTests turn it on
+        c.auditReferenceTokens = 128
         configure(&c)
         return try buildApplication(configuration: c, model: try model.get(), levels: levels, database: db)
     }

@@ -1,0 +1,271 @@
+// Auditor: the drift audit of users' memory versions. After a learning round
+// changes a user's version (no sooner than audit_interval_seconds after that
+// user's previous audit) and on demand, it measures the version against the
+// backbone (Drift: KL and top-1 agreement on the tenant's probe set,
+// forgetting on shipped reference text, personalisation on the user's recent
+// text, parameter norms and change, activity), stores the report, checks the
+// tenant's policies and applies their actions (warn, freeze, rollback), each
+// an audit event.
+import Foundation
+import Logging
+import Memory
+import Model
+import Store
+
+/// A threshold on one audit metric and what to do when it is crossed.
+struct Policy: Codable, Sendable, Equatable {
+    enum Action: String, Codable, Sendable { case warn, freeze, rollback }
+    var metric: String
+    /// Crossed when the metric is above `max` or below `min`.
+    var max: Double?
+    var min: Double?
+    var action: Action
+
+    static let metrics = ["kl_mean", "kl_max", "top1_agreement", "forgetting_ppl_ratio", "personalization_ppl_ratio",
+                          "param_norm", "param_change"]
+
+    func validate() throws {
+        guard Self.metrics.contains(metric) else {
+            throw APIError.invalid("unknown metric '\(metric)'; one of \(Self.metrics.joined(separator: ", "))", param: "metric")
+        }
+        guard (max == nil) != (min == nil) else { throw APIError.invalid("give exactly one of max and min", param: "max") }
+        guard (max ?? min!).isFinite else { throw APIError.invalid("the threshold must be a finite number", param: "max") }
+    }
+
+    /// Whether `value` crosses the threshold.
+    func crossed(by value: Double) -> Bool {
+        if let max, value > max { return true }
+        if let min, value < min { return true }
+        return false
+    }
+
+    /// The defaults: flags only (no automatic action). kl_max separates the
+    /// audit test's users best (normally taught 0.095, fed contradicting
+    /// corrections 2.56); see README, "Drift audit".
+    static let defaults = [
+        Policy(metric: "kl_max", max: 1.0, action: .warn),
+        Policy(metric: "top1_agreement", min: 0.8, action: .warn),
+        Policy(metric: "forgetting_ppl_ratio", max: 1.1, action: .warn),
+    ]
+}
+
+/// One version's drift metrics (the JSON `metrics` object of a report).
+struct DriftMetrics: Codable, Sendable {
+    var version: Int64
+    var klMean: Double
+    var klMax: Double
+    var top1Agreement: Double
+    var probePositions: Int
+    var forgettingPPL: Double
+    var backboneForgettingPPL: Double
+    var forgettingPPLRatio: Double
+    var personalizationPPL: Double?
+    var backbonePersonalizationPPL: Double?
+    var personalizationPPLRatio: Double?
+    /// Σ over levels of the norms of what they add (see Drift.norms), and per level and layer.
+    var paramNorm: Double
+    var levelNorms: [String: [Double]]
+    /// Norm of the change since the previous kept version (nil: none kept).
+    var paramChange: Double?
+    var levelChanges: [String: [Double]]?
+    var tokensLearned: [String: Int]
+    var updatesApplied: [String: Int]
+    var updatesRejected: [String: Int]
+    var consolidations: Int
+    var jobsApplied: Int64
+    var seconds: Double
+
+    enum CodingKeys: String, CodingKey {
+        case version, klMean = "kl_mean", klMax = "kl_max", top1Agreement = "top1_agreement", probePositions = "probe_positions"
+        case forgettingPPL = "forgetting_ppl", backboneForgettingPPL = "backbone_forgetting_ppl"
+        case forgettingPPLRatio = "forgetting_ppl_ratio", personalizationPPL = "personalization_ppl"
+        case backbonePersonalizationPPL = "backbone_personalization_ppl", personalizationPPLRatio = "personalization_ppl_ratio"
+        case paramNorm = "param_norm", levelNorms = "level_norms", paramChange = "param_change", levelChanges = "level_changes"
+        case tokensLearned = "tokens_learned", updatesApplied = "updates_applied", updatesRejected = "updates_rejected"
+        case consolidations, jobsApplied = "jobs_applied", seconds
+    }
+
+    func value(_ metric: String) -> Double? {
+        switch metric {
+        case "kl_mean": klMean
+        case "kl_max": klMax
+        case "top1_agreement": top1Agreement
+        case "forgetting_ppl_ratio": forgettingPPLRatio
+        case "personalization_ppl_ratio": personalizationPPLRatio
+        case "param_norm": paramNorm
+        case "param_change": paramChange
+        default: nil
+        }
+    }
+}
+
+/// A crossed policy.
+struct DriftFlag: Codable, Sendable, Equatable {
+    var metric: String
+    var value: Double
+    var max: Double?
+    var min: Double?
+    var action: Policy.Action
+}
+
+final class Auditor: @unchecked Sendable {
+    let memory: UserMemory
+    let configuration: ServiceConfiguration
+    let logger: Logger
+    let defaultProbes: [String]
+    let reference: [Int]
+    private let lock = NSLock()
+    private var backboneReferencePPL: Double?
+    /// Users whose new version awaits an audit, with when it is due; last audit per user.
+    private var pending: [Int64: (tenantID: Int64, due: Date)] = [:]
+    private var lastAudit: [Int64: Date] = [:]
+
+    struct MissingResource: Error, CustomStringConvertible { let description: String }
+
+    init(memory: UserMemory, configuration: ServiceConfiguration, logger: Logger) throws {
+        self.memory = memory
+        self.configuration = configuration
+        self.logger = logger
+        guard let dir = Bundle.module.url(forResource: "Audit", withExtension: nil),
+              let probes = FileManager.default.contents(atPath: dir.path + "/probes.json"),
+              let text = FileManager.default.contents(atPath: dir.path + "/reference.txt") else {
+            throw MissingResource(description: "the audit's probe set or reference text is missing from this build")
+        }
+        struct ProbeFile: Decodable { let probes: [String] }
+        defaultProbes = try JSONDecoder().decode(ProbeFile.self, from: probes).probes
+        reference = Array(memory.model.tokenizer.encode(String(decoding: text, as: UTF8.self))
+            .prefix(configuration.auditReferenceTokens))
+    }
+
+    var database: Database { memory.database }
+
+    // MARK: Scheduling
+
+    /// After a round changed the user's version: due now, or once the interval since their last audit has passed.
+    func versionChanged(userID: Int64, tenantID: Int64) {
+        guard configuration.audit else { return }
+        lock.lock()
+        defer { lock.unlock() }
+        let due = lastAudit[userID].map { $0.addingTimeInterval(configuration.auditIntervalSeconds) } ?? Date()
+        pending[userID] = (tenantID, max(due, pending[userID]?.due ?? .distantPast))
+    }
+
+    /// Runs the audits that are due (background, never on a request's path).
+    func runDue() async {
+        let now = Date()
+        let due = lock.withLock {
+            let due = pending.filter { $0.value.due <= now }
+            for id in due.keys { pending[id] = nil }
+            return due
+        }
+        for (userID, entry) in due {
+            do {
+                guard let user = try await database.user(id: userID, tenantID: entry.tenantID) else { continue }
+                _ = try await audit(user, actor: "policy")
+            } catch {
+                logger.error("audit of user \(userID) failed: \(error)")
+            }
+        }
+    }
+
+    // MARK: Measuring
+
+    /// The tenant's probe texts (its own set, else the default one).
+    func probes(tenantID: Int64) async throws -> [String] {
+        if let json = try await database.auditSettings(tenantID: tenantID).probes {
+            return try JSONDecoder().decode([String].self, from: Data(json.utf8))
+        }
+        return defaultProbes
+    }
+
+    /// The tenant's policies (its own, else the defaults).
+    func policies(tenantID: Int64) async throws -> [Policy] {
+        if let json = try await database.auditSettings(tenantID: tenantID).policies {
+            return try JSONDecoder().decode([Policy].self, from: Data(json.utf8))
+        }
+        return Policy.defaults
+    }
+
+    /// Measures the user's current version, stores the report, applies the
+    /// policies' actions (as `actor`). Returns the metrics and flags.
+    func audit(_ user: User, actor: String) async throws -> (DriftMetrics, [DriftFlag]) {
+        lock.withLock { lastAudit[user.id] = Date() }
+        guard let stored = try await database.memory(userID: user.id) else { throw APIError.notFound("user '\(user.name)' has no memory") }
+        let previous = stored.version > 0 ? try await database.memory(userID: user.id, version: stored.version - 1) : nil
+        let memory = self.memory, reference = self.reference, personalTokens = configuration.auditPersonalTokens
+        let probeTokens = try await probes(tenantID: user.tenantID).map { memory.model.tokenizer.encode($0) }
+        let backboneReference = try await backboneReferencePerplexity()
+        let metrics = try await memory.compute {
+            let start = ContinuousClock.now
+            let learner = try memory.learner(stored)
+            let state: LevelState? = stored.levels.isEmpty ? nil : learner.state
+            let model = memory.model
+            let behaviour = try Drift.behaviour(model: model, probes: probeTokens, state: state)
+            let forgetting = try model.perplexity(tokens: reference, adapter: state).perplexity
+            let personal = Array(learner.recentTokens.joined().suffix(personalTokens))
+            var userPersonal: Double?, basePersonal: Double?
+            if personal.count >= 2 {
+                userPersonal = try model.perplexity(tokens: personal, adapter: state).perplexity
+                basePersonal = try model.perplexity(tokens: personal).perplexity
+            }
+            let names = memory.levels.levels.map(\.name)
+            let norms = Drift.norms(learner.state)
+            var changes: [[Double]]?
+            if let previous { changes = Drift.change(learner.state, from: try memory.learner(previous).state) }
+            func total(_ x: [[Double]]) -> Double { x.joined().reduce(0) { $0 + $1 * $1 }.squareRoot() }
+            func byLevel<T>(_ x: [T]) -> [String: T] { Dictionary(uniqueKeysWithValues: zip(names, x)) }
+            return DriftMetrics(
+                version: stored.version, klMean: behaviour.klMean, klMax: behaviour.klMax, top1Agreement: behaviour.top1Agreement,
+                probePositions: behaviour.positions, forgettingPPL: forgetting, backboneForgettingPPL: backboneReference,
+                forgettingPPLRatio: forgetting / backboneReference, personalizationPPL: userPersonal,
+                backbonePersonalizationPPL: basePersonal,
+                personalizationPPLRatio: userPersonal.flatMap { u in basePersonal.map { u / $0 } },
+                paramNorm: total(norms), levelNorms: byLevel(norms), paramChange: changes.map(total),
+                levelChanges: changes.map(byLevel), tokensLearned: byLevel(learner.tokenCounters),
+                updatesApplied: byLevel(learner.updatesApplied), updatesRejected: byLevel(learner.updatesRejected),
+                consolidations: learner.consolidations, jobsApplied: stored.jobsApplied,
+                seconds: (ContinuousClock.now - start).seconds)
+        }
+        let flags = try await policies(tenantID: user.tenantID).compactMap { p -> DriftFlag? in
+            guard let v = metrics.value(p.metric), p.crossed(by: v) else { return nil }
+            return DriftFlag(metric: p.metric, value: v, max: p.max, min: p.min, action: p.action)
+        }
+        try await database.saveDriftReport(userID: user.id, version: metrics.version, metrics: try Self.json(metrics),
+                                           flags: try Self.json(flags), passed: flags.isEmpty)
+        try await act(on: flags, user: user, version: metrics.version, actor: actor)
+        return (metrics, flags)
+    }
+
+    /// The policies' actions: a warn event per flag, freezing, rollback to the last version that passed.
+    func act(on flags: [DriftFlag], user: User, version: Int64, actor: String) async throws {
+        guard !flags.isEmpty else { return }
+        let detail = try Self.json(flags)
+        try await database.recordAudit(userID: user.id, event: "warn", from: version, to: version, actor: actor,
+                                       causeID: flags.map(\.metric).joined(separator: ","), detail: "{\"flags\": \(detail)}")
+        if flags.contains(where: { $0.action == .freeze }) {
+            try await database.setFrozen(userID: user.id, true, actor: actor, causeID: "version \(version)",
+                                         detail: "{\"flags\": \(detail)}")
+        }
+        if flags.contains(where: { $0.action == .rollback }),
+           let target = try await database.lastPassingVersion(userID: user.id, before: version) {
+            _ = try await database.rollback(userID: user.id, to: target, keep: configuration.versionsKept, actor: actor)
+            logger.info("policy rolled user \(user.id) back from version \(version) to \(target)")
+            versionChanged(userID: user.id, tenantID: user.tenantID)   // the restored version gets its own report
+        }
+    }
+
+    func backboneReferencePerplexity() async throws -> Double {
+        if let cached = lock.withLock({ backboneReferencePPL }) { return cached }
+        let memory = self.memory, reference = self.reference
+        let ppl = try await memory.compute { try memory.model.perplexity(tokens: reference).perplexity }
+        lock.withLock { backboneReferencePPL = ppl }
+        return ppl
+    }
+
+    static func json(_ value: some Encodable) throws -> String {
+        let e = JSONEncoder()
+        e.outputFormatting = [.sortedKeys]
+        e.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
+        return String(decoding: try e.encode(value), as: UTF8.self)
+    }
+}
