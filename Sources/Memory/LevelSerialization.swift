@@ -53,7 +53,8 @@ public enum LevelStateFile {
 
     static let tensorNames = ["gain", "gate", "up", "down"]
 
-    static func sha256(_ data: Data) -> String {
+    /// Hex SHA-256 of bytes (configuration checksums; import provenance).
+    public static func sha256(_ data: Data) -> String {
         var h = SHA256()
         data.withUnsafeBytes { h.update($0) }
         return h.finalizeHex()

@@ -137,6 +137,7 @@ public func buildApplication(configuration: ServiceConfiguration, model: LlamaMo
     DocumentationRoutes.register(on: router)
     MetricsRoutes(state: state).register(on: router)
     AuditRoutes(state: state).register(on: router)
+    ImportRoute(state: state).register(on: router)
     let workers: [any ServiceLifecycle.Service] = (0..<configuration.learningWorkers).map { _ in
         LearningService(worker: LearningWorker(memory: state.memory, configuration: configuration, metrics: state.metrics,
                                                auditor: configuration.audit ? state.auditor : nil, logger: logger))

@@ -257,3 +257,53 @@ struct MetricsRoutes {
         }
     }
 }
+
+/// POST /v1/users/{user}/memory/import: a state file (as export gives it)
+/// becomes the user's memory, as a new version (the user is created if
+/// missing). Routed by hand for its binary body and its own size limit.
+struct ImportRoute {
+    let state: ServiceState
+
+    func register(on router: Router<AppContext>) {
+        router.post("/v1/users/:user/memory/import") { request, context in try await importState(request, context) }
+    }
+
+    func importState(_ request: Request, _ context: AppContext) async throws -> Response {
+        let principal = try RequestPrincipal.required()
+        guard let name = context.parameters.get("user"), !name.isEmpty, name.utf8.count <= 256 else {
+            throw APIError.invalid("user must have 1 to 256 bytes", param: "user")
+        }
+        var request = request
+        let data: Data
+        do {
+            data = Data(buffer: try await request.collectBody(upTo: state.configuration.maxImportBytes))
+        } catch {
+            throw APIError.tooLarge("the state file exceeds max_import_bytes (\(state.configuration.maxImportBytes))")
+        }
+        let memory = state.memory, actor = ServiceState.actor(principal)
+        // Checked before any row is written: a bad file changes nothing.
+        let learner = try await memory.compute { () throws -> UncheckedLearner in
+            do {
+                return UncheckedLearner(value: try LevelStateFile.decode(data, model: memory.model, expecting: memory.levels))
+            } catch let e as LevelStateFile.Incompatible {
+                throw APIError.invalid(e.description, param: "body")
+            }
+        }
+        guard let user = try await state.database.user(tenantID: principal.tenantID, name: name, create: true) else {
+            throw APIError.notFound("no user '\(name)' in this tenant")
+        }
+        let digest = String(LevelStateFile.sha256(data).prefix(16))
+        _ = try await state.database.mutateMemory(userID: user.id, keep: state.configuration.versionsKept) { _ in
+            try await memory.compute {
+                try memory.change(learner.value, changed: Array(memory.levels.levels.indices), cause: "import",
+                                  causeID: "sha256:" + digest, actor: actor)
+            }
+        }
+        return try GenerationRoutes.json(try await state.memoryInfo(user))
+    }
+
+    /// A decoded learner handed between the learning thread and the request.
+    struct UncheckedLearner: @unchecked Sendable {
+        let value: LevelLearner
+    }
+}

@@ -9,6 +9,8 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
     public var port = 8080
     /// Largest request body in bytes (413 beyond it).
     public var maxBodyBytes = 1 << 20
+    /// Largest state file a memory import takes (413 beyond it).
+    public var maxImportBytes = 256 << 20
     /// Most prompt tokens per request (413 beyond it); also bounded by the model's context.
     public var maxPromptTokens = 4096
     /// Largest max_tokens a request may ask for (400 beyond it).
@@ -39,7 +41,7 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
     public var auditReferenceTokens = 256
 
     enum CodingKeys: String, CodingKey {
-        case host, port
+        case host, port, maxImportBytes = "max_import_bytes"
         case maxBodyBytes = "max_body_bytes", maxPromptTokens = "max_prompt_tokens", maxTokens = "max_tokens"
         case maxBatch = "max_batch", maxQueued = "max_queued", modelName = "model_name"
         case learningWorkers = "learning_workers", learningBatch = "learning_batch", versionsKept = "versions_kept"
@@ -60,6 +62,7 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
         host = try c.decodeIfPresent(String.self, forKey: .host) ?? d.host
         port = try c.decodeIfPresent(Int.self, forKey: .port) ?? d.port
         maxBodyBytes = try c.decodeIfPresent(Int.self, forKey: .maxBodyBytes) ?? d.maxBodyBytes
+        maxImportBytes = try c.decodeIfPresent(Int.self, forKey: .maxImportBytes) ?? d.maxImportBytes
         maxPromptTokens = try c.decodeIfPresent(Int.self, forKey: .maxPromptTokens) ?? d.maxPromptTokens
         maxTokens = try c.decodeIfPresent(Int.self, forKey: .maxTokens) ?? d.maxTokens
         maxBatch = try c.decodeIfPresent(Int.self, forKey: .maxBatch) ?? d.maxBatch
@@ -81,6 +84,7 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
         func fail(_ m: String) throws -> Never { throw Invalid(description: "invalid service configuration: " + m) }
         if !(0...65535).contains(port) { try fail("port must be in 0...65535, got \(port)") }
         if maxBodyBytes < 1024 { try fail("max_body_bytes must be at least 1024") }
+        if maxImportBytes < 1024 { try fail("max_import_bytes must be at least 1024") }
         if maxPromptTokens < 1 { try fail("max_prompt_tokens must be at least 1") }
         if maxTokens < 1 { try fail("max_tokens must be at least 1") }
         if maxBatch < 1 { try fail("max_batch must be at least 1") }

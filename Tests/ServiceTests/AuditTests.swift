@@ -68,6 +68,28 @@ struct AuditTests {
             #expect(m["top1_agreement"] as? Double == 1 && m["forgetting_ppl_ratio"] as? Double == 1, "\(m)")
             #expect(m["param_norm"] as? Double == 0 && (m["probe_positions"] as? Int ?? 0) > 100)
             #expect(report["passed"] as? Bool == true && (report["flags"] as? [Any])?.isEmpty == true)
+
+            // The tenant's own probe set replaces the default one; the positions follow it.
+            let probes = ["Hello world, how are you?", "The sky is"]
+            let set = try await put(client, "/v1/audit/probes", key: key, Fixture.json(["probes": probes]))
+            let isDefault = try set.body.json()["default"] as? Bool
+            #expect(set.status == .ok && isDefault == false)
+            let custom = try await post(client, "/v1/users/fresh/audit", key: key, "").body.json()
+            let model = try Fixture.model.get()
+            #expect((custom["metrics"] as? [String: Any])?["probe_positions"] as? Int
+                    == probes.reduce(0) { $0 + model.tokenizer.encode($1).count })
+            #expect(try await put(client, "/v1/audit/probes", key: key, #"{"probes": []}"#).status == .badRequest)
+            let reset = try await put(client, "/v1/audit/probes", key: key, #"{"probes": null}"#)
+            #expect((try reset.body.json()["default"] as? Bool) == true)
+            // Policies are validated.
+            for bad in [#"{"policies": [{"metric": "loudness", "max": 1, "action": "warn"}]}"#,
+                        #"{"policies": [{"metric": "kl_max", "action": "warn"}]}"#,
+                        #"{"policies": [{"metric": "kl_max", "max": 1, "action": "explode"}]}"#] {
+                let r = try await put(client, "/v1/audit/policies", key: key, bad)
+                #expect(r.status == .badRequest, "\(bad): \(r.status)")
+            }
+            let defaults = try await get(client, "/v1/audit/policies", key: key).body.json()
+            #expect(defaults["default"] as? Bool == true && (defaults["policies"] as? [Any])?.count == 3)
         }
         await db.close()
     }
@@ -181,12 +203,26 @@ struct AuditTests {
             #expect(try await post(client, "/v1/users/script/memory/reset", key: key, #"{"levels": ["fast"]}"#).status == .ok)
             #expect(try await post(client, "/v1/users/script/memory/rollback", key: key, #"{"version": 1}"#).status == .ok)
             #expect(try await post(client, "/v1/users/script/memory/consolidate", key: key, #"{"steps": 2, "generated_tokens": 4}"#).status == .ok)
+            // Import: version 1's exported state becomes the memory again; a file that is not a state changes nothing.
+            let v1 = try await get(client, "/v1/users/script/memory/export?version=1", key: key).body
+            func importing(_ body: ByteBuffer) async throws -> TestResponse {
+                try await client.execute(uri: "/v1/users/script/memory/import", method: .post,
+                                         headers: [.authorization: "Bearer \(key)", .contentType: "application/octet-stream"], body: body)
+            }
+            let before = try await get(client, "/v1/users/script/memory", key: key).body.json()["version"] as? Int
+            let bad = try await importing(ByteBuffer(string: "not a state file"))
+            let message = try errorObject(bad)["message"] as? String
+            #expect(bad.status == .badRequest && message?.contains("level state") == true, "\(message ?? "")")
+            #expect(try await get(client, "/v1/users/script/memory", key: key).body.json()["version"] as? Int == before)
+            #expect(try await importing(v1).status == .ok)
+            let exportedAgain = try await get(client, "/v1/users/script/memory/export", key: key).body
+            #expect(exportedAgain == v1, "\(difference(exportedAgain, v1))")
             #expect(try await post(client, "/v1/users/script/memory/fork", key: key, #"{"to": "script-copy"}"#).status == .ok)
             #expect(try await delete(client, "/v1/users/script-copy", key: key).status == .ok)
 
             let events = try #require(try await get(client, "/v1/users/script/audit/events?since=\(start.timeIntervalSince1970 - 1)",
                                                     key: key).body.json()["data"] as? [[String: Any]])
-            #expect(events.compactMap { $0["event"] as? String } == ["learning", "learning", "feedback", "reset", "rollback", "consolidate"],
+            #expect(events.compactMap { $0["event"] as? String } == ["learning", "learning", "feedback", "reset", "rollback", "consolidate", "import"],
                     "\(events)")
             // Each mutation starts from the version the previous one left.
             for (a, b) in zip(events, events.dropFirst()) { #expect(a["to_version"] as? Int == b["from_version"] as? Int, "\(a) → \(b)") }
