@@ -9,7 +9,7 @@ import Tensor
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks: engine throughput (default) and personalisation (`bench learn`).",
-        subcommands: [BenchEngine.self, BenchLearn.self], defaultSubcommand: BenchEngine.self)
+        subcommands: [BenchEngine.self, BenchLearn.self, BenchAudit.self], defaultSubcommand: BenchEngine.self)
 }
 
 struct BenchEngine: ParsableCommand {
