@@ -108,6 +108,11 @@ struct AuditTests {
             let nm = try #require(normal["metrics"] as? [String: Any])
             print("normal user: seconds \(nm["seconds"]!), kl_mean \(nm["kl_mean"]!), kl_max \(nm["kl_max"]!), top1 \(nm["top1_agreement"]!), forgetting \(nm["forgetting_ppl_ratio"]!), personal \(nm["personalization_ppl_ratio"] ?? "-")")
             #expect(normal["passed"] as? Bool == true && normal["frozen"] as? Bool == false, "\(nm)")
+            // …and within every default policy too.
+            for p in Policy.defaults {
+                let value = try #require(nm[p.metric] as? Double)
+                #expect(!p.crossed(by: value), "\(p.metric) \(value)")
+            }
 
             try await Self.feedPoison(client, key: key, user: "adversary", rounds: 3)
             let adversary = try await awaitReport(client, key: key, user: "adversary") { $0["frozen"] as? Bool == true }
@@ -138,8 +143,9 @@ struct AuditTests {
         await db.close()
     }
 
-    /// Between what normal teaching and the poison reach (measured: kl_max 0.095 vs 2.56 with the test levels).
-    static let klThreshold = 0.5
+    /// The default kl_max threshold, with an action: normal teaching stays far below it, the poison
+    /// crosses it (measured with the test levels: kl_max 0.095 vs 2.56).
+    static let klThreshold = Policy.defaults.first { $0.metric == "kl_max" }!.max!
 
     @Test("a rollback policy returns the user to the last version that passed, with that version's outputs")
     func rollbackPolicy() async throws {
