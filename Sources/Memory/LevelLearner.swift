@@ -24,6 +24,9 @@ public final class LevelLearner {
     /// Updates applied and rejected, per level.
     public private(set) var updatesApplied: [Int]
     public private(set) var updatesRejected: [Int]
+    /// Of those, refused by the NaN/Inf guard and by the max_norm guard, per level.
+    public private(set) var rejectedNonFinite: [Int]
+    public private(set) var rejectedNorm: [Int]
     /// Consolidations run.
     public private(set) var consolidations = 0
     /// The user's most recent requests' tokens (at most `recentLimit` tokens
@@ -43,6 +46,8 @@ public final class LevelLearner {
         accumulatedTokens = tokenCounters
         updatesApplied = tokenCounters
         updatesRejected = tokenCounters
+        rejectedNonFinite = tokenCounters
+        rejectedNorm = tokenCounters
         accumulators = state.zeroGradients()
         moments = zip(state.blocks, state.configuration.levels).map { blocks, level in
             blocks.map { b in b.tensors.map { OptimizerMoments(count: $0.count, kind: level.optimizer.kind) } }
@@ -100,7 +105,7 @@ public final class LevelLearner {
         let n = Float(max(1, accumulatedTokens[l]))
         var grads = accumulators[l].map { b in b.tensors.map { t in t.map { $0 / n } } }
         let norm = grads.joined().joined().reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()
-        guard norm.isFinite else { return reject(l) }
+        guard norm.isFinite else { return reject(l, nonFinite: true) }
         if cfg.gradientClip > 0 && norm > cfg.gradientClip {
             let s = Float(cfg.gradientClip / norm)
             grads = grads.map { $0.map { $0.map { $0 * s } } }
@@ -116,10 +121,10 @@ public final class LevelLearner {
                 newBlocks[b].down = newBlocks[b].down.map { keep * $0 }
             }
         }
-        guard newBlocks.allSatisfy(\.isFinite) else { return reject(l) }
+        guard newBlocks.allSatisfy(\.isFinite) else { return reject(l, nonFinite: true) }
         if cfg.maxNorm > 0 {
             let downNorm = newBlocks.reduce(0.0) { s, b in s + b.down.reduce(0.0) { $0 + Double($1) * Double($1) } }.squareRoot()
-            guard downNorm <= cfg.maxNorm else { return reject(l) }
+            guard downNorm <= cfg.maxNorm else { return reject(l, nonFinite: false) }
         }
         state.blocks[l] = newBlocks
         moments[l] = newMoments
@@ -140,19 +145,24 @@ public final class LevelLearner {
         }
     }
 
-    private func reject(_ l: Int) {
+    private func reject(_ l: Int, nonFinite: Bool) {
         updatesRejected[l] += 1
+        if nonFinite { rejectedNonFinite[l] += 1 } else { rejectedNorm[l] += 1 }
     }
 
     /// Restores counters, accumulators and moments read from a saved state.
     func restore(tokenCounters: [Int], accumulators: [[LevelState.Block]], accumulatedTokens: [Int],
-                 moments: [[[OptimizerMoments]]], updatesApplied: [Int], updatesRejected: [Int], consolidations: Int) {
+                 moments: [[[OptimizerMoments]]], updatesApplied: [Int], updatesRejected: [Int], consolidations: Int,
+                 rejectedNonFinite: [Int]? = nil, rejectedNorm: [Int]? = nil) {
         self.tokenCounters = tokenCounters
         self.accumulators = accumulators
         self.accumulatedTokens = accumulatedTokens
         self.moments = moments
         self.updatesApplied = updatesApplied
         self.updatesRejected = updatesRejected
+        // States written before the reasons were counted: all of a level's rejections under unknown.
+        self.rejectedNonFinite = rejectedNonFinite ?? updatesRejected.map { _ in 0 }
+        self.rejectedNorm = rejectedNorm ?? updatesRejected.map { _ in 0 }
         self.consolidations = consolidations
     }
 
@@ -192,6 +202,8 @@ public final class LevelLearner {
         tokenCounters[l] = 0
         updatesApplied[l] = 0
         updatesRejected[l] = 0
+        rejectedNonFinite[l] = 0
+        rejectedNorm[l] = 0
         let kind = state.configuration.levels[l].optimizer.kind
         moments[l] = moments[l].map { $0.map { OptimizerMoments(count: $0.first.count, kind: kind) } }
     }

@@ -12,8 +12,8 @@
 //   format "continuum-levels", version "1",
 //   configuration (the LevelConfiguration as JSON), configuration_sha256,
 //   backbone (LlamaModel.fingerprint), counters (JSON: token_counters,
-//   accumulated_tokens, updates_applied, updates_rejected, optimizer_steps,
-//   consolidations), recent_tokens (JSON: the recent requests' token ids,
+//   accumulated_tokens, updates_applied, updates_rejected, rejected_non_finite,
+//   rejected_norm, optimizer_steps, consolidations), recent_tokens (JSON: the recent requests' token ids,
 //   which consolidation distils on).
 //
 // The same state can be split into parts, which is how the store keeps it
@@ -40,6 +40,9 @@ public enum LevelStateFile {
         var accumulatedTokens: [Int]
         var updatesApplied: [Int]
         var updatesRejected: [Int]
+        /// Of the rejections, by guard (absent in states written before they were counted).
+        var rejectedNonFinite: [Int]?
+        var rejectedNorm: [Int]?
         /// [level][block][tensor]
         var optimizerSteps: [[[Int]]]
         var consolidations: Int
@@ -47,6 +50,7 @@ public enum LevelStateFile {
         enum CodingKeys: String, CodingKey {
             case tokenCounters = "token_counters", accumulatedTokens = "accumulated_tokens"
             case updatesApplied = "updates_applied", updatesRejected = "updates_rejected"
+            case rejectedNonFinite = "rejected_non_finite", rejectedNorm = "rejected_norm"
             case optimizerSteps = "optimizer_steps", consolidations
         }
     }
@@ -102,6 +106,7 @@ public enum LevelStateFile {
     static func counters(_ learner: LevelLearner, steps: Bool) -> Counters {
         Counters(tokenCounters: learner.tokenCounters, accumulatedTokens: learner.accumulatedTokens,
                  updatesApplied: learner.updatesApplied, updatesRejected: learner.updatesRejected,
+                 rejectedNonFinite: learner.rejectedNonFinite, rejectedNorm: learner.rejectedNorm,
                  optimizerSteps: steps ? learner.moments.map { $0.map { $0.map(\.steps) } } : [],
                  consolidations: learner.consolidations)
     }
@@ -291,7 +296,7 @@ public enum LevelStateFile {
         }
         learner.restore(tokenCounters: c.tokenCounters, accumulators: accumulators, accumulatedTokens: c.accumulatedTokens,
                         moments: moments, updatesApplied: c.updatesApplied, updatesRejected: c.updatesRejected,
-                        consolidations: c.consolidations)
+                        consolidations: c.consolidations, rejectedNonFinite: c.rejectedNonFinite, rejectedNorm: c.rejectedNorm)
     }
 
     /// Restores a learner from parts (`encodeLevel` per level name,
@@ -320,7 +325,7 @@ public enum LevelStateFile {
             learner.restore(tokenCounters: learner.tokenCounters, accumulators: learner.accumulators,
                             accumulatedTokens: learner.accumulatedTokens, moments: moments,
                             updatesApplied: learner.updatesApplied, updatesRejected: learner.updatesRejected,
-                            consolidations: 0)
+                            consolidations: 0, rejectedNonFinite: learner.rejectedNonFinite, rejectedNorm: learner.rejectedNorm)
         }
         return learner
     }

@@ -71,6 +71,9 @@ struct DriftMetrics: Codable, Sendable {
     var tokensLearned: [String: Int]
     var updatesApplied: [String: Int]
     var updatesRejected: [String: Int]
+    /// Of the rejected steps, those refused by the NaN/Inf guard and by the max_norm guard.
+    var rejectedNonFinite: [String: Int]
+    var rejectedNorm: [String: Int]
     var consolidations: Int
     var jobsApplied: Int64
     var seconds: Double
@@ -82,6 +85,7 @@ struct DriftMetrics: Codable, Sendable {
         case backbonePersonalizationPPL = "backbone_personalization_ppl", personalizationPPLRatio = "personalization_ppl_ratio"
         case paramNorm = "param_norm", levelNorms = "level_norms", paramChange = "param_change", levelChanges = "level_changes"
         case tokensLearned = "tokens_learned", updatesApplied = "updates_applied", updatesRejected = "updates_rejected"
+        case rejectedNonFinite = "rejected_non_finite", rejectedNorm = "rejected_norm"
         case consolidations, jobsApplied = "jobs_applied", seconds
     }
 
@@ -223,6 +227,7 @@ final class Auditor: @unchecked Sendable {
                 paramNorm: total(norms), levelNorms: byLevel(norms), paramChange: changes.map(total),
                 levelChanges: changes.map(byLevel), tokensLearned: byLevel(learner.tokenCounters),
                 updatesApplied: byLevel(learner.updatesApplied), updatesRejected: byLevel(learner.updatesRejected),
+                rejectedNonFinite: byLevel(learner.rejectedNonFinite), rejectedNorm: byLevel(learner.rejectedNorm),
                 consolidations: learner.consolidations, jobsApplied: stored.jobsApplied,
                 seconds: (ContinuousClock.now - start).seconds)
         }

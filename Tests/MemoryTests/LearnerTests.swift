@@ -100,6 +100,7 @@ struct LearnerTests {
         learner.applyUpdate(level: 0)
         #expect(learner.state.blocks == good)
         #expect(learner.updatesRejected == [1] && learner.updatesApplied == [1])
+        #expect(learner.rejectedNonFinite == [1] && learner.rejectedNorm == [0])
         // Learning goes on afterwards.
         try learner.learn(tokens: Tiny.tokens, learnable: Tiny.mask(5..<9))
         #expect(learner.updatesApplied == [2] && learner.state.blocks != good)
@@ -113,6 +114,7 @@ struct LearnerTests {
         let start = learner.state.blocks
         try learner.learn(tokens: Tiny.tokens, learnable: Tiny.mask(1..<5))
         #expect(learner.state.blocks == start && learner.updatesRejected == [1])
+        #expect(learner.rejectedNorm == [1] && learner.rejectedNonFinite == [0])
         // Plain SGD (no momentum), lr 1: the change equals the clipped gradient, of norm `gradientClip`.
         var clipped = LevelConfiguration.Level(name: "fast", chunkSize: 4, width: 4, layers: [1], learningRate: 1,
                                                gradientClip: 1e-3)

@@ -67,6 +67,7 @@ struct AuditTests {
             #expect(m["kl_mean"] as? Double == 0 && m["kl_max"] as? Double == 0, "\(m)")
             #expect(m["top1_agreement"] as? Double == 1 && m["forgetting_ppl_ratio"] as? Double == 1, "\(m)")
             #expect(m["param_norm"] as? Double == 0 && (m["probe_positions"] as? Int ?? 0) > 100)
+            #expect(m["rejected_non_finite"] as? [String: Int] == ["mid": 0, "fast": 0] && m["rejected_norm"] as? [String: Int] == ["mid": 0, "fast": 0])
             #expect(report["passed"] as? Bool == true && (report["flags"] as? [Any])?.isEmpty == true)
 
             // The tenant's own probe set replaces the default one; the positions follow it.
