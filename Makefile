@@ -43,11 +43,13 @@ run: setup release
 	$(CONTINUUM_RELEASE) generate --chat --prompt "$${PROMPT:-Explain in two sentences why the sky is blue.}" --max-tokens 128
 
 ## Run every test (needs the model: fetched first): the CLI contract checks,
-## swift test, two server processes on one database (exactly-once learning,
-## kill -9), and the official openai client against `continuum serve`.
+## swift test (suites one after another: the service tests run real learning
+## and audits, and on two cores parallel suites would starve each other),
+## two server processes on one database (exactly-once learning, kill -9), and
+## the official openai client against `continuum serve`.
 test: setup
 	scripts/cli-smoke.sh $(CONTINUUM_DEBUG)
-	$(SWIFT) test
+	$(SWIFT) test --no-parallel
 	scripts/service-durability.py $(CONTINUUM_DEBUG)
 	scripts/openai-client-check.py $(CONTINUUM_DEBUG)
 
