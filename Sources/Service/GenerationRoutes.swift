@@ -294,28 +294,8 @@ struct GenerationRoutes {
                 choices: [.init(index: 0, text: result.text, finishReason: result.finishReason == .stop ? .stop : .length)],
                 usage: Self.usage(result)))
         }
-        let includeUsage = r.streamOptions?.includeUsage == true
-        return Self.eventStream { writer in
-            func chunk(_ choices: [[String: Any]], usage: GenerationResult? = nil) -> ByteBuffer {
-                Self.openAIChunk(id: id, object: "text_completion", created: created, model: model, choices: choices, usage: usage)
-            }
-            for try await event in stream {
-                switch event {
-                case .token(let t) where !t.text.isEmpty:
-                    try await writer.write(chunk([["index": 0, "text": t.text, "finish_reason": NSNull()]]))
-                case .token:
-                    break
-                case .finished(let result):
-                    do { try await finished(result) } catch {
-                        try await writer.write(ByteBuffer(string: "data: \(Self.errorJSON(error))\n\n"))
-                        return
-                    }
-                    try await writer.write(chunk([["index": 0, "text": "", "finish_reason": result.finishReason.rawValue]]))
-                    if includeUsage { try await writer.write(chunk([], usage: result)) }
-                }
-            }
-            try await writer.write(ByteBuffer(string: "data: [DONE]\n\n"))
-        }
+        return Self.openAIStream(stream, id: id, created: created, model: model, kind: .text,
+                                 includeUsage: r.streamOptions?.includeUsage == true, finished: finished)
     }
 
     func chatCompletion(_ request: Request, _ context: AppContext) async throws -> Response {
@@ -335,24 +315,47 @@ struct GenerationRoutes {
                                 finishReason: result.finishReason == .stop ? .stop : .length)],
                 usage: Self.usage(result)))
         }
-        let includeUsage = r.streamOptions?.includeUsage == true
-        return Self.eventStream { writer in
-            func chunk(_ choices: [[String: Any]], usage: GenerationResult? = nil) -> ByteBuffer {
-                Self.openAIChunk(id: id, object: "chat.completion.chunk", created: created, model: model, choices: choices, usage: usage)
+        return Self.openAIStream(stream, id: id, created: created, model: model, kind: .chat,
+                                 includeUsage: r.streamOptions?.includeUsage == true, finished: finished)
+    }
+
+    /// Which OpenAI stream: text completion chunks or chat completion chunks.
+    enum StreamKind: Sendable { case text, chat }
+
+    /// An OpenAI stream: (chat: an opening chunk with the role), a chunk per
+    /// piece of text, then, once `finished` has recorded the generation, the
+    /// closing chunk with finish_reason, the usage chunk when asked, and
+    /// `data: [DONE]`. A failure to record ends the stream with an error object.
+    static func openAIStream(_ stream: AsyncThrowingStream<GenerationEvent, Error>, id: String, created: Int64, model: String,
+                             kind: StreamKind, includeUsage: Bool,
+                             finished: @escaping @Sendable (GenerationResult) async throws -> Void) -> Response {
+        @Sendable func choice(_ text: String?, finish: String?) -> [String: Any] {
+            let reason: Any = finish ?? NSNull()
+            switch kind {
+            case .text: return ["index": 0, "text": text ?? "", "finish_reason": reason]
+            case .chat: return ["index": 0, "delta": text.map { ["content": $0] } ?? [String: String](), "finish_reason": reason]
             }
-            try await writer.write(chunk([["index": 0, "delta": ["role": "assistant", "content": ""], "finish_reason": NSNull()]]))
+        }
+        @Sendable func chunk(_ choices: [[String: Any]], usage: GenerationResult? = nil) -> ByteBuffer {
+            openAIChunk(id: id, object: kind == .text ? "text_completion" : "chat.completion.chunk", created: created, model: model,
+                        choices: choices, usage: usage)
+        }
+        return eventStream { writer in
+            if kind == .chat {
+                try await writer.write(chunk([["index": 0, "delta": ["role": "assistant", "content": ""], "finish_reason": NSNull()]]))
+            }
             for try await event in stream {
                 switch event {
                 case .token(let t) where !t.text.isEmpty:
-                    try await writer.write(chunk([["index": 0, "delta": ["content": t.text], "finish_reason": NSNull()]]))
+                    try await writer.write(chunk([choice(t.text, finish: nil)]))
                 case .token:
                     break
                 case .finished(let result):
                     do { try await finished(result) } catch {
-                        try await writer.write(ByteBuffer(string: "data: \(Self.errorJSON(error))\n\n"))
+                        try await writer.write(ByteBuffer(string: "data: \(errorJSON(error))\n\n"))
                         return
                     }
-                    try await writer.write(chunk([["index": 0, "delta": [String: String](), "finish_reason": result.finishReason.rawValue]]))
+                    try await writer.write(chunk([choice(nil, finish: result.finishReason.rawValue)]))
                     if includeUsage { try await writer.write(chunk([], usage: result)) }
                 }
             }
