@@ -39,7 +39,7 @@ extension ServiceState {
     func memoryInfo(_ user: User) async throws -> Components.Schemas.Memory {
         // Queued jobs first: when none are left, the reads below see every applied one.
         let queued = try await database.queuedJobs(userID: user.id)
-        guard let stored = try await database.memory(userID: user.id, withLearner: true) else {
+        guard let stored = try await database.memory(userID: user.id, withLearner: true, withLevels: false) else {
             throw APIError.notFound("user '\(user.name)' has no memory")
         }
         let memory = self.memory
@@ -52,7 +52,7 @@ extension ServiceState {
                                                  accumulatedTokens: Int64(learner.accumulatedTokens[l]),
                                                  updatesApplied: Int64(learner.updatesApplied[l]),
                                                  updatesRejected: Int64(learner.updatesRejected[l]),
-                                                 stored: stored.levels[level.name] != nil)
+                                                 stored: stored.levelIDs[level.name] != nil)
             }, learner.consolidations)
         }
         return .init(user: user.name, version: stored.version, jobsApplied: stored.jobsApplied,

@@ -50,7 +50,10 @@ public struct MemoryVersion: Sendable, Equatable {
 public struct StoredMemory: Sendable {
     public let userID: Int64
     public let version: Int64
+    /// Level parts by level name (empty when read without them).
     public let levels: [String: Data]
+    /// Snapshot id per stored level (a level without one is fresh).
+    public let levelIDs: [String: Int64]
     public let learner: Data?
     /// Learning jobs applied to the user so far (read with the rest, so consistent with the learner's counters).
     public let jobsApplied: Int64
@@ -142,10 +145,7 @@ extension Database {
                     RETURNING id
                     """, logger: logger)
                 for try await id in rows.decode(Int64.self) {
-                    try await tx.query("""
-                        INSERT INTO memory_versions (user_id, version, levels, cause, actor)
-                        VALUES (\(id), 0, '{}'::jsonb, 'created', 'server')
-                        """, logger: logger)
+                    try await Self.insertCreatedVersion(userID: id, actor: "server", tx: tx, logger: logger)
                 }
             }
         }
@@ -226,14 +226,17 @@ extension Database {
 
     /// The user's memory at `version` (the current one when nil), or nil when
     /// that version is not kept. `withLearner: false` skips the learner part
-    /// (generation needs only the weights).
-    public func memory(userID: Int64, version: Int64? = nil, withLearner: Bool = true) async throws -> StoredMemory? {
+    /// (generation needs only the weights), `withLevels: false` the level
+    /// parts (counters need only the learner part).
+    public func memory(userID: Int64, version: Int64? = nil, withLearner: Bool = true, withLevels: Bool = true) async throws
+        -> StoredMemory? {
         try await client.withConnection { conn in
-            try await Self.memory(conn, userID: userID, version: version, withLearner: withLearner, logger: self.logger)
+            try await Self.memory(conn, userID: userID, version: version, withLearner: withLearner, withLevels: withLevels,
+                                  logger: self.logger)
         }
     }
 
-    static func memory(_ conn: PostgresConnection, userID: Int64, version: Int64?, withLearner: Bool,
+    static func memory(_ conn: PostgresConnection, userID: Int64, version: Int64?, withLearner: Bool, withLevels: Bool = true,
                        logger: Logger) async throws -> StoredMemory? {
         // The current version's learner part is users.learner; an older one's, its version row's.
         let rows = try await conn.query("""
@@ -247,7 +250,7 @@ extension Database {
         for try await r in rows.decode((Int64, String, Data?, Int64).self) { found = (r.0, try levelMap(r.1), r.2, r.3) }
         guard let (v, map, learner, jobsApplied) = found else { return nil }
         var levels: [String: Data] = [:]
-        if !map.isEmpty {
+        if withLevels && !map.isEmpty {
             let ids = Array(map.values)
             var byID: [Int64: Data] = [:]
             for try await (id, data) in try await conn.query("""
@@ -260,7 +263,7 @@ extension Database {
                 levels[name] = data
             }
         }
-        return StoredMemory(userID: userID, version: v, levels: levels, learner: learner, jobsApplied: jobsApplied)
+        return StoredMemory(userID: userID, version: v, levels: levels, levelIDs: map, learner: learner, jobsApplied: jobsApplied)
     }
 
     /// Writes `change` as the version after `current` and makes it current.
@@ -277,13 +280,29 @@ extension Database {
             for try await id in rows.decode(Int64.self) { levels[name] = id }
         }
         let version = current.version + 1
+        try await commitVersion(userID: userID, version: version, parent: current.version, levels: levelJSON(levels),
+                                learner: change.learner, cause: change.cause, causeID: change.causeID, actor: change.actor,
+                                tx: tx, logger: logger)
+        return (version, levels)
+    }
+
+    /// Inserts version `version` (levels: JSON map of level name to snapshot id)
+    /// and makes it, with its learner part, the user's current one.
+    static func commitVersion(userID: Int64, version: Int64, parent: Int64, levels: String, learner: Data?, cause: String,
+                              causeID: String?, actor: String, tx: PostgresConnection, logger: Logger) async throws {
         try await tx.query("""
             INSERT INTO memory_versions (user_id, version, parent, levels, learner, cause, cause_id, actor)
-            VALUES (\(userID), \(version), \(current.version), \(levelJSON(levels))::jsonb, \(change.learner), \(change.cause),
-                    \(change.causeID), \(change.actor))
+            VALUES (\(userID), \(version), \(parent), \(levels)::jsonb, \(learner), \(cause), \(causeID), \(actor))
             """, logger: logger)
-        try await tx.query("UPDATE users SET version = \(version), learner = \(change.learner) WHERE id = \(userID)", logger: logger)
-        return (version, levels)
+        try await tx.query("UPDATE users SET version = \(version), learner = \(learner) WHERE id = \(userID)", logger: logger)
+    }
+
+    /// Version 0 of a new user: the backbone, no level stored.
+    static func insertCreatedVersion(userID: Int64, actor: String, tx: PostgresConnection, logger: Logger) async throws {
+        try await tx.query("""
+            INSERT INTO memory_versions (user_id, version, levels, cause, actor)
+            VALUES (\(userID), 0, '{}'::jsonb, 'created', \(actor))
+            """, logger: logger)
     }
 
     /// The tensors' dtypes and shapes from a safetensors header, as JSON
@@ -325,25 +344,16 @@ extension Database {
         try await transaction { tx in
             for try await _ in try await tx.query("SELECT id FROM users WHERE id = \(userID) FOR NO KEY UPDATE",
                                                   logger: self.logger).decode(Int64.self) {}
-            guard let current = try await Self.memory(tx, userID: userID, version: nil, withLearner: true, logger: self.logger),
-                  let map = try await Self.levelIDs(tx, userID: userID, version: current.version, logger: self.logger)
+            guard let current = try await Self.memory(tx, userID: userID, version: nil, withLearner: true, logger: self.logger)
             else { throw Failure(description: "user \(userID) has no current memory version") }
             guard let change = try await body(current) else { return current.version }
-            let next = try await Self.apply(change, after: (current.version, map), userID: userID, tx: tx, logger: self.logger)
+            let next = try await Self.apply(change, after: (current.version, current.levelIDs), userID: userID, tx: tx,
+                                            logger: self.logger)
             try await Self.audit(tx, userID: userID, event: change.cause, from: current.version, to: next.version, actor: change.actor,
                                  causeID: change.causeID, logger: self.logger)
             try await Self.prune(userID: userID, keep: keep, tx: tx, logger: self.logger)
             return next.version
         }
-    }
-
-    static func levelIDs(_ conn: PostgresConnection, userID: Int64, version: Int64, logger: Logger) async throws -> [String: Int64]? {
-        for try await json in try await conn.query("""
-            SELECT levels::text FROM memory_versions WHERE user_id = \(userID) AND version = \(version)
-            """, logger: logger).decode(String.self) {
-            return try levelMap(json)
-        }
-        return nil
     }
 
     /// Makes `target` (a new user of the same tenant) a copy of the source
@@ -361,10 +371,7 @@ extension Database {
                 ON CONFLICT (tenant_id, name) DO NOTHING RETURNING id
                 """, logger: self.logger).decode(Int64.self) { newID = id }
             guard let id = newID else { throw Conflict(description: "user '\(target)' already exists") }
-            try await tx.query("""
-                INSERT INTO memory_versions (user_id, version, levels, cause, actor)
-                VALUES (\(id), 0, '{}'::jsonb, 'created', \(actor))
-                """, logger: self.logger)
+            try await Self.insertCreatedVersion(userID: id, actor: actor, tx: tx, logger: self.logger)
             if !memory.levels.isEmpty || memory.learner != nil {
                 let change = MemoryChange(levels: memory.levels.mapValues { Optional($0) }, learner: memory.learner,
                                           cause: "fork", causeID: "\(source.name)@\(memory.version)", actor: actor)
@@ -462,11 +469,8 @@ extension Database {
                 """, logger: self.logger).decode((String, Data?).self) { target = r }
             guard let (levels, learner) = target else { return nil }
             let next = current + 1
-            try await tx.query("""
-                INSERT INTO memory_versions (user_id, version, parent, levels, learner, cause, cause_id, actor)
-                VALUES (\(userID), \(next), \(current), \(levels)::jsonb, \(learner), 'rollback', \(String(version)), \(actor))
-                """, logger: self.logger)
-            try await tx.query("UPDATE users SET version = \(next), learner = \(learner) WHERE id = \(userID)", logger: self.logger)
+            try await Self.commitVersion(userID: userID, version: next, parent: current, levels: levels, learner: learner,
+                                         cause: "rollback", causeID: String(version), actor: actor, tx: tx, logger: self.logger)
             try await Self.audit(tx, userID: userID, event: "rollback", from: current, to: next, actor: actor,
                                  causeID: String(version), detail: "{\"restored\": \(version)}", logger: self.logger)
             try await Self.prune(userID: userID, keep: keep, tx: tx, logger: self.logger)
@@ -528,10 +532,9 @@ extension Database {
                 jobs.append(LearningJob(id: r.0, kind: r.1, sourceID: r.2, tokens: r.3.map(Int.init), learnable: r.4, actor: r.5))
             }
             guard !jobs.isEmpty,
-                  let memory = try await Self.memory(tx, userID: user.id, version: nil, withLearner: true, logger: self.logger),
-                  var current = try await Self.levelIDs(tx, userID: user.id, version: memory.version, logger: self.logger)
-                    .map({ (version: memory.version, levels: $0) })
+                  let memory = try await Self.memory(tx, userID: user.id, version: nil, withLearner: true, logger: self.logger)
             else { return [] }
+            var current = (version: memory.version, levels: memory.levelIDs)
             let outcome = try await body(user, memory, jobs)
             precondition(outcome.changes.count == jobs.count, "one outcome per job")
             var applied: [(job: LearningJob, version: Int64, lagSeconds: Double)] = []
