@@ -46,12 +46,19 @@ final class LearningWorker: Sendable {
         let memory = self.memory, metrics = self.metrics
         let final = FinalState()
         let start = ContinuousClock.now
-        let applied = try await memory.database.learnNext(limit: configuration.learningBatch, keep: configuration.versionsKept) {
+        let applied = try await memory.database.learnNext(limit: configuration.learningBatch, keep: configuration.versionsKept,
+                                                          failed: { jobs, _ in metrics.jobsFailed.increment(by: jobs.count) }) {
             user, stored, jobs in
             try await memory.compute {
                 let computeStart = ContinuousClock.now
                 defer { metrics.learningCompute.observe((ContinuousClock.now - computeStart).seconds) }
-                let learner = try memory.learner(stored)
+                let learner: LevelLearner
+                do {
+                    learner = try memory.learner(stored)
+                } catch {
+                    // The stored bytes will not change: retrying cannot help.
+                    throw JobsUnlearnable(reason: "the stored memory cannot be read by this server: \(error)")
+                }
                 var changes: [MemoryChange?] = []
                 for job in jobs {
                     let before = learner.updatesApplied

@@ -27,6 +27,7 @@ extension ServiceState {
             while ContinuousClock.now < deadline {
                 if let s = try await database.jobState(id: job) {
                     if s.state == "done" { return .init(state: .applied, jobId: job, version: s.version) }
+                    if s.state == "failed" { return .init(state: .failed, jobId: job) }
                     if s.frozen { return .init(state: .frozen, jobId: job) }   // waits until the user is cleared
                 }
                 try await Task.sleep(for: .milliseconds(20))

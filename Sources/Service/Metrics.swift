@@ -60,6 +60,7 @@ final class Metrics: @unchecked Sendable {
     let jobsApplied = Counter()
     let tokensLearned = Counter()
     let learningFailures = Counter()
+    let jobsFailed = Counter()
     let learningLag = Histogram(bounds: [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300])
     /// A learning round, claim to commit; and its compute part (decode, learn, encode).
     let learningRound = Histogram(bounds: latencyBounds)
@@ -100,6 +101,7 @@ final class Metrics: @unchecked Sendable {
             ("continuum_learning_jobs_applied_total", "Learning jobs applied by this replica's workers.", jobsApplied),
             ("continuum_learned_tokens_total", "Learnable tokens applied by this replica's workers.", tokensLearned),
             ("continuum_learning_failures_total", "Learning rounds that failed and were retried.", learningFailures),
+            ("continuum_learning_jobs_failed_total", "Learning jobs marked failed by this replica's workers (the user's stored memory cannot be read; not retried).", jobsFailed),
         ]
         for (name, help, c) in counters {
             header(name, "counter", help)

@@ -505,10 +505,15 @@ extension Database {
     /// `body` on the user's current memory and up to `limit` of their queued
     /// jobs in order. What it returns is written (new versions for the jobs
     /// that changed levels, the learner part, the jobs marked done) in the
-    /// same transaction, so a crash anywhere applies all of it or none.
+    /// same transaction, so a crash anywhere applies all of it or none. When
+    /// `body` throws `JobsUnlearnable`, the jobs are marked `failed` instead
+    /// (an audit event `learning_failed`, `failed` called) and the round
+    /// returns no applied jobs; any other error rolls the round back to be
+    /// retried.
     /// Returns the jobs applied with their lag in seconds (enqueue to commit),
     /// or nil when no job was waiting.
     public func learnNext(limit: Int, keep: Int,
+                          failed: (@Sendable ([LearningJob], String) -> Void)? = nil,
                           _ body: @Sendable (User, StoredMemory, [LearningJob]) async throws -> LearningOutcome)
         async throws -> [(job: LearningJob, version: Int64, lagSeconds: Double)]? {
         try await transaction { tx in
@@ -535,7 +540,26 @@ extension Database {
                   let memory = try await Self.memory(tx, userID: user.id, version: nil, withLearner: true, logger: self.logger)
             else { return [] }
             var current = (version: memory.version, levels: memory.levelIDs)
-            let outcome = try await body(user, memory, jobs)
+            let outcome: LearningOutcome
+            do {
+                outcome = try await body(user, memory, jobs)
+            } catch let failure as JobsUnlearnable {
+                // Retrying cannot help (this server cannot read the stored
+                // memory): the jobs are marked failed and the round commits,
+                // so this user does not hold up everyone else's learning.
+                let ids = jobs.map(\.id)
+                try await tx.query("""
+                    UPDATE learning_jobs SET state = 'failed', finished_at = clock_timestamp() WHERE id = ANY(\(ids))
+                    """, logger: self.logger)
+                let detail = String(decoding: try JSONSerialization.data(
+                    withJSONObject: ["job_ids": ids, "reason": failure.reason] as [String: Any], options: [.sortedKeys]),
+                                    as: UTF8.self)
+                try await Self.audit(tx, userID: user.id, event: "learning_failed", from: current.version, to: current.version,
+                                     actor: "system", causeID: nil, detail: detail, logger: self.logger)
+                self.logger.error("learning jobs \(ids) of user \(user.id) failed: \(failure.reason)")
+                failed?(jobs, failure.reason)
+                return []
+            }
             precondition(outcome.changes.count == jobs.count, "one outcome per job")
             var applied: [(job: LearningJob, version: Int64, lagSeconds: Double)] = []
             for (job, change) in zip(jobs, outcome.changes) {
@@ -560,6 +584,16 @@ extension Database {
             return applied
         }
     }
+}
+
+/// Thrown by a `learnNext` body when the user's jobs can never be applied by
+/// this server (their stored memory cannot be read, e.g. it was made under
+/// another level configuration or backbone): `learnNext` marks the jobs
+/// `failed` with a `learning_failed` audit event instead of retrying them.
+public struct JobsUnlearnable: Error, CustomStringConvertible {
+    public let reason: String
+    public init(reason: String) { self.reason = reason }
+    public var description: String { reason }
 }
 
 /// A row that a request names does not exist (→ 404).

@@ -149,6 +149,39 @@ struct MemoryServiceTests {
         await db.close()
     }
 
+    @Test("a user whose stored memory cannot be read: jobs failed, not retried, memory kept; other users still learn")
+    func unreadableMemory() async throws {
+        let (db, key) = try await Fixture.database()
+        try await Fixture.app(db, learning: true).test(.live) { client in
+            let first = try await generate(client, key: key, user: "mallory", prompt: Self.teaching[0], maxTokens: 2, wait: true)
+            let version = try #require((first["learning"] as? [String: Any])?["version"] as? Int)
+            // As if the state had been written by a server with other levels: unreadable here.
+            try await db.execute(unsafeSQL: "UPDATE users SET learner = '\\x00ff'::bytea WHERE name = 'mallory'")
+            let failed = try await generate(client, key: key, user: "mallory", prompt: Self.teaching[1], maxTokens: 2, wait: true)
+            let learning = try #require(failed["learning"] as? [String: Any])
+            #expect(learning["state"] as? String == "failed", "\(learning)")
+            // The next user's job is applied (the failed one is not retried ahead of it).
+            let carol = try await generate(client, key: key, user: "carol", prompt: Self.teaching[2], maxTokens: 2, wait: true)
+            #expect((carol["learning"] as? [String: Any])?["state"] as? String == "applied", "\(carol)")
+            // Nothing of mallory's was lost or changed: same version, the failure in the audit log.
+            let versions = try #require(try await get(client, "/v1/users/mallory/memory/versions", key: key).body.json()["data"]
+                as? [[String: Any]])
+            #expect(versions.first?["version"] as? Int == version)
+            let events = try #require(try await get(client, "/v1/users/mallory/audit/events", key: key).body.json()["data"]
+                as? [[String: Any]])
+            let failure = try #require(events.last)
+            #expect(failure["event"] as? String == "learning_failed" && failure["actor"] as? String == "system")
+            #expect(failure["from_version"] as? Int == version && failure["to_version"] as? Int == version)
+            let detail = try #require(failure["detail"] as? [String: Any])
+            #expect(detail["job_ids"] as? [Int] == [learning["job_id"] as? Int ?? -1], "\(detail)")
+            #expect((detail["reason"] as? String)?.contains("cannot be read") == true, "\(detail)")
+            let metrics = try await client.execute(uri: "/metrics", method: .get).body.text
+            #expect(metrics.contains("\ncontinuum_learning_jobs_failed_total 1.0\n"))
+            #expect(metrics.contains("\ncontinuum_learning_jobs_queued 0.0\n"))
+        }
+        await db.close()
+    }
+
     @Test("fork copies a version, rollback reproduces it, reset returns to the backbone, erase leaves no row")
     func lifeCycle() async throws {
         let (db, key) = try await Fixture.database()
