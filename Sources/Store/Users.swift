@@ -507,8 +507,8 @@ extension Database {
     /// that changed levels, the learner part, the jobs marked done) in the
     /// same transaction, so a crash anywhere applies all of it or none. When
     /// `body` throws `JobsUnlearnable`, the jobs are marked `failed` instead
-    /// (an audit event `learning_failed`, `failed` called) and the round
-    /// returns no applied jobs; any other error rolls the round back to be
+    /// (an audit event `learning_failed`; `failed` is called once that is
+    /// committed) and the round returns no applied jobs; any other error rolls the round back to be
     /// retried.
     /// Returns the jobs applied with their lag in seconds (enqueue to commit),
     /// or nil when no job was waiting.
@@ -516,7 +516,8 @@ extension Database {
                           failed: (@Sendable ([LearningJob], String) -> Void)? = nil,
                           _ body: @Sendable (User, StoredMemory, [LearningJob]) async throws -> LearningOutcome)
         async throws -> [(job: LearningJob, version: Int64, lagSeconds: Double)]? {
-        try await transaction { tx in
+        let round = try await transaction { tx -> (applied: [(job: LearningJob, version: Int64, lagSeconds: Double)]?,
+                                                   failed: (jobs: [LearningJob], reason: String)?) in
             var claimed: User?
             for try await r in try await tx.query("""
                 SELECT \(unescaped: Self.userColumns) FROM users u JOIN tenants t ON t.id = u.tenant_id
@@ -527,7 +528,7 @@ extension Database {
                 """, logger: self.logger).decode(UserRow.self) {
                 claimed = Self.user(r)
             }
-            guard let user = claimed else { return nil }
+            guard let user = claimed else { return (nil, nil) }
             // Read after the lock: this statement sees every job an earlier holder marked done.
             var jobs: [LearningJob] = []
             for try await r in try await tx.query("""
@@ -538,7 +539,7 @@ extension Database {
             }
             guard !jobs.isEmpty,
                   let memory = try await Self.memory(tx, userID: user.id, version: nil, withLearner: true, logger: self.logger)
-            else { return [] }
+            else { return ([], nil) }
             var current = (version: memory.version, levels: memory.levelIDs)
             let outcome: LearningOutcome
             do {
@@ -557,8 +558,7 @@ extension Database {
                 try await Self.audit(tx, userID: user.id, event: "learning_failed", from: current.version, to: current.version,
                                      actor: "system", causeID: nil, detail: detail, logger: self.logger)
                 self.logger.error("learning jobs \(ids) of user \(user.id) failed: \(failure.reason)")
-                failed?(jobs, failure.reason)
-                return []
+                return ([], (jobs, failure.reason))
             }
             precondition(outcome.changes.count == jobs.count, "one outcome per job")
             var applied: [(job: LearningJob, version: Int64, lagSeconds: Double)] = []
@@ -581,8 +581,10 @@ extension Database {
                 WHERE id = \(user.id)
                 """, logger: self.logger)
             try await Self.prune(userID: user.id, keep: keep, tx: tx, logger: self.logger)
-            return applied
+            return (applied, nil)
         }
+        if let f = round.failed { failed?(f.jobs, f.reason) }   // committed
+        return round.applied
     }
 }
 
