@@ -508,8 +508,8 @@ extension Database {
     /// same transaction, so a crash anywhere applies all of it or none. When
     /// `body` throws `JobsUnlearnable`, the jobs are marked `failed` instead
     /// (an audit event `learning_failed`; `failed` is called once that is
-    /// committed) and the round returns no applied jobs; any other error rolls the round back to be
-    /// retried.
+    /// committed) and the round returns no applied jobs; any other error
+    /// rolls the round back, to be retried.
     /// Returns the jobs applied with their lag in seconds (enqueue to commit),
     /// or nil when no job was waiting.
     public func learnNext(limit: Int, keep: Int,
