@@ -42,7 +42,7 @@ final class LearningWorker: Sendable {
 
     /// One round: nil when no job waited, else the jobs applied.
     @discardableResult
-    func round() async throws -> [(job: LearningJob, version: Int64, lagSeconds: Double)]? {
+    func round() async throws -> [AppliedJob]? {
         let memory = self.memory, metrics = self.metrics
         let final = FinalState()
         let start = ContinuousClock.now

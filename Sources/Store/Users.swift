@@ -515,9 +515,8 @@ extension Database {
     public func learnNext(limit: Int, keep: Int,
                           failed: (@Sendable ([LearningJob], String) -> Void)? = nil,
                           _ body: @Sendable (User, StoredMemory, [LearningJob]) async throws -> LearningOutcome)
-        async throws -> [(job: LearningJob, version: Int64, lagSeconds: Double)]? {
-        let round = try await transaction { tx -> (applied: [(job: LearningJob, version: Int64, lagSeconds: Double)]?,
-                                                   failed: (jobs: [LearningJob], reason: String)?) in
+        async throws -> [AppliedJob]? {
+        let round = try await transaction { tx -> (applied: [AppliedJob]?, failed: (jobs: [LearningJob], reason: String)?) in
             var claimed: User?
             for try await r in try await tx.query("""
                 SELECT \(unescaped: Self.userColumns) FROM users u JOIN tenants t ON t.id = u.tenant_id
@@ -561,7 +560,7 @@ extension Database {
                 return ([], (jobs, failure.reason))
             }
             precondition(outcome.changes.count == jobs.count, "one outcome per job")
-            var applied: [(job: LearningJob, version: Int64, lagSeconds: Double)] = []
+            var applied: [AppliedJob] = []
             for (job, change) in zip(jobs, outcome.changes) {
                 let from = current.version
                 if let change { current = try await Self.apply(change, after: current, userID: user.id, tx: tx, logger: self.logger) }
@@ -587,6 +586,10 @@ extension Database {
         return round.applied
     }
 }
+
+/// A job `learnNext` applied: the memory version current after it, and its
+/// lag in seconds (enqueue to commit).
+public typealias AppliedJob = (job: LearningJob, version: Int64, lagSeconds: Double)
 
 /// Thrown by a `learnNext` body when the user's jobs can never be applied by
 /// this server (their stored memory cannot be read, e.g. it was made under
