@@ -27,6 +27,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-openapi-runtime", from: "1.13.4"),
         .package(url: "https://github.com/hummingbird-project/swift-openapi-hummingbird", from: "2.1.0"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-http-types", from: "1.8.0"),
     ],
     targets: [
         .systemLibrary(name: "CBLAS", path: "Sources/CBLAS"),
@@ -37,7 +40,8 @@ let package = Package(
         .target(name: "Memory", dependencies: ["Model", "Tensor", .product(name: "Yams", package: "Yams")],
                 swiftSettings: computeSettings),
         // The store: PostgreSQL through PostgresNIO (only it imports PostgresNIO).
-        .target(name: "Store", dependencies: ["Memory", "Model", .product(name: "PostgresNIO", package: "postgres-nio")],
+        .target(name: "Store", dependencies: ["Memory", "Model", .product(name: "PostgresNIO", package: "postgres-nio"),
+                                              .product(name: "Logging", package: "swift-log")],
                 resources: [.copy("Migrations")]),
         // The HTTP service: Hummingbird 2 and the server generated from openapi.yaml
         // (only it imports Hummingbird, its service lifecycle and the OpenAPI runtime).
@@ -49,6 +53,9 @@ let package = Package(
                 .product(name: "OpenAPIRuntime", package: "swift-openapi-runtime"),
                 .product(name: "OpenAPIHummingbird", package: "swift-openapi-hummingbird"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "HTTPTypes", package: "swift-http-types"),
             ],
             resources: [.copy("openapi.yaml"), .copy("Audit")],
             plugins: [.plugin(name: "OpenAPIGenerator", package: "swift-openapi-generator")]

@@ -1,9 +1,16 @@
 // Errors as the OpenAI API shapes them:
 // {"error": {"message", "type", "param", "code"}} with the right status.
+// Every error a request meets becomes one of these in `APIError.from`, the
+// one place domain and library errors are mapped to HTTP: the client's
+// mistakes are 4xx with a message that says what to fix; anything else is a
+// 500 whose body names only the request id (the error is logged under it).
 import Foundation
 import Hummingbird
+import Logging
+import Memory
 import Model
 import OpenAPIRuntime
+import Store
 
 /// An error answered to the client.
 public struct APIError: Error, HTTPResponseError, CustomStringConvertible {
@@ -12,6 +19,8 @@ public struct APIError: Error, HTTPResponseError, CustomStringConvertible {
     public let message: String
     public let param: String?
     public let code: String?
+    /// Extra response headers (Allow, Retry-After).
+    public var headers: HTTPFields = [:]
 
     public init(_ status: HTTPResponse.Status, type: String, message: String, param: String? = nil, code: String? = nil) {
         self.status = status
@@ -28,38 +37,112 @@ public struct APIError: Error, HTTPResponseError, CustomStringConvertible {
     }
     static let unauthorized = APIError(.unauthorized, type: "authentication_error",
                                        message: "a valid API key is required: Authorization: Bearer <key>", code: "invalid_api_key")
+    static func forbidden(_ role: KeyRole) -> APIError {
+        APIError(.forbidden, type: "permission_error", message: "this operation needs an API key with the \(role.rawValue) role",
+                 code: "insufficient_role")
+    }
     static func notFound(_ message: String) -> APIError { APIError(.notFound, type: "not_found_error", message: message) }
+    static func noRoute(_ method: HTTPRequest.Method, _ path: String) -> APIError {
+        APIError(.notFound, type: "not_found_error", message: "no route \(method.rawValue) \(path.prefix(200))", code: "unknown_route")
+    }
+    static func methodNotAllowed(_ method: HTTPRequest.Method, _ allowed: [HTTPRequest.Method]) -> APIError {
+        var e = APIError(.methodNotAllowed, type: "invalid_request_error",
+                         message: "\(method.rawValue) is not served here; use \(allowed.map(\.rawValue).joined(separator: ", "))",
+                         code: "method_not_allowed")
+        e.headers[.allow] = allowed.map(\.rawValue).joined(separator: ", ")
+        return e
+    }
     static func tooLarge(_ message: String, param: String? = nil) -> APIError {
         APIError(.contentTooLarge, type: "invalid_request_error", message: message, param: param, code: "too_large")
     }
+    static func bodyTooLarge(_ limit: Int, import: Bool) -> APIError {
+        tooLarge("the request body exceeds \(limit) bytes (\(`import` ? "max_import_bytes" : "max_body_bytes"))", param: "body")
+    }
+    static func unsupportedMediaType(_ given: String, expected: String) -> APIError {
+        APIError(.unsupportedMediaType, type: "invalid_request_error",
+                 message: "the body's Content-Type '\(given.prefix(100))' is not supported here; send \(expected)",
+                 code: "unsupported_media_type")
+    }
+    static func requestTimeout(_ seconds: Double) -> APIError {
+        APIError(.requestTimeout, type: "invalid_request_error",
+                 message: "the request body was not received within \(seconds) seconds", code: "request_timeout")
+    }
     static let overloaded = APIError(.tooManyRequests, type: "rate_limit_error",
                                      message: "the server has too many generations in flight; retry later", code: "overloaded")
+    static func rateLimited(_ message: String, retryAfter seconds: Int) -> APIError {
+        var e = APIError(.tooManyRequests, type: "rate_limit_error", message: message, code: "rate_limited")
+        e.headers[.retryAfter] = String(max(1, seconds))
+        return e
+    }
+    /// A fault of the server's: the body names only the request id.
+    static var internalError: APIError {
+        APIError(.internalServerError, type: "server_error",
+                 message: "internal error; quote request id \(RequestScope.current.id) (x-request-id) when reporting it",
+                 code: "internal_error")
+    }
+    var isInternal: Bool { status == .internalServerError }
 
     public func response(from request: Request, context: some RequestContext) throws -> Response {
-        let data = try JSONSerialization.data(withJSONObject: [
-            "error": ["message": message, "type": type, "param": param as Any? ?? NSNull(), "code": code as Any? ?? NSNull()],
-        ], options: [.sortedKeys])
-        return Response(status: status, headers: [.contentType: "application/json"],
-                        body: ResponseBody(byteBuffer: ByteBuffer(bytes: data)))
+        var headers = headers
+        headers[.contentType] = "application/json"
+        return Response(status: status, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: Data(json.utf8))))
+    }
+
+    /// The body: `{"error": {"message", "type", "param", "code"}}`.
+    var json: String {
+        let object: [String: Any] = ["error": ["message": message, "type": type, "param": param as Any? ?? NSNull(),
+                                               "code": code as Any? ?? NSNull()]]
+        let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data()
+        return String(decoding: data, as: UTF8.self)
     }
 
     /// The API error for an error thrown while serving: the model's input
-    /// errors and sampling errors are the client's (400), anything else is ours (500).
+    /// errors, sampling errors, decoding errors and the generated layer's
+    /// 4xx are the client's; anything else is ours (500, without its text).
     static func from(_ error: any Error) -> APIError {
         switch error {
         case let e as APIError: return e
-        case let e as ServerError: return from(e.underlyingError)
+        case let e as AccessMiddleware.Refusal: return e.error
+        case let e as ServerError:
+            // The generated layer: the handler's own error, or the status it computed for bad input.
+            let inner = from(e.underlyingError)
+            if !inner.isInternal { return inner }
+            guard (400..<500).contains(e.httpStatus.code) else { return inner }
+            return APIError(e.httpStatus, type: "invalid_request_error",
+                            message: "the request does not match the API: \(e.underlyingError)".prefix(1000).description,
+                            code: e.httpStatus == .unsupportedMediaType ? "unsupported_media_type" : nil)
         case let e as SamplingParameters.Invalid: return .invalid(e.description, param: e.parameter)
         case let e as ModelInputError:
             if case .contextOverflow = e { return .tooLarge(e.description, param: "prompt") }
             return .invalid(e.description)
+        case let e as UserName.Invalid: return .invalid(e.description, param: "user")
+        case let e as UserMemory.Unreadable:
+            return APIError(.conflict, type: "invalid_request_error", message: e.description, code: "memory_unreadable")
+        case let e as NotFound: return .notFound(e.description)
+        case let e as Conflict: return APIError(.conflict, type: "invalid_request_error", message: e.description, code: "conflict")
         case is BatchEngine.Overloaded: return .overloaded
         case let e as DecodingError: return .invalid("the request body does not match the API: \(Self.describe(e))")
-        case let e as HTTPError:
-            return APIError(e.status, type: e.status.code >= 500 ? "server_error" : "invalid_request_error",
-                            message: e.body ?? e.status.reasonPhrase)
-        default: return APIError(.internalServerError, type: "server_error", message: "internal error: \(error)")
+        case let e as HTTPError where e.status.code < 500:
+            return APIError(e.status, type: "invalid_request_error", message: e.body ?? e.status.reasonPhrase)
+        default: return .internalError
         }
+    }
+
+    /// Maps `error` as `from` does, and logs it (under the request id that
+    /// `logger` carries, and the route pattern, never the path or a header)
+    /// when it is the server's fault.
+    static func reported(_ error: any Error, logger: Logger, route: String?) -> APIError {
+        let e = from(error)
+        if e.isInternal { logger.error("internal error on \(route ?? "unmatched route"): \(logDescription(error))") }
+        return e
+    }
+
+    /// What to log of an error: the generated layer's errors print the whole
+    /// request (headers with the API key, the body with the user's text), so
+    /// only their underlying error is described.
+    static func logDescription(_ error: any Error) -> String {
+        if let e = error as? ServerError { return "operation \(e.operationID): \(logDescription(e.underlyingError))" }
+        return String(describing: error)
     }
 
     static func describe(_ e: DecodingError) -> String {
@@ -70,19 +153,6 @@ public struct APIError: Error, HTTPResponseError, CustomStringConvertible {
         case .valueNotFound(_, let c): return "missing value at '\(path(c.codingPath))'"
         case .dataCorrupted(let c): return c.codingPath.isEmpty ? "not valid JSON" : "invalid value at '\(path(c.codingPath))': \(c.debugDescription)"
         @unknown default: return "\(e)"
-        }
-    }
-}
-
-/// Turns every error into an OpenAI-style error response, and 404s for unknown routes.
-struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
-    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
-        do {
-            return try await next(request, context)
-        } catch {
-            let e = APIError.from(error)
-            if e.status == .internalServerError { context.logger.error("\(request.method) \(request.uri.path): \(error)") }
-            return try e.response(from: request, context: context)
         }
     }
 }

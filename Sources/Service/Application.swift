@@ -10,68 +10,6 @@ import OpenAPIRuntime
 import ServiceLifecycle
 import Store
 
-/// The request context: Hummingbird's core storage.
-public struct AppContext: RequestContext {
-    public var coreContext: CoreRequestContextStorage
-    public init(source: ApplicationRequestContextSource) {
-        coreContext = .init(source: source)
-    }
-}
-
-/// The API key a request authenticated with, for the handlers it reaches.
-enum RequestPrincipal {
-    @TaskLocal static var current: Principal?
-
-    /// The caller, or 401.
-    static func required() throws -> Principal {
-        guard let p = current else { throw APIError.unauthorized }
-        return p
-    }
-}
-
-/// Looks up `Authorization: Bearer <key>`; a request with a key that is not
-/// valid gets 401 at once, one without a key reaches only public routes.
-struct AuthMiddleware<Context: RequestContext>: RouterMiddleware {
-    let database: Database
-
-    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
-        guard let header = request.headers[.authorization] else { return try await next(request, context) }
-        guard header.lowercased().hasPrefix("bearer "),
-              let principal = try await database.authenticate(key: String(header.dropFirst(7)).trimmingCharacters(in: .whitespaces))
-        else { throw APIError.unauthorized }
-        return try await RequestPrincipal.$current.withValue(principal) { try await next(request, context) }
-    }
-}
-
-/// Counts every request by route and status, with its latency to the response head.
-struct MetricsMiddleware<Context: RequestContext>: RouterMiddleware {
-    let metrics: Metrics
-
-    /// The path with the user id replaced, so a label names a route, not a user.
-    static func route(_ path: String) -> String {
-        var parts = path.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
-        if parts.count > 3, parts[1] == "v1", parts[2] == "users" { parts[3] = "{user}" }
-        return parts.joined(separator: "/")
-    }
-
-    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
-        let start = ContinuousClock.now
-        let route = Self.route(request.uri.path)
-        do {
-            let response = try await next(request, context)
-            metrics.record(route: route, status: Int(response.status.code), seconds: (ContinuousClock.now - start).seconds)
-            return response
-        } catch {
-            metrics.record(route: route, status: Int(APIError.from(error).status.code), seconds: (ContinuousClock.now - start).seconds)
-            throw error
-        }
-    }
-}
-
-extension Duration {
-    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) * 1e-18 }
-}
-
 /// Everything the handlers share.
 final class ServiceState: Sendable {
     let configuration: ServiceConfiguration
@@ -82,6 +20,10 @@ final class ServiceState: Sendable {
     let auditor: Auditor
     let metrics = Metrics()
     let started = Date()
+    /// The most bytes one token of the vocabulary decodes to (bounds a text's token count from below by its bytes).
+    let maxTokenBytes: Int
+    /// On-demand audits per user in the last minute.
+    let auditLimiter: RateLimiter
 
     init(configuration: ServiceConfiguration, model: LlamaModel, levels: LevelConfiguration, database: Database,
          logger: Logger) throws {
@@ -91,6 +33,9 @@ final class ServiceState: Sendable {
         engine = BatchEngine(model: model, maxBatch: configuration.maxBatch, maxQueued: configuration.maxQueued)
         memory = UserMemory(model: model, levels: levels, database: database, cacheBytes: configuration.cacheBytes)
         auditor = try Auditor(memory: memory, configuration: configuration, logger: logger)
+        let tokenizer = model.tokenizer
+        maxTokenBytes = max(1, (0..<tokenizer.count).lazy.map { tokenizer.bytes(of: $0).count }.max() ?? 1)
+        auditLimiter = RateLimiter(limit: configuration.auditsPerUserPerMinute, window: 60)
     }
 }
 
@@ -107,6 +52,33 @@ struct LearningService: ServiceLifecycle.Service {
             stop.set()
         }
     }
+}
+
+/// Prunes what the retention settings no longer keep, every
+/// `retention.interval_seconds` (every replica runs one; deletes are idempotent).
+struct RetentionService: ServiceLifecycle.Service {
+    let database: Database
+    let retention: RetentionConfiguration
+    let logger: Logger
+
+    func run() async throws {
+        while !Task.isShuttingDownGracefully && !Task.isCancelled {
+            do {
+                let counts = try await database.prune(retention.store)
+                if counts.total > 0 {
+                    logger.info("retention pruned \(counts.finishedJobs) finished jobs, \(counts.generations) generations, \(counts.driftReports) drift reports, \(counts.auditEvents) audit events")
+                }
+            } catch {
+                logger.error("retention pruning failed: \(error)")
+            }
+            try? await sleepUnlessShuttingDown(seconds: retention.intervalSeconds)
+        }
+    }
+}
+
+/// Sleeps `seconds`, or less when the application shuts down.
+func sleepUnlessShuttingDown(seconds: Double) async throws {
+    try await cancelWhenGracefulShutdown { try await Task.sleep(for: .seconds(seconds)) }
 }
 
 final class StopFlag: @unchecked Sendable {
@@ -131,21 +103,23 @@ public func buildApplication(configuration: ServiceConfiguration, model: LlamaMo
     let router = Router(context: AppContext.self)
     router.add(middleware: MetricsMiddleware(metrics: state.metrics))
     router.add(middleware: ErrorMiddleware())
-    router.add(middleware: AuthMiddleware(database: database))
+    router.add(middleware: AccessMiddleware(database: database, configuration: configuration))
     try OperationsAPI(state: state).registerHandlers(on: router)
     GenerationRoutes(state: state).register(on: router)
     DocumentationRoutes.register(on: router)
     MetricsRoutes(state: state).register(on: router)
     AuditRoutes(state: state).register(on: router)
     ImportRoute(state: state).register(on: router)
-    let workers: [any ServiceLifecycle.Service] = (0..<configuration.learningWorkers).map { _ in
+    var services: [any ServiceLifecycle.Service] = (0..<configuration.learningWorkers).map { _ in
         LearningService(worker: LearningWorker(memory: state.memory, configuration: configuration, metrics: state.metrics,
                                                auditor: configuration.audit ? state.auditor : nil, logger: logger))
     }
+    services.append(RetentionService(database: database, retention: configuration.retention, logger: logger))
     return Application(
         router: router,
+        server: .http1(configuration: .init(idleTimeout: .nanoseconds(Int64(configuration.idleTimeoutSeconds * 1e9)))),
         configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: "continuum"),
-        services: workers,
+        services: services,
         onServerRunning: { channel in await onServerRunning(channel.localAddress?.port ?? configuration.port) },
         logger: logger)
 }
@@ -167,7 +141,7 @@ struct OperationsAPI: APIProtocol {
     }
 
     func listModels(_ input: Operations.ListModels.Input) async throws -> Operations.ListModels.Output {
-        _ = try RequestPrincipal.required()
+        _ = try RequestScope.principal()
         return .ok(.init(body: .json(.init(object: .list, data: [
             .init(id: state.configuration.modelName, object: .model, created: Int64(state.started.timeIntervalSince1970),
                   ownedBy: "continuum"),

@@ -24,34 +24,9 @@ struct AuditRoutes {
 
     // MARK: Helpers
 
-    func user(_ context: AppContext) async throws -> (Principal, User) {
-        let principal = try RequestPrincipal.required()
-        guard let name = context.parameters.get("user") else { throw APIError.invalid("missing user") }
-        return (principal, try await state.existingUser(name, principal))
-    }
-
     static func iso(_ d: Date) -> String { ISO8601DateFormatter().string(from: d) }
 
-    static func date(_ request: Request, _ name: String) throws -> Date? {
-        guard let text = request.uri.queryParameters.get(name) else { return nil }
-        if let d = ISO8601DateFormatter().date(from: text) { return d }
-        if let d = Double(text) { return Date(timeIntervalSince1970: d) }
-        throw APIError.invalid("\(name) must be an ISO 8601 time or Unix seconds", param: name)
-    }
-
-    static func int(_ request: Request, _ name: String, default value: Int, range: ClosedRange<Int>) throws -> Int {
-        guard let text = request.uri.queryParameters.get(name) else { return value }
-        guard let v = Int(text), range.contains(v) else {
-            throw APIError.invalid("\(name) must be an integer in \(range.lowerBound)...\(range.upperBound)", param: name)
-        }
-        return v
-    }
-
-    static func format(_ request: Request) throws -> String {
-        let f = request.uri.queryParameters.get("format") ?? "json"
-        guard ["json", "csv", "html"].contains(f) else { throw APIError.invalid("format must be json, csv or html", param: "format") }
-        return f
-    }
+    static func format(_ request: Request) throws -> String { try Query(request).oneOf("format", ["json", "csv", "html"]) }
 
     static func object(_ json: String) -> Any { (try? JSONSerialization.jsonObject(with: Data(json.utf8))) ?? NSNull() }
 
@@ -84,10 +59,14 @@ struct AuditRoutes {
     // MARK: A user's report
 
     func userReport(_ request: Request, _ context: AppContext, compute: Bool) async throws -> Response {
-        let (principal, user) = try await user(context)
+        let (principal, user) = try await state.requestUser()
         let format = try Self.format(request)
         var reports = try await state.database.driftReports(userID: user.id)
         if compute || reports.isEmpty {
+            if let wait = state.auditLimiter.admit(user.id) {
+                throw APIError.rateLimited("at most \(state.configuration.auditsPerUserPerMinute) on-demand audits per user per minute (audits_per_user_per_minute); retry in \(Int(wait.rounded(.up))) s",
+                                           retryAfter: Int(wait.rounded(.up)))
+            }
             _ = try await state.auditor.audit(user, actor: ServiceState.actor(principal))
             reports = try await state.database.driftReports(userID: user.id)
         }
@@ -106,7 +85,7 @@ struct AuditRoutes {
             return Self.text(AuditPage.user(name: user.name, frozen: current.frozen, version: current.version, reports: reports,
                                             events: events), type: "text/html; charset=utf-8")
         default:
-            let latest = reports.last!
+            guard let latest = reports.last else { throw APIError.internalError }   // an audit just stored one
             return try Self.response([
                 "user": user.name, "version": current.version, "audited_version": latest.version, "frozen": current.frozen,
                 "metrics": Self.object(latest.metrics), "flags": Self.object(latest.flags), "passed": latest.passed,
@@ -119,36 +98,33 @@ struct AuditRoutes {
     }
 
     func clear(_ request: Request, _ context: AppContext) async throws -> Response {
-        let (principal, user) = try await user(context)
+        let (principal, user) = try await state.requestUser()
         let changed = try await state.database.setFrozen(userID: user.id, false, actor: ServiceState.actor(principal))
         return try Self.response(["user": user.name, "frozen": false, "changed": changed])
     }
 
     func userEvents(_ request: Request, _ context: AppContext) async throws -> Response {
-        let (_, user) = try await user(context)
-        let events = try await state.database.auditEvents(userID: user.id, since: try Self.date(request, "since"),
-                                                          until: try Self.date(request, "until"),
-                                                          limit: try Self.int(request, "limit", default: 1000, range: 1...10000))
+        let (_, user) = try await state.requestUser()
+        let q = Query(request)
+        let events = try await state.database.auditEvents(userID: user.id, since: try q.date("since"), until: try q.date("until"),
+                                                          limit: try q.int("limit", default: 1000, range: 1...10000))
         return try Self.response(["user": user.name, "data": events.map(Self.eventObject)])
     }
 
     // MARK: The tenant's report
 
     func tenantReport(_ request: Request, _ context: AppContext) async throws -> Response {
-        let principal = try RequestPrincipal.required()
+        let principal = try RequestScope.principal()
+        let q = Query(request)
         let format = try Self.format(request)
-        let metric = request.uri.queryParameters.get("metric") ?? "kl_mean"
-        guard Policy.metrics.contains(metric) else {
-            throw APIError.invalid("metric must be one of \(Policy.metrics.joined(separator: ", "))", param: "metric")
-        }
-        let order = request.uri.queryParameters.get("order") ?? (metric == "top1_agreement" ? "asc" : "desc")
-        guard order == "asc" || order == "desc" else { throw APIError.invalid("order must be asc or desc", param: "order") }
-        let flagged = request.uri.queryParameters.get("flagged") == "true"
-        let limit = try Self.int(request, "limit", default: 50, range: 1...1000)
-        let offset = try Self.int(request, "offset", default: 0, range: 0...1_000_000)
+        let metric = try q.oneOf("metric", Policy.metrics, default: "kl_mean")
+        let order = try q.oneOf("order", ["asc", "desc"], default: metric == "top1_agreement" ? "asc" : "desc")
+        let flagged = try q.bool("flagged", default: false)
+        let limit = try q.int("limit", default: 50, range: 1...1000)
+        let offset = try q.int("offset", default: 0, range: 0...1_000_000)
         let ranked = try await state.database.rankedDrift(tenantID: principal.tenantID, metric: metric, ascending: order == "asc",
-                                                          flaggedOnly: flagged, since: try Self.date(request, "since"),
-                                                          until: try Self.date(request, "until"), limit: limit, offset: offset)
+                                                          flaggedOnly: flagged, since: try q.date("since"),
+                                                          until: try q.date("until"), limit: limit, offset: offset)
         switch format {
         case "csv":
             var out = "rank,user,version,frozen,passed,flags,computed_at," + Self.csvMetrics.joined(separator: ",") + "\n"
@@ -179,53 +155,57 @@ struct AuditRoutes {
     }
 
     func tenantEvents(_ request: Request, _ context: AppContext) async throws -> Response {
-        let principal = try RequestPrincipal.required()
-        let events = try await state.database.auditEvents(tenantID: principal.tenantID, since: try Self.date(request, "since"),
-                                                          until: try Self.date(request, "until"),
-                                                          limit: try Self.int(request, "limit", default: 1000, range: 1...10000))
+        let principal = try RequestScope.principal()
+        let q = Query(request)
+        let events = try await state.database.auditEvents(tenantID: principal.tenantID, since: try q.date("since"),
+                                                          until: try q.date("until"), limit: try q.int("limit", default: 1000, range: 1...10000))
         return try Self.response(["data": events.map(Self.eventObject)])
     }
 
     // MARK: Settings
 
-    func body(_ request: Request) async throws -> Data {
-        var request = request
-        do {
-            return Data(buffer: try await request.collectBody(upTo: state.configuration.maxBodyBytes))
-        } catch {
-            throw APIError.tooLarge("the request body exceeds \(state.configuration.maxBodyBytes) bytes")
-        }
+    /// The JSON body, decoded (the pipeline has read it, within max_body_bytes).
+    func decode<T: Decodable>(_ type: T.Type, _ request: Request) async throws -> T {
+        try JSONDecoder().decode(T.self, from: Data(buffer: try await request.body.collect(upTo: state.configuration.maxBodyBytes)))
     }
 
     func policies() async throws -> Response {
-        let principal = try RequestPrincipal.required()
+        let principal = try RequestScope.principal()
         let custom = try await state.database.auditSettings(tenantID: principal.tenantID).policies
         let policies = try await state.auditor.policies(tenantID: principal.tenantID)
         return try Self.response(["policies": Self.object(try Auditor.json(policies)), "default": custom == nil])
     }
 
     func setPolicies(_ request: Request) async throws -> Response {
-        let principal = try RequestPrincipal.required()
+        let principal = try RequestScope.principal()
         struct Body: Decodable { let policies: [Policy]? }
-        let body = try JSONDecoder().decode(Body.self, from: try await body(request))
+        let body = try await decode(Body.self, request)
+        if let p = body.policies, p.count > state.configuration.maxPolicies {
+            throw APIError.invalid("give at most \(state.configuration.maxPolicies) policies (max_policies), got \(p.count)", param: "policies")
+        }
         try body.policies?.forEach { try $0.validate() }
         try await state.database.setPolicies(tenantID: principal.tenantID, json: try body.policies.map { try Auditor.json($0) })
         return try await policies()
     }
 
     func probes() async throws -> Response {
-        let principal = try RequestPrincipal.required()
+        let principal = try RequestScope.principal()
         let custom = try await state.database.auditSettings(tenantID: principal.tenantID).probes
         return try Self.response(["probes": try await state.auditor.probes(tenantID: principal.tenantID), "default": custom == nil])
     }
 
     func setProbes(_ request: Request) async throws -> Response {
-        let principal = try RequestPrincipal.required()
+        let principal = try RequestScope.principal()
         struct Body: Decodable { let probes: [String]? }
-        let body = try JSONDecoder().decode(Body.self, from: try await body(request))
+        let body = try await decode(Body.self, request)
         if let p = body.probes {
             guard (1...256).contains(p.count) else { throw APIError.invalid("give 1 to 256 probes", param: "probes") }
-            guard p.allSatisfy({ !$0.isEmpty && state.model.tokenizer.encode($0).count <= 256 }) else {
+            guard p.allSatisfy({ !$0.unicodeScalars.contains("\u{0}") }) else {
+                throw APIError.invalid("a probe must not contain NUL characters", param: "probes")
+            }
+            // No token is longer than maxTokenBytes: longer texts are refused before they are tokenized.
+            guard p.allSatisfy({ !$0.isEmpty && $0.utf8.count <= 256 * state.maxTokenBytes
+                                 && state.model.tokenizer.encode($0).count <= 256 }) else {
                 throw APIError.invalid("each probe must have 1 to 256 tokens", param: "probes")
             }
         }

@@ -146,12 +146,12 @@ final class Auditor: @unchecked Sendable {
     // MARK: Scheduling
 
     /// After a round changed the user's version: due now, or once the interval since their last audit has passed.
-    func versionChanged(userID: Int64, tenantID: Int64) {
+    func versionChanged(userID: Int64, tenantID: Int64, dueNow: Bool = false) {
         guard configuration.audit else { return }
         lock.lock()
         defer { lock.unlock() }
-        let due = lastAudit[userID].map { $0.addingTimeInterval(configuration.auditIntervalSeconds) } ?? Date()
-        pending[userID] = (tenantID, max(due, pending[userID]?.due ?? .distantPast))
+        let due = dueNow ? Date() : lastAudit[userID].map { $0.addingTimeInterval(configuration.auditIntervalSeconds) } ?? Date()
+        pending[userID] = (tenantID, dueNow ? due : max(due, pending[userID]?.due ?? .distantPast))
     }
 
     /// Runs the audits that are due (background, never on a request's path).
@@ -253,9 +253,21 @@ final class Auditor: @unchecked Sendable {
         }
         if flags.contains(where: { $0.action == .rollback }),
            let target = try await database.lastPassingVersion(userID: user.id, before: version) {
-            _ = try await database.rollback(userID: user.id, to: target, keep: configuration.versionsKept, actor: actor)
-            logger.info("policy rolled user \(user.id) back from version \(version) to \(target)")
-            versionChanged(userID: user.id, tenantID: user.tenantID)   // the restored version gets its own report
+            // Only from the version measured: if learning has moved past it,
+            // the newer version is audited (now) and the policy judges that one.
+            // The jobs queued behind the failing version are cancelled, so the
+            // rollback does not re-apply what made it fail.
+            switch try await database.rollback(userID: user.id, to: target, keep: configuration.versionsKept, actor: actor,
+                                               cancelQueued: true, ifCurrent: version) {
+            case .rolledBack(let m):
+                logger.info("policy rolled user \(user.id) back from version \(version) to \(target) (new version \(m.version), \(m.cancelledJobs.count) queued jobs cancelled)")
+                versionChanged(userID: user.id, tenantID: user.tenantID)   // the restored version gets its own report
+            case .moved(let current):
+                logger.info("policy rollback of user \(user.id) skipped: version \(version) was measured, \(current) is current; auditing that")
+                versionChanged(userID: user.id, tenantID: user.tenantID, dueNow: true)
+            case .notKept:
+                break
+            }
         }
     }
 

@@ -22,16 +22,13 @@ struct GenerationRoutes {
 
     // MARK: Request handling shared by the endpoints
 
+    /// The JSON body, decoded (the pipeline has read it, within max_body_bytes; DecodingError → 400 in APIError.from).
     func decode<T: Decodable>(_ type: T.Type, _ request: Request) async throws -> T {
-        var request = request
-        let buffer: ByteBuffer
-        do {
-            buffer = try await request.collectBody(upTo: state.configuration.maxBodyBytes)
-        } catch {
-            throw APIError.tooLarge("the request body exceeds \(state.configuration.maxBodyBytes) bytes")
-        }
-        return try JSONDecoder().decode(T.self, from: Data(buffer: buffer))   // DecodingError → 400 in APIError.from
+        try JSONDecoder().decode(T.self, from: Data(buffer: try await request.body.collect(upTo: state.configuration.maxBodyBytes)))
     }
+
+    /// Most bytes of one stop string.
+    static let maxStopBytes = 256
 
     /// Sampling parameters from a request, checked against the server's limits.
     func sampling(_ s: Components.Schemas.Sampling) throws -> SamplingParameters {
@@ -47,6 +44,9 @@ struct GenerationRoutes {
             throw APIError.invalid("temperature must be in [0, 2], got \(v)", param: "temperature")
         }
         if let v = s.stop, v.count > 4 { throw APIError.invalid("stop takes at most 4 strings, got \(v.count)", param: "stop") }
+        if let v = s.stop, v.contains(where: { $0.isEmpty || $0.utf8.count > Self.maxStopBytes }) {
+            throw APIError.invalid("each stop string must have 1 to \(Self.maxStopBytes) bytes", param: "stop")
+        }
         if let v = s.temperature { p.temperature = Float(v) }
         if let v = s.topP { p.topP = Float(v) }
         if let v = s.topK { p.topK = v }
@@ -118,9 +118,10 @@ struct GenerationRoutes {
         var version: Int64 { user?.version ?? 0 }
     }
 
-    func target(_ name: String?, _ principal: Principal) async throws -> Target {
-        guard let name else { return Target(principal: principal, user: nil, adapter: nil) }
-        guard !name.isEmpty, name.utf8.count <= 256 else { throw APIError.invalid("user must have 1 to 256 bytes", param: "user") }
+    func target(_ text: String?, _ principal: Principal) async throws -> Target {
+        guard let text else { return Target(principal: principal, user: nil, adapter: nil) }
+        let name: UserName
+        do { name = try UserName(text) } catch { throw APIError.invalid("user: \(error)", param: "user") }
         for _ in 0..<5 {
             guard let user = try await state.database.user(tenantID: principal.tenantID, name: name, create: true) else { break }
             do {
@@ -178,16 +179,6 @@ struct GenerationRoutes {
                as: UTF8.self)
     }
 
-    /// A server-sent-events response whose events `produce` writes.
-    static func eventStream(_ produce: @escaping @Sendable (inout any ResponseBodyWriter) async throws -> Void) -> Response {
-        Response(status: .ok,
-                 headers: [.contentType: "text/event-stream", .cacheControl: "no-cache"],
-                 body: ResponseBody { writer in
-                     try await produce(&writer)
-                     try await writer.finish(nil)
-                 })
-    }
-
     static func usage(_ r: GenerationResult) -> Components.Schemas.Usage {
         .init(promptTokens: r.promptTokens, completionTokens: r.tokens.count, totalTokens: r.promptTokens + r.tokens.count)
     }
@@ -195,7 +186,7 @@ struct GenerationRoutes {
     // MARK: /v1/generate
 
     func generate(_ request: Request, _ context: AppContext) async throws -> Response {
-        let principal = try RequestPrincipal.required()
+        let principal = try RequestScope.principal()
         let body = try await decode(Components.Schemas.GenerateRequest.self, request)
         let r = body.value2
         let prompt: Prompt
@@ -216,7 +207,7 @@ struct GenerationRoutes {
                          usage: Self.usage(result), memoryVersion: target.version, learning: learning)
         }
         guard r.stream == true else { return try Self.json(try await response(try await collect(stream))) }
-        return Self.eventStream { writer in
+        return eventStream(context) { writer in
             for try await event in stream {
                 switch event {
                 case .token(let t) where !t.text.isEmpty:
@@ -228,18 +219,16 @@ struct GenerationRoutes {
                         let data = try JSONEncoder().encode(try await response(result))
                         try await writer.write(ByteBuffer(string: "event: done\ndata: \(String(decoding: data, as: UTF8.self))\n\n"))
                     } catch {
-                        try await writer.write(ByteBuffer(string: "event: error\ndata: \(Self.errorJSON(error))\n\n"))
+                        try await writer.write(ByteBuffer(string: "event: error\ndata: \(Self.errorJSON(error, context))\n\n"))
                     }
                 }
             }
         }
     }
 
-    /// An error as the body of a stream event, once the response has started.
-    static func errorJSON(_ error: any Error) -> String {
-        let e = APIError.from(error)
-        return jsonObject(["error": ["message": e.message, "type": e.type, "param": e.param as Any? ?? NSNull(),
-                                     "code": e.code as Any? ?? NSNull()]])
+    /// An error as the body of a stream event, once the response has started (logged when it is the server's).
+    static func errorJSON(_ error: any Error, _ context: AppContext) -> String {
+        APIError.reported(error, logger: context.logger, route: context.endpointPath).json
     }
 
     // MARK: OpenAI-compatible
@@ -279,7 +268,7 @@ struct GenerationRoutes {
     }
 
     func completion(_ request: Request, _ context: AppContext) async throws -> Response {
-        let principal = try RequestPrincipal.required()
+        let principal = try RequestScope.principal()
         let body = try await decode(Components.Schemas.CompletionRequest.self, request)
         let r = body.value2
         try checkModel(r.model)
@@ -294,12 +283,12 @@ struct GenerationRoutes {
                 choices: [.init(index: 0, text: result.text, finishReason: result.finishReason == .stop ? .stop : .length)],
                 usage: Self.usage(result)))
         }
-        return Self.openAIStream(stream, id: id, created: created, model: model, kind: .text,
+        return openAIStream(context, stream, id: id, created: created, model: model, kind: .text,
                                  includeUsage: r.streamOptions?.includeUsage == true, finished: finished)
     }
 
     func chatCompletion(_ request: Request, _ context: AppContext) async throws -> Response {
-        let principal = try RequestPrincipal.required()
+        let principal = try RequestScope.principal()
         let body = try await decode(Components.Schemas.ChatCompletionRequest.self, request)
         let r = body.value2
         try checkModel(r.model)
@@ -315,7 +304,7 @@ struct GenerationRoutes {
                                 finishReason: result.finishReason == .stop ? .stop : .length)],
                 usage: Self.usage(result)))
         }
-        return Self.openAIStream(stream, id: id, created: created, model: model, kind: .chat,
+        return openAIStream(context, stream, id: id, created: created, model: model, kind: .chat,
                                  includeUsage: r.streamOptions?.includeUsage == true, finished: finished)
     }
 
@@ -326,7 +315,8 @@ struct GenerationRoutes {
     /// piece of text, then, once `finished` has recorded the generation, the
     /// closing chunk with finish_reason, the usage chunk when asked, and
     /// `data: [DONE]`. A failure to record ends the stream with an error object.
-    static func openAIStream(_ stream: AsyncThrowingStream<GenerationEvent, Error>, id: String, created: Int64, model: String,
+    func openAIStream(_ context: AppContext, _ stream: AsyncThrowingStream<GenerationEvent, Error>, id: String, created: Int64,
+                      model: String,
                              kind: StreamKind, includeUsage: Bool,
                              finished: @escaping @Sendable (GenerationResult) async throws -> Void) -> Response {
         @Sendable func choice(_ text: String?, finish: String?) -> [String: Any] {
@@ -337,10 +327,10 @@ struct GenerationRoutes {
             }
         }
         @Sendable func chunk(_ choices: [[String: Any]], usage: GenerationResult? = nil) -> ByteBuffer {
-            openAIChunk(id: id, object: kind == .text ? "text_completion" : "chat.completion.chunk", created: created, model: model,
+            Self.openAIChunk(id: id, object: kind == .text ? "text_completion" : "chat.completion.chunk", created: created, model: model,
                         choices: choices, usage: usage)
         }
-        return eventStream { writer in
+        return eventStream(context) { writer in
             if kind == .chat {
                 try await writer.write(chunk([["index": 0, "delta": ["role": "assistant", "content": ""], "finish_reason": NSNull()]]))
             }
@@ -352,7 +342,7 @@ struct GenerationRoutes {
                     break
                 case .finished(let result):
                     do { try await finished(result) } catch {
-                        try await writer.write(ByteBuffer(string: "data: \(errorJSON(error))\n\n"))
+                        try await writer.write(ByteBuffer(string: "data: \(Self.errorJSON(error, context))\n\n"))
                         return
                     }
                     try await writer.write(chunk([choice(nil, finish: result.finishReason.rawValue)]))

@@ -11,11 +11,17 @@ import Store
 
 extension ServiceState {
     /// The caller's user named `name`, or 404.
-    func existingUser(_ name: String, _ principal: Principal) async throws -> User {
+    func existingUser(_ name: UserName, _ principal: Principal) async throws -> User {
         guard let user = try await database.user(tenantID: principal.tenantID, name: name) else {
             throw APIError.notFound("no user '\(name)' in this tenant")
         }
         return user
+    }
+
+    /// The caller and the user the request's path names (checked by the pipeline), or 404.
+    func requestUser() async throws -> (Principal, User) {
+        let principal = try RequestScope.principal()
+        return (principal, try await existingUser(try RequestScope.user(), principal))
     }
 
     /// What became of a learning job; with `wait`, after waiting for it (up
@@ -26,9 +32,12 @@ extension ServiceState {
             let deadline = ContinuousClock.now + .seconds(configuration.learningWaitSeconds)
             while ContinuousClock.now < deadline {
                 if let s = try await database.jobState(id: job) {
-                    if s.state == "done" { return .init(state: .applied, jobId: job, version: s.version) }
-                    if s.state == "failed" { return .init(state: .failed, jobId: job) }
-                    if s.frozen { return .init(state: .frozen, jobId: job) }   // waits until the user is cleared
+                    switch s.state {
+                    case .done: return .init(state: .applied, jobId: job, version: s.version)
+                    case .failed: return .init(state: .failed, jobId: job)
+                    case .cancelled: return .init(state: .cancelled, jobId: job)
+                    case .queued: if s.frozen { return .init(state: .frozen, jobId: job) }   // waits until the user is cleared
+                    }
                 }
                 try await Task.sleep(for: .milliseconds(20))
             }
@@ -37,7 +46,7 @@ extension ServiceState {
     }
 
     /// The user's memory as the API shows it.
-    func memoryInfo(_ user: User) async throws -> Components.Schemas.Memory {
+    func memoryInfo(_ user: User, cancelled: [Int64]? = nil) async throws -> Components.Schemas.Memory {
         // Queued jobs first: when none are left, the reads below see every applied one.
         let queued = try await database.queuedJobs(userID: user.id)
         guard let stored = try await database.memory(userID: user.id, withLearner: true, withLevels: false) else {
@@ -46,8 +55,7 @@ extension ServiceState {
         let memory = self.memory
         // The counters are in the learner part; the levels' weights are not needed.
         let (levels, consolidations) = try await memory.compute {
-            let learner = try LevelStateFile.decode(levels: [:], learner: stored.learner, model: memory.model,
-                                                    configuration: memory.levels)
+            let learner = try memory.learner(levels: [:], learner: stored.learner)
             return (memory.levels.levels.enumerated().map { l, level in
                 Components.Schemas.LevelCounters(name: level.name, tokens: Int64(learner.tokenCounters[l]),
                                                  accumulatedTokens: Int64(learner.accumulatedTokens[l]),
@@ -58,7 +66,7 @@ extension ServiceState {
         }
         return .init(user: user.name, version: stored.version, jobsApplied: stored.jobsApplied,
                      queuedJobs: Int64(queued),
-                     consolidations: Int64(consolidations), levels: levels)
+                     consolidations: Int64(consolidations), levels: levels, cancelledJobs: cancelled)
     }
 
     static func actor(_ p: Principal) -> String { "key:\(p.keyID)" }
@@ -66,20 +74,33 @@ extension ServiceState {
 
 extension OperationsAPI {
     func createFeedback(_ input: Operations.CreateFeedback.Input) async throws -> Operations.CreateFeedback.Output {
-        let principal = try RequestPrincipal.required()
+        let principal = try RequestScope.principal()
         guard case .json(let body) = input.body else { throw APIError.invalid("expected a JSON body") }
         guard let uuid = Self.generationUUID(body.generationId),
               let generation = try await state.database.generation(id: uuid, tenantID: principal.tenantID) else {
             throw APIError.notFound("no generation '\(body.generationId)' in this tenant")
         }
         let positive = body.rating == .positive
-        if let c = body.correction, c.isEmpty { throw APIError.invalid("correction must not be empty", param: "correction") }
+        var correction: [Int]?
+        if let c = body.correction {
+            guard !c.isEmpty else { throw APIError.invalid("correction must not be empty", param: "correction") }
+            guard !c.unicodeScalars.contains("\u{0}") else {
+                throw APIError.invalid("correction must not contain NUL characters", param: "correction")
+            }
+            // No token is longer than maxTokenBytes, so text of more bytes than
+            // that times the cap has more tokens than the cap: refused before it is tokenized.
+            let limit = state.configuration.maxCorrectionTokens
+            let tokens = c.utf8.count <= state.maxTokenBytes * limit ? state.model.tokenizer.encode(c) : nil
+            guard let tokens, tokens.count <= limit else {
+                throw APIError.tooLarge("the correction exceeds max_correction_tokens (\(limit))", param: "correction")
+            }
+            correction = tokens
+        }
         var job: LearningRequest?
         let learns = try await state.database.user(id: generation.userID, tenantID: principal.tenantID)?.learns ?? false
         if learns {
             let prompt = generation.promptTokens
-            if let c = body.correction {
-                let answer = state.model.tokenizer.encode(c)
+            if let answer = correction {
                 job = LearningRequest(tokens: prompt + answer, learnable: prompt.map { _ in false } + answer.map { _ in true })
             } else if positive, !generation.completionTokens.isEmpty {
                 let answer = generation.completionTokens
@@ -104,9 +125,9 @@ extension OperationsAPI {
     }
 
     func eraseUser(_ input: Operations.EraseUser.Input) async throws -> Operations.EraseUser.Output {
-        let principal = try RequestPrincipal.required()
-        let user = try await state.existingUser(input.path.user, principal)
-        guard try await state.database.eraseUser(tenantID: principal.tenantID, name: user.name, actor: ServiceState.actor(principal)) else {
+        let (principal, user) = try await state.requestUser()
+        guard try await state.database.eraseUser(tenantID: principal.tenantID, name: try RequestScope.user(),
+                                                 actor: ServiceState.actor(principal)) else {
             throw APIError.notFound("no user '\(user.name)' in this tenant")
         }
         state.memory.cache.remove(user: user.id)
@@ -114,13 +135,12 @@ extension OperationsAPI {
     }
 
     func getMemory(_ input: Operations.GetMemory.Input) async throws -> Operations.GetMemory.Output {
-        let principal = try RequestPrincipal.required()
-        return .ok(.init(body: .json(try await state.memoryInfo(try await state.existingUser(input.path.user, principal)))))
+        let (_, user) = try await state.requestUser()
+        return .ok(.init(body: .json(try await state.memoryInfo(user))))
     }
 
     func listVersions(_ input: Operations.ListVersions.Input) async throws -> Operations.ListVersions.Output {
-        let principal = try RequestPrincipal.required()
-        let user = try await state.existingUser(input.path.user, principal)
+        let (_, user) = try await state.requestUser()
         let versions = try await state.database.versions(userID: user.id).map { v in
             Components.Schemas.MemoryVersion(
                 version: v.version, parent: v.parent,
@@ -132,10 +152,12 @@ extension OperationsAPI {
     }
 
     func resetMemory(_ input: Operations.ResetMemory.Input) async throws -> Operations.ResetMemory.Output {
-        let principal = try RequestPrincipal.required()
-        let user = try await state.existingUser(input.path.user, principal)
-        var names: [String]?
-        if case .json(let body)? = input.body { names = body.levels }
+        let (principal, user) = try await state.requestUser()
+        var names: [String]?, keepQueued = false
+        if case .json(let body)? = input.body {
+            names = body.levels
+            keepQueued = body.keepQueued ?? false
+        }
         let config = state.memory.levels
         let indices = try (names ?? config.levels.map(\.name)).map { name in
             guard let i = config.levels.firstIndex(where: { $0.name == name }) else {
@@ -145,7 +167,8 @@ extension OperationsAPI {
             return i
         }
         let memory = state.memory, actor = ServiceState.actor(principal)
-        _ = try await state.database.mutateMemory(userID: user.id, keep: state.configuration.versionsKept) { stored in
+        let mutation = try await state.database.mutateMemory(userID: user.id, keep: state.configuration.versionsKept,
+                                                             cancelQueued: !keepQueued) { stored in
             try await memory.compute {
                 let learner = try memory.learner(stored)
                 for l in indices { try learner.reset(level: l) }
@@ -153,27 +176,30 @@ extension OperationsAPI {
                                          causeID: indices.map { config.levels[$0].name }.joined(separator: ","), actor: actor)
             }
         }
-        return .ok(.init(body: .json(try await state.memoryInfo(user))))
+        return .ok(.init(body: .json(try await state.memoryInfo(user, cancelled: mutation.cancelledJobs))))
     }
 
     func rollbackMemory(_ input: Operations.RollbackMemory.Input) async throws -> Operations.RollbackMemory.Output {
-        let principal = try RequestPrincipal.required()
-        let user = try await state.existingUser(input.path.user, principal)
+        let (principal, user) = try await state.requestUser()
         guard case .json(let body) = input.body else { throw APIError.invalid("expected a JSON body") }
-        guard try await state.database.rollback(userID: user.id, to: body.version, keep: state.configuration.versionsKept,
-                                                actor: ServiceState.actor(principal)) != nil else {
+        guard body.version >= 0 else { throw APIError.invalid("version must be at least 0", param: "version") }
+        switch try await state.database.rollback(userID: user.id, to: body.version, keep: state.configuration.versionsKept,
+                                                 actor: ServiceState.actor(principal), cancelQueued: !(body.keepQueued ?? false)) {
+        case .rolledBack(let mutation):
+            return .ok(.init(body: .json(try await state.memoryInfo(user, cancelled: mutation.cancelledJobs))))
+        case .notKept, .moved:
             throw APIError.notFound("version \(body.version) of user '\(user.name)' is not kept")
         }
-        return .ok(.init(body: .json(try await state.memoryInfo(user))))
     }
 
     func forkMemory(_ input: Operations.ForkMemory.Input) async throws -> Operations.ForkMemory.Output {
-        let principal = try RequestPrincipal.required()
-        let user = try await state.existingUser(input.path.user, principal)
+        let (principal, user) = try await state.requestUser()
         guard case .json(let body) = input.body else { throw APIError.invalid("expected a JSON body") }
-        guard !body.to.isEmpty, body.to.utf8.count <= 256 else { throw APIError.invalid("to must have 1 to 256 bytes", param: "to") }
+        let target: UserName
+        do { target = try UserName(body.to) } catch { throw APIError.invalid("to: \(error)", param: "to") }
+        if let v = body.version, v < 0 { throw APIError.invalid("version must be at least 0", param: "version") }
         do {
-            let forked = try await state.database.forkUser(source: user, version: body.version, target: body.to,
+            let forked = try await state.database.forkUser(source: user, version: body.version, target: target,
                                                            actor: ServiceState.actor(principal))
             return .ok(.init(body: .json(try await state.memoryInfo(forked))))
         } catch let e as NotFound {
@@ -184,14 +210,16 @@ extension OperationsAPI {
     }
 
     func consolidateMemory(_ input: Operations.ConsolidateMemory.Input) async throws -> Operations.ConsolidateMemory.Output {
-        let principal = try RequestPrincipal.required()
-        let user = try await state.existingUser(input.path.user, principal)
+        let (principal, user) = try await state.requestUser()
         var budget = ConsolidationBudget()
         if case .json(let body)? = input.body {
             if let s = body.steps { budget.steps = s }
             if let g = body.generatedTokens { budget.generatedTokens = g }
         }
-        guard (1...1000).contains(budget.steps) else { throw APIError.invalid("steps must be in 1...1000", param: "steps") }
+        let maxSteps = state.configuration.maxConsolidationSteps
+        guard (1...maxSteps).contains(budget.steps) else {
+            throw APIError.invalid("steps must be in 1...\(maxSteps) (max_consolidation_steps)", param: "steps")
+        }
         guard (0...256).contains(budget.generatedTokens) else {
             throw APIError.invalid("generated_tokens must be in 0...256", param: "generated_tokens")
         }
@@ -221,8 +249,8 @@ extension OperationsAPI {
     }
 
     func exportMemory(_ input: Operations.ExportMemory.Input) async throws -> Operations.ExportMemory.Output {
-        let principal = try RequestPrincipal.required()
-        let user = try await state.existingUser(input.path.user, principal)
+        let (_, user) = try await state.requestUser()
+        if let v = input.query.version, v < 0 { throw APIError.invalid("version must be at least 0", param: "version") }
         guard let stored = try await state.database.memory(userID: user.id, version: input.query.version) else {
             throw APIError.notFound("version \(input.query.version ?? user.version) of user '\(user.name)' is not kept")
         }
@@ -270,17 +298,10 @@ struct ImportRoute {
     }
 
     func importState(_ request: Request, _ context: AppContext) async throws -> Response {
-        let principal = try RequestPrincipal.required()
-        guard let name = context.parameters.get("user"), !name.isEmpty, name.utf8.count <= 256 else {
-            throw APIError.invalid("user must have 1 to 256 bytes", param: "user")
-        }
-        var request = request
-        let data: Data
-        do {
-            data = Data(buffer: try await request.collectBody(upTo: state.configuration.maxImportBytes))
-        } catch {
-            throw APIError.tooLarge("the state file exceeds max_import_bytes (\(state.configuration.maxImportBytes))")
-        }
+        let principal = try RequestScope.principal(), name = try RequestScope.user()
+        let keepQueued = try Query(request).bool("keep_queued", default: false)
+        // The pipeline has read the body, within max_import_bytes.
+        let data = Data(buffer: try await request.body.collect(upTo: state.configuration.maxImportBytes))
         let memory = state.memory, actor = ServiceState.actor(principal)
         // Checked before any row is written: a bad file changes nothing.
         let learner = try await memory.compute { () throws -> UncheckedLearner in
@@ -294,13 +315,14 @@ struct ImportRoute {
             throw APIError.notFound("no user '\(name)' in this tenant")
         }
         let digest = String(LevelStateFile.sha256(data).prefix(16))
-        _ = try await state.database.mutateMemory(userID: user.id, keep: state.configuration.versionsKept) { _ in
+        let mutation = try await state.database.mutateMemory(userID: user.id, keep: state.configuration.versionsKept,
+                                                             cancelQueued: !keepQueued) { _ in
             try await memory.compute {
                 try memory.change(learner.value, changed: Array(memory.levels.levels.indices), cause: "import",
                                   causeID: "sha256:" + digest, actor: actor)
             }
         }
-        return try GenerationRoutes.json(try await state.memoryInfo(user))
+        return try GenerationRoutes.json(try await state.memoryInfo(user, cancelled: mutation.cancelledJobs))
     }
 
     /// A decoded learner handed between the learning thread and the request.

@@ -1,5 +1,6 @@
 // ServiceConfiguration: the server's settings, with defaults, validated.
 import Foundation
+import Store
 
 /// How the HTTP service runs. Decodes from JSON with defaults for every key.
 public struct ServiceConfiguration: Codable, Sendable, Equatable {
@@ -39,15 +40,37 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
     public var auditPersonalTokens = 128
     /// Tokens of the shipped reference text the forgetting metric scores.
     public var auditReferenceTokens = 256
+    /// Most on-demand audits (`POST …/audit`, or a first report) per user per minute (429 beyond).
+    public var auditsPerUserPerMinute = 2
+    /// Most tokens a feedback correction may have (413 beyond).
+    public var maxCorrectionTokens = 512
+    /// Most policies a tenant may set (400 beyond).
+    public var maxPolicies = 64
+    /// Most distillation steps an on-demand consolidation may ask for (400 beyond).
+    public var maxConsolidationSteps = 64
+    /// A connection that sends nothing for this long (between requests, or
+    /// mid-request while its headers or body are due) is closed.
+    public var idleTimeoutSeconds = 60.0
+    /// A request body must arrive within this long (408 beyond).
+    public var bodyReadTimeoutSeconds = 30.0
+    /// A streamed response whose client reads nothing for this long is ended
+    /// (its generation cancelled, its engine slot freed).
+    public var streamWriteTimeoutSeconds = 30.0
+    /// How long finished records are kept, and how often they are pruned.
+    public var retention = RetentionConfiguration()
 
-    enum CodingKeys: String, CodingKey {
+    enum CodingKeys: String, CodingKey, CaseIterable {
         case host, port, maxImportBytes = "max_import_bytes"
         case maxBodyBytes = "max_body_bytes", maxPromptTokens = "max_prompt_tokens", maxTokens = "max_tokens"
         case maxBatch = "max_batch", maxQueued = "max_queued", modelName = "model_name"
         case learningWorkers = "learning_workers", learningBatch = "learning_batch", versionsKept = "versions_kept"
         case cacheBytes = "cache_bytes", learningWaitSeconds = "learning_wait_seconds"
         case audit, auditIntervalSeconds = "audit_interval_seconds", auditPersonalTokens = "audit_personal_tokens"
-        case auditReferenceTokens = "audit_reference_tokens"
+        case auditReferenceTokens = "audit_reference_tokens", auditsPerUserPerMinute = "audits_per_user_per_minute"
+        case maxCorrectionTokens = "max_correction_tokens", maxPolicies = "max_policies"
+        case maxConsolidationSteps = "max_consolidation_steps", idleTimeoutSeconds = "idle_timeout_seconds"
+        case bodyReadTimeoutSeconds = "body_read_timeout_seconds", streamWriteTimeoutSeconds = "stream_write_timeout_seconds"
+        case retention
     }
 
     public struct Invalid: Error, CustomStringConvertible {
@@ -57,6 +80,7 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
     public init() {}
 
     public init(from decoder: Decoder) throws {
+        try checkKnownKeys(decoder, CodingKeys.self, in: "service configuration")
         let c = try decoder.container(keyedBy: CodingKeys.self)
         let d = ServiceConfiguration()
         host = try c.decodeIfPresent(String.self, forKey: .host) ?? d.host
@@ -77,6 +101,15 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
         auditIntervalSeconds = try c.decodeIfPresent(Double.self, forKey: .auditIntervalSeconds) ?? d.auditIntervalSeconds
         auditPersonalTokens = try c.decodeIfPresent(Int.self, forKey: .auditPersonalTokens) ?? d.auditPersonalTokens
         auditReferenceTokens = try c.decodeIfPresent(Int.self, forKey: .auditReferenceTokens) ?? d.auditReferenceTokens
+        auditsPerUserPerMinute = try c.decodeIfPresent(Int.self, forKey: .auditsPerUserPerMinute) ?? d.auditsPerUserPerMinute
+        maxCorrectionTokens = try c.decodeIfPresent(Int.self, forKey: .maxCorrectionTokens) ?? d.maxCorrectionTokens
+        maxPolicies = try c.decodeIfPresent(Int.self, forKey: .maxPolicies) ?? d.maxPolicies
+        maxConsolidationSteps = try c.decodeIfPresent(Int.self, forKey: .maxConsolidationSteps) ?? d.maxConsolidationSteps
+        idleTimeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .idleTimeoutSeconds) ?? d.idleTimeoutSeconds
+        bodyReadTimeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .bodyReadTimeoutSeconds) ?? d.bodyReadTimeoutSeconds
+        streamWriteTimeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .streamWriteTimeoutSeconds)
+            ?? d.streamWriteTimeoutSeconds
+        retention = try c.decodeIfPresent(RetentionConfiguration.self, forKey: .retention) ?? d.retention
         try validate()
     }
 
@@ -98,5 +131,83 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
         if !(auditIntervalSeconds >= 0) { try fail("audit_interval_seconds must be at least 0") }
         if auditPersonalTokens < 2 { try fail("audit_personal_tokens must be at least 2") }
         if auditReferenceTokens < 2 { try fail("audit_reference_tokens must be at least 2") }
+        if auditsPerUserPerMinute < 1 { try fail("audits_per_user_per_minute must be at least 1") }
+        if maxCorrectionTokens < 1 { try fail("max_correction_tokens must be at least 1") }
+        if maxPolicies < 0 { try fail("max_policies must be at least 0") }
+        if !(1...1000).contains(maxConsolidationSteps) { try fail("max_consolidation_steps must be in 1...1000") }
+        for (name, v) in [("idle_timeout_seconds", idleTimeoutSeconds), ("body_read_timeout_seconds", bodyReadTimeoutSeconds),
+                          ("stream_write_timeout_seconds", streamWriteTimeoutSeconds)] where !(v > 0 && v <= 86400) {
+            try fail("\(name) must be in (0, 86400]")
+        }
+        try retention.validate()
     }
+}
+
+/// How long the database keeps finished records (days; 0 keeps them
+/// forever), and how often each replica prunes them.
+public struct RetentionConfiguration: Codable, Sendable, Equatable {
+    /// Learning jobs that are done, failed or cancelled (with their token arrays).
+    public var finishedJobsDays = 7.0
+    /// Generations (feedback needs them: feedback on a pruned one answers 404) and the feedback on them.
+    public var generationsDays = 30.0
+    /// Drift reports, except each user's newest and those of versions still kept.
+    public var driftReportsDays = 90.0
+    /// Audit events, erasure tombstones included.
+    public var auditEventsDays = 365.0
+    /// Seconds between two pruning passes of a replica.
+    public var intervalSeconds = 3600.0
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case finishedJobsDays = "finished_jobs_days", generationsDays = "generations_days"
+        case driftReportsDays = "drift_reports_days", auditEventsDays = "audit_events_days", intervalSeconds = "interval_seconds"
+    }
+
+    public init() {}
+
+    public init(from decoder: Decoder) throws {
+        try checkKnownKeys(decoder, CodingKeys.self, in: "retention")
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let d = RetentionConfiguration()
+        finishedJobsDays = try c.decodeIfPresent(Double.self, forKey: .finishedJobsDays) ?? d.finishedJobsDays
+        generationsDays = try c.decodeIfPresent(Double.self, forKey: .generationsDays) ?? d.generationsDays
+        driftReportsDays = try c.decodeIfPresent(Double.self, forKey: .driftReportsDays) ?? d.driftReportsDays
+        auditEventsDays = try c.decodeIfPresent(Double.self, forKey: .auditEventsDays) ?? d.auditEventsDays
+        intervalSeconds = try c.decodeIfPresent(Double.self, forKey: .intervalSeconds) ?? d.intervalSeconds
+        try validate()
+    }
+
+    public func validate() throws {
+        for (name, v) in [("finished_jobs_days", finishedJobsDays), ("generations_days", generationsDays),
+                          ("drift_reports_days", driftReportsDays), ("audit_events_days", auditEventsDays)]
+            where !(v >= 0 && v <= 36500) {
+            throw ServiceConfiguration.Invalid(description: "invalid service configuration: retention.\(name) must be in [0, 36500] (0: forever)")
+        }
+        guard intervalSeconds >= 1 && intervalSeconds <= 86400 * 7 else {
+            throw ServiceConfiguration.Invalid(description: "invalid service configuration: retention.interval_seconds must be in [1, 604800]")
+        }
+    }
+
+    /// The store's retention (seconds; nil: forever).
+    public var store: Retention {
+        func seconds(_ days: Double) -> Double? { days > 0 ? days * 86400 : nil }
+        return Retention(finishedJobs: seconds(finishedJobsDays), generations: seconds(generationsDays),
+                         driftReports: seconds(driftReportsDays), auditEvents: seconds(auditEventsDays))
+    }
+}
+
+/// Refuses keys a configuration does not know (a misspelt setting is an error, not a default).
+func checkKnownKeys<K: CodingKey & CaseIterable>(_ decoder: Decoder, _ keys: K.Type, in what: String) throws {
+    let known = Set(K.allCases.map(\.stringValue))
+    let unknown = try decoder.container(keyedBy: AnyKey.self).allKeys.map(\.stringValue).filter { !known.contains($0) }
+    guard unknown.isEmpty else {
+        throw ServiceConfiguration.Invalid(description: "invalid service configuration: unknown \(what) key(s) \(unknown.sorted().joined(separator: ", "))")
+    }
+}
+
+/// Any key of a JSON object, for listing the keys a decoder was given.
+struct AnyKey: CodingKey {
+    var stringValue: String
+    var intValue: Int? { nil }
+    init(stringValue: String) { self.stringValue = stringValue }
+    init?(intValue: Int) { nil }
 }

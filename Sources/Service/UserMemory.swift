@@ -112,9 +112,28 @@ final class UserMemory: Sendable {
 
     struct VersionMoved: Error {}
 
+    /// A user's stored memory that this server cannot read (made under
+    /// another level configuration or backbone, or damaged): the request is
+    /// refused with 409 and learning jobs are marked failed; nothing is changed.
+    struct Unreadable: Error, CustomStringConvertible {
+        let reason: String
+        var description: String {
+            "this user's stored memory cannot be read by this server (\(reason)); serve it with the level configuration it was made under, or reset or erase the user"
+        }
+    }
+
     /// The learner a stored memory holds.
     func learner(_ stored: StoredMemory) throws -> LevelLearner {
-        try LevelStateFile.decode(levels: stored.levels, learner: stored.learner, model: model, configuration: levels)
+        try learner(levels: stored.levels, learner: stored.learner)
+    }
+
+    /// The learner of stored parts (levels by name; without them, fresh weights under the stored counters).
+    func learner(levels parts: [String: Data], learner part: Data?) throws -> LevelLearner {
+        do {
+            return try LevelStateFile.decode(levels: parts, learner: part, model: model, configuration: levels)
+        } catch let e as LevelStateFile.Incompatible {
+            throw Unreadable(reason: e.description)
+        }
     }
 
     /// A change writing the `changed` levels' parts of `learner` (and

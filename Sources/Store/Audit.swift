@@ -42,6 +42,18 @@ public struct RankedDrift: Sendable, Equatable {
 }
 
 extension Database {
+    /// The times a query may bind: PostgresNIO encodes a Date as Int64
+    /// microseconds, which traps for non-finite or far-off times, so every
+    /// caller-given time is checked to lie in years 1…9999 (the service
+    /// refuses others with 400 before they get here).
+    public static let storableDates = Date(timeIntervalSince1970: -62_135_596_800)...Date(timeIntervalSince1970: 253_402_300_799)
+
+    static func checkStorable(_ dates: Date?...) throws {
+        for d in dates.compactMap({ $0 }) where !storableDates.contains(d) {
+            throw Failure(description: "time \(d.timeIntervalSince1970) s is outside years 1…9999")
+        }
+    }
+
     /// Records an audit event of the user (in the caller's transaction).
     static func audit(_ tx: PostgresConnection, userID: Int64, event: String, from: Int64?, to: Int64?, actor: String,
                       causeID: String?, detail: String = "{}", logger: Logger) async throws {
@@ -71,6 +83,7 @@ extension Database {
     }
 
     private func events(where condition: String, bind: Int64, since: Date?, until: Date?, limit: Int) async throws -> [AuditEvent] {
+        try Self.checkStorable(since, until)
         var binds = PostgresBindings()
         binds.append(bind)
         binds.append(since ?? Date(timeIntervalSince1970: 0))
@@ -121,6 +134,7 @@ extension Database {
     public func rankedDrift(tenantID: Int64, metric: String, ascending: Bool = false, flaggedOnly: Bool = false,
                             since: Date? = nil, until: Date? = nil, limit: Int = 50, offset: Int = 0) async throws -> [RankedDrift] {
         guard metric.allSatisfy({ $0.isLetter || $0 == "_" }) else { throw Failure(description: "bad metric name \(metric)") }
+        try Self.checkStorable(since, until)
         var binds = PostgresBindings()
         binds.append(tenantID)
         binds.append(since ?? Date(timeIntervalSince1970: 0))

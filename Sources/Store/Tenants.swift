@@ -12,11 +12,23 @@ public struct Tenant: Sendable, Equatable {
     public let createdAt: Date
 }
 
+/// What an API key may do. `app` keys serve an application's requests
+/// (generation, completions, chat, models, feedback, and reading a user's
+/// memory summary and versions); `admin` keys also operate memories (reset,
+/// rollback, fork, consolidate, import, export, erase) and the drift audit.
+public enum KeyRole: String, Sendable, CaseIterable, Codable {
+    case app, admin
+
+    /// Whether a key of this role may do what `required` allows.
+    public func permits(_ required: KeyRole) -> Bool { self == .admin || required == .app }
+}
+
 /// A stored API key (never the key itself).
 public struct APIKey: Sendable, Equatable {
     public let id: Int64
     public let tenantID: Int64
     public let name: String
+    public let role: KeyRole
     /// The key's first characters, to recognise it in listings.
     public let prefix: String
     public let createdAt: Date
@@ -27,6 +39,13 @@ public struct APIKey: Sendable, Equatable {
 public struct Principal: Sendable, Equatable {
     public let tenantID: Int64
     public let keyID: Int64
+    public let role: KeyRole
+
+    public init(tenantID: Int64, keyID: Int64, role: KeyRole) {
+        self.tenantID = tenantID
+        self.keyID = keyID
+        self.role = role
+    }
 }
 
 extension Database {
@@ -74,29 +93,35 @@ extension Database {
         return nil
     }
 
-    /// Creates a key for the tenant; returns its record and the key, which is
-    /// not stored and cannot be shown again.
-    public func createKey(tenantID: Int64, name: String = "") async throws -> (APIKey, String) {
+    typealias KeyRow = (Int64, Int64, String, String, String, Date, Date?)
+
+    static func key(_ r: KeyRow) throws -> APIKey {
+        guard let role = KeyRole(rawValue: r.4) else { throw Failure(description: "key \(r.0) has an unknown role '\(r.4)'") }
+        return APIKey(id: r.0, tenantID: r.1, name: r.2, role: role, prefix: r.3, createdAt: r.5, revokedAt: r.6)
+    }
+
+    /// Creates a key of `role` for the tenant; returns its record and the
+    /// key, which is not stored and cannot be shown again.
+    public func createKey(tenantID: Int64, name: String = "", role: KeyRole) async throws -> (APIKey, String) {
+        guard name.utf8.count <= 200, !name.unicodeScalars.contains(where: { $0.properties.generalCategory == .control }) else {
+            throw Failure(description: "a key name must have at most 200 bytes and no control characters")
+        }
         let key = Self.newKey()
         let rows = try await client.query("""
-            INSERT INTO api_keys (tenant_id, name, prefix, key_hash)
-            VALUES (\(tenantID), \(name), \(String(key.prefix(11))), \(Self.hash(key: key)))
-            RETURNING id, tenant_id, name, prefix, created_at, revoked_at
+            INSERT INTO api_keys (tenant_id, name, prefix, key_hash, role)
+            VALUES (\(tenantID), \(name), \(String(key.prefix(11))), \(Self.hash(key: key)), \(role.rawValue))
+            RETURNING id, tenant_id, name, prefix, role, created_at, revoked_at
             """, logger: logger)
-        for try await r in rows.decode((Int64, Int64, String, String, Date, Date?).self) {
-            return (APIKey(id: r.0, tenantID: r.1, name: r.2, prefix: r.3, createdAt: r.4, revokedAt: r.5), key)
-        }
+        for try await r in rows.decode(KeyRow.self) { return (try Self.key(r), key) }
         throw Failure(description: "the key was not created")
     }
 
     public func keys(tenantID: Int64) async throws -> [APIKey] {
         let rows = try await client.query("""
-            SELECT id, tenant_id, name, prefix, created_at, revoked_at FROM api_keys WHERE tenant_id = \(tenantID) ORDER BY id
+            SELECT id, tenant_id, name, prefix, role, created_at, revoked_at FROM api_keys WHERE tenant_id = \(tenantID) ORDER BY id
             """, logger: logger)
         var out: [APIKey] = []
-        for try await r in rows.decode((Int64, Int64, String, String, Date, Date?).self) {
-            out.append(APIKey(id: r.0, tenantID: r.1, name: r.2, prefix: r.3, createdAt: r.4, revokedAt: r.5))
-        }
+        for try await r in rows.decode(KeyRow.self) { out.append(try Self.key(r)) }
         return out
     }
 
@@ -114,9 +139,12 @@ extension Database {
     public func authenticate(key: String) async throws -> Principal? {
         guard key.hasPrefix("ck-"), key.count < 200 else { return nil }
         let rows = try await client.query("""
-            SELECT tenant_id, id FROM api_keys WHERE key_hash = \(Self.hash(key: key)) AND revoked_at IS NULL
+            SELECT tenant_id, id, role FROM api_keys WHERE key_hash = \(Self.hash(key: key)) AND revoked_at IS NULL
             """, logger: logger)
-        for try await (tenant, id) in rows.decode((Int64, Int64).self) { return Principal(tenantID: tenant, keyID: id) }
+        for try await (tenant, id, role) in rows.decode((Int64, Int64, String).self) {
+            guard let role = KeyRole(rawValue: role) else { return nil }   // a role this build does not know grants nothing
+            return Principal(tenantID: tenant, keyID: id, role: role)
+        }
         return nil
     }
 }

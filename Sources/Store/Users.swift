@@ -78,6 +78,20 @@ public struct MemoryChange: Sendable {
     }
 }
 
+/// Where a learning job is: waiting, applied, refused (the stored memory
+/// cannot be read by this server) or cancelled (a reset, rollback or import
+/// came after it).
+public enum JobState: String, Sendable, CaseIterable {
+    case queued, done, failed, cancelled
+}
+
+/// What a memory operation (reset, rollback, import, consolidation) did:
+/// the version current afterwards and the queued jobs it cancelled.
+public struct MemoryMutation: Sendable, Equatable {
+    public let version: Int64
+    public let cancelledJobs: [Int64]
+}
+
 /// A queued learning job.
 public struct LearningJob: Sendable, Equatable {
     public let id: Int64
@@ -134,10 +148,8 @@ extension Database {
     }
 
     /// The tenant's user named `name`; created (at version 0) when `create` and missing.
-    public func user(tenantID: Int64, name: String, create: Bool = false) async throws -> User? {
-        guard !name.isEmpty, name.utf8.count <= 256 else {
-            throw Failure(description: "a user id must have 1 to 256 bytes")
-        }
+    public func user(tenantID: Int64, name userName: UserName, create: Bool = false) async throws -> User? {
+        let name = userName.value
         if create {
             try await transaction { tx in
                 let rows = try await tx.query("""
@@ -183,8 +195,9 @@ extension Database {
     /// feedback, jobs, versions, snapshots, audit events and drift reports)
     /// goes with the user row; a content-free tombstone (event, time, actor,
     /// the internal id) stays in the audit log. False when the tenant has no such user.
-    public func eraseUser(tenantID: Int64, name: String, actor: String) async throws -> Bool {
-        try await transaction { tx in
+    public func eraseUser(tenantID: Int64, name userName: UserName, actor: String) async throws -> Bool {
+        let name = userName.value
+        return try await transaction { tx in
             var erased: (Int64, Int64)?
             for try await r in try await tx.query("""
                 DELETE FROM users WHERE tenant_id = \(tenantID) AND name = \(name) RETURNING id, version
@@ -337,31 +350,56 @@ extension Database {
 
     /// Runs `body` on the user's current memory with the user's row locked
     /// (waiting for a learning job in progress), then writes what it returns
-    /// as a new version; nil leaves the memory as it is. Returns the version
-    /// current afterwards.
-    public func mutateMemory(userID: Int64, keep: Int, _ body: @Sendable (StoredMemory) async throws -> MemoryChange?)
-        async throws -> Int64 {
+    /// as a new version; nil leaves the memory as it is. With
+    /// `cancelQueued`, a change also cancels the user's jobs queued before
+    /// it (see `cancelQueued`). Returns the version current afterwards.
+    public func mutateMemory(userID: Int64, keep: Int, cancelQueued: Bool = false,
+                             _ body: @Sendable (StoredMemory) async throws -> MemoryChange?) async throws -> MemoryMutation {
         try await transaction { tx in
             for try await _ in try await tx.query("SELECT id FROM users WHERE id = \(userID) FOR NO KEY UPDATE",
                                                   logger: self.logger).decode(Int64.self) {}
             guard let current = try await Self.memory(tx, userID: userID, version: nil, withLearner: true, logger: self.logger)
             else { throw Failure(description: "user \(userID) has no current memory version") }
-            guard let change = try await body(current) else { return current.version }
+            guard let change = try await body(current) else { return MemoryMutation(version: current.version, cancelledJobs: []) }
+            let cancelled = cancelQueued
+                ? try await Self.cancelQueued(userID: userID, version: current.version, cause: change.cause, actor: change.actor,
+                                              tx: tx, logger: self.logger)
+                : []
             let next = try await Self.apply(change, after: (current.version, current.levelIDs), userID: userID, tx: tx,
                                             logger: self.logger)
             try await Self.audit(tx, userID: userID, event: change.cause, from: current.version, to: next.version, actor: change.actor,
                                  causeID: change.causeID, logger: self.logger)
             try await Self.prune(userID: userID, keep: keep, tx: tx, logger: self.logger)
-            return next.version
+            return MemoryMutation(version: next.version, cancelledJobs: cancelled)
         }
+    }
+
+    /// Marks the user's queued jobs `cancelled` (in the caller's transaction,
+    /// which holds the user's row lock, so no round is applying them), with a
+    /// `learning_cancelled` audit event naming them and the operation that
+    /// cancelled them. Returns their ids.
+    static func cancelQueued(userID: Int64, version: Int64, cause: String, actor: String, tx: PostgresConnection,
+                             logger: Logger) async throws -> [Int64] {
+        var ids: [Int64] = []
+        for try await id in try await tx.query("""
+            UPDATE learning_jobs SET state = 'cancelled', finished_at = clock_timestamp()
+            WHERE user_id = \(userID) AND state = 'queued' RETURNING id
+            """, logger: logger).decode(Int64.self) { ids.append(id) }
+        guard !ids.isEmpty else { return [] }
+        ids.sort()
+        let detail = String(decoding: try JSONSerialization.data(withJSONObject: ["job_ids": ids, "by": cause] as [String: Any],
+                                                                 options: [.sortedKeys]), as: UTF8.self)
+        try await audit(tx, userID: userID, event: "learning_cancelled", from: version, to: version, actor: actor, causeID: cause,
+                        detail: detail, logger: logger)
+        return ids
     }
 
     /// Makes `target` (a new user of the same tenant) a copy of the source
     /// user's memory at `version` (the current one when nil): its levels'
     /// snapshots are copied, so erasing either user leaves the other whole.
     /// Fails when the target exists or the version is not kept.
-    public func forkUser(source: User, version: Int64?, target: String, actor: String) async throws -> User {
-        guard !target.isEmpty, target.utf8.count <= 256 else { throw Failure(description: "a user id must have 1 to 256 bytes") }
+    public func forkUser(source: User, version: Int64?, target targetName: UserName, actor: String) async throws -> User {
+        let target = targetName.value
         try await transaction { tx in
             guard let memory = try await Self.memory(tx, userID: source.id, version: version, withLearner: true, logger: self.logger)
             else { throw NotFound(description: "version \(version ?? -1) of user '\(source.name)' is not kept") }
@@ -380,7 +418,7 @@ extension Database {
             try await Self.audit(tx, userID: id, event: "fork", from: nil, to: memory.levels.isEmpty && memory.learner == nil ? 0 : 1,
                                  actor: actor, causeID: "\(source.name)@\(memory.version)", logger: self.logger)
         }
-        guard let user = try await user(tenantID: source.tenantID, name: target) else {
+        guard let user = try await user(tenantID: source.tenantID, name: targetName) else {
             throw Failure(description: "the forked user '\(target)' was not created")
         }
         return user
@@ -452,39 +490,59 @@ extension Database {
         return 0
     }
 
+    /// What a rollback did.
+    public enum RollbackOutcome: Sendable, Equatable {
+        /// The new version, and the queued jobs cancelled.
+        case rolledBack(MemoryMutation)
+        /// The version asked for is not kept.
+        case notKept
+        /// `ifCurrent` was given and the user's current version is another one (nothing changed).
+        case moved(current: Int64)
+    }
+
     /// Makes kept version `version` current again, as a new version naming
-    /// the same level snapshots and holding the same learner part. Nil when
-    /// that version is not kept. Waits for a learning round in progress.
-    public func rollback(userID: Int64, to version: Int64, keep: Int, actor: String) async throws -> Int64? {
+    /// the same level snapshots and holding the same learner part. Waits for
+    /// a learning round in progress. With `ifCurrent`, only when that is
+    /// still the user's current version (a policy acting on the version it
+    /// measured). With `cancelQueued`, the user's queued jobs are cancelled
+    /// (they were made before the rollback, against what it undoes).
+    public func rollback(userID: Int64, to version: Int64, keep: Int, actor: String, cancelQueued: Bool = false,
+                         ifCurrent: Int64? = nil) async throws -> RollbackOutcome {
         try await transaction { tx in
             var current: Int64?
             for try await v in try await tx.query("SELECT version FROM users WHERE id = \(userID) FOR NO KEY UPDATE",
                                                   logger: self.logger).decode(Int64.self) { current = v }
-            guard let current else { return nil }
+            guard let current else { return .notKept }
+            if let ifCurrent, ifCurrent != current { return .moved(current: current) }
             var target: (String, Data?)?
             for try await r in try await tx.query("""
                 SELECT m.levels::text, CASE WHEN m.version = u.version THEN u.learner ELSE m.learner END
                 FROM memory_versions m JOIN users u ON u.id = m.user_id
                 WHERE m.user_id = \(userID) AND m.version = \(version)
                 """, logger: self.logger).decode((String, Data?).self) { target = r }
-            guard let (levels, learner) = target else { return nil }
+            guard let (levels, learner) = target else { return .notKept }
+            let cancelled = cancelQueued
+                ? try await Self.cancelQueued(userID: userID, version: current, cause: "rollback", actor: actor, tx: tx,
+                                              logger: self.logger)
+                : []
             let next = current + 1
             try await Self.commitVersion(userID: userID, version: next, parent: current, levels: levels, learner: learner,
                                          cause: "rollback", causeID: String(version), actor: actor, tx: tx, logger: self.logger)
             try await Self.audit(tx, userID: userID, event: "rollback", from: current, to: next, actor: actor,
                                  causeID: String(version), detail: "{\"restored\": \(version)}", logger: self.logger)
             try await Self.prune(userID: userID, keep: keep, tx: tx, logger: self.logger)
-            return next
+            return .rolledBack(MemoryMutation(version: next, cancelledJobs: cancelled))
         }
     }
 
-    /// A job's state ("queued" or "done"), the version it was applied in,
-    /// and whether its user is frozen (a frozen user's jobs wait until cleared).
-    public func jobState(id: Int64) async throws -> (state: String, version: Int64?, frozen: Bool)? {
+    /// A job's state, the version it was applied in, and whether its user
+    /// is frozen (a frozen user's jobs wait until cleared).
+    public func jobState(id: Int64) async throws -> (state: JobState, version: Int64?, frozen: Bool)? {
         for try await r in try await client.query("""
             SELECT j.state, j.applied_version, u.frozen FROM learning_jobs j JOIN users u ON u.id = j.user_id WHERE j.id = \(id)
             """, logger: logger).decode((String, Int64?, Bool).self) {
-            return (r.0, r.1, r.2)
+            guard let state = JobState(rawValue: r.0) else { throw Failure(description: "job \(id) has an unknown state '\(r.0)'") }
+            return (state, r.1, r.2)
         }
         return nil
     }

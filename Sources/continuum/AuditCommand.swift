@@ -57,7 +57,9 @@ struct Audit: AsyncParsableCommand {
         try await withDatabase(database) { db in
             guard let t = try await db.tenant(named: tenant) else { throw CLIError("no tenant named '\(tenant)'") }
             if let name = user {
-                guard let u = try await db.user(tenantID: t.id, name: name) else { throw CLIError("no user '\(name)' in \(tenant)") }
+                let userName: UserName
+                do { userName = try UserName(name) } catch { throw CLIError("\(error)") }
+                guard let u = try await db.user(tenantID: t.id, name: userName) else { throw CLIError("no user '\(name)' in \(tenant)") }
                 print("user \(u.name): version \(u.version), \(u.frozen ? "learning frozen" : "learning"), \(u.jobsApplied) jobs applied")
                 Self.table(["version", "computed"] + Self.columns + ["flags"], try await db.driftReports(userID: u.id).map { r in
                     let m = Self.metrics(r.metrics)

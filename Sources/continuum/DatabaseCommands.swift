@@ -119,18 +119,20 @@ struct Keys: AsyncParsableCommand {
         @OptionGroup var database: DatabaseOptions
         @Option(help: "The tenant's name.") var tenant: String
         @Option(help: "A label for the key.") var name = ""
+        @Option(help: "app: generation, completions, chat, models, feedback, reading a user's memory; admin: also memory operations, export/import, erasure and the audit.")
+        var role: KeyRole = .app
 
         func run() async throws {
             try await withDatabase(database) { db in
-                let (record, key) = try await db.createKey(tenantID: try await Keys.tenant(db, tenant).id, name: name)
-                log("key \(record.id) (\(record.prefix)…) for tenant \(tenant)")
+                let (record, key) = try await db.createKey(tenantID: try await Keys.tenant(db, tenant).id, name: name, role: role)
+                log("\(role.rawValue) key \(record.id) (\(record.prefix)…) for tenant \(tenant)")
                 print("API key: \(key)")
             }
         }
     }
 
     struct List: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List a tenant's keys: id, prefix, name, created, revoked.")
+        static let configuration = CommandConfiguration(abstract: "List a tenant's keys: id, prefix, role, name, created, revoked.")
         @OptionGroup var database: DatabaseOptions
         @Option(help: "The tenant's name.") var tenant: String
 
@@ -138,7 +140,7 @@ struct Keys: AsyncParsableCommand {
             try await withDatabase(database) { db in
                 let f = ISO8601DateFormatter()
                 for k in try await db.keys(tenantID: try await Keys.tenant(db, tenant).id) {
-                    print("\(k.id)\t\(k.prefix)…\t\(k.name)\t\(f.string(from: k.createdAt))\t\(k.revokedAt.map { "revoked " + f.string(from: $0) } ?? "active")")
+                    print("\(k.id)\t\(k.prefix)…\t\(k.role.rawValue)\t\(k.name)\t\(f.string(from: k.createdAt))\t\(k.revokedAt.map { "revoked " + f.string(from: $0) } ?? "active")")
                 }
             }
         }
@@ -160,3 +162,5 @@ struct Keys: AsyncParsableCommand {
         }
     }
 }
+
+extension KeyRole: ExpressibleByArgument {}

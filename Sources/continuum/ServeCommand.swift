@@ -56,8 +56,9 @@ struct Serve: AsyncParsableCommand {
             if try await db.tenants().isEmpty {
                 // Replicas starting together on an empty database: one creates it, the others see it exists.
                 if let tenant = try? await db.createTenant(name: "dev") {
-                    let (_, key) = try await db.createKey(tenantID: tenant.id, name: "dev")
+                    let (_, key) = try await db.createKey(tenantID: tenant.id, name: "dev", role: .admin)
                     writeOut("API key: \(key)\n")   // unbuffered: a supervisor reading stdout sees it at once
+                    log("that is an admin key of tenant dev; for an app's key: continuum keys create --tenant dev --role app")
                 }
             }
             let host = cfg.host

@@ -236,7 +236,7 @@ struct MemoryServiceTests {
 
             // Erase: no row of alice's remains in any table holding user data; the copy is whole.
             let tenant = try #require(try await db.tenant(named: "acme"))
-            let id = try #require(try await db.user(tenantID: tenant.id, name: "alice")?.id)
+            let id = try #require(try await db.user(tenantID: tenant.id, name: try UserName("alice"))?.id)
             let erase = try await delete(client, "/v1/users/alice", key: key)
             #expect(erase.status == .ok)
             for table in ["users", "generations", "learning_jobs", "memory_versions", "level_snapshots", "feedback", "audit_events",
@@ -256,7 +256,7 @@ struct MemoryServiceTests {
     func tenantIsolation() async throws {
         let (db, keyA) = try await Fixture.database()
         let b = try await db.createTenant(name: "other")
-        let (_, keyB) = try await db.createKey(tenantID: b.id)
+        let (_, keyB) = try await db.createKey(tenantID: b.id, role: .admin)
         let probe = "My cat is called"
         try await Fixture.app(db, learning: true).test(.live) { client in
             for text in Self.teaching {

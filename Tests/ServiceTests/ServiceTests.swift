@@ -38,7 +38,7 @@ enum Fixture {
         let db = try Database(url: "postgres://\(pg.user)@127.0.0.1:\(pg.port)/\(name)")
         try await db.migrate()
         let tenant = try await db.createTenant(name: "acme")
-        let (_, key) = try await db.createKey(tenantID: tenant.id)
+        let (_, key) = try await db.createKey(tenantID: tenant.id, role: .admin)
         return (db, key)
     }
 

@@ -62,9 +62,12 @@ struct StoreTests {
         let acme = try await db.createTenant(name: "acme")
         let other = try await db.createTenant(name: "other")
         await #expect(throws: Database.Failure.self) { try await db.createTenant(name: "acme") }
-        let (record, key) = try await db.createKey(tenantID: acme.id, name: "ci")
+        let (record, key) = try await db.createKey(tenantID: acme.id, name: "ci", role: .app)
         #expect(key.hasPrefix("ck-") && key.count == 46 && key.hasPrefix(record.prefix))
-        #expect(try await db.authenticate(key: key) == Principal(tenantID: acme.id, keyID: record.id))
+        #expect(try await db.authenticate(key: key) == Principal(tenantID: acme.id, keyID: record.id, role: .app))
+        let (adminRecord, adminKey) = try await db.createKey(tenantID: acme.id, name: "ops", role: .admin)
+        #expect(adminRecord.role == .admin)
+        #expect(try await db.authenticate(key: adminKey) == Principal(tenantID: acme.id, keyID: adminRecord.id, role: .admin))
         #expect(try await db.authenticate(key: key + "x") == nil)
         #expect(try await db.authenticate(key: "ck-" + String(repeating: "A", count: 43)) == nil)
         // Only the hash is stored.

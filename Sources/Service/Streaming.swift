@@ -1,0 +1,70 @@
+// Server-sent events whose client must keep reading. Every write of a
+// streamed response is watched: when one has not been taken by the client
+// within stream_write_timeout_seconds, the connection is closed, the write
+// fails, the response's producer stops, and the generation it was reading
+// is cancelled in the batch engine (its slot freed). A generation that was
+// not delivered is not recorded and learns nothing.
+import Foundation
+import Hummingbird
+import NIOCore
+import Synchronization
+
+/// The watch on a streamed response's writes: when a write started and is not yet done.
+final class WriteWatch: Sendable {
+    private let pendingSince = Mutex<ContinuousClock.Instant?>(nil)
+    private let stopped = Mutex(false)
+
+    func begin() { pendingSince.withLock { $0 = .now } }
+    func end() { pendingSince.withLock { $0 = nil } }
+    func stop() { stopped.withLock { $0 = true } }
+    var isStopped: Bool { stopped.withLock { $0 } }
+
+    /// Whether a write has been pending for longer than `timeout`.
+    func stalled(after timeout: Duration) -> Bool {
+        pendingSince.withLock { since in since.map { ContinuousClock.now - $0 > timeout } ?? false }
+    }
+
+    /// Checks every `period` until stopped; closes `channel` once a write stalls.
+    func guarding(_ channel: any Channel, timeout: Duration, period: Duration) {
+        Task { [self] in
+            while !isStopped {
+                try? await Task.sleep(for: period)
+                if stalled(after: timeout) {
+                    channel.close(promise: nil)
+                    return
+                }
+            }
+        }
+    }
+}
+
+/// A streamed response's writer: each write watched.
+struct StreamWriter {
+    var inner: any ResponseBodyWriter
+    let watch: WriteWatch
+
+    mutating func write(_ buffer: ByteBuffer) async throws {
+        watch.begin()
+        defer { watch.end() }
+        try await inner.write(buffer)
+    }
+
+    mutating func write(_ text: String) async throws { try await write(ByteBuffer(string: text)) }
+}
+
+extension GenerationRoutes {
+    /// A server-sent-events response whose events `produce` writes.
+    func eventStream(_ context: AppContext, _ produce: @escaping @Sendable (inout StreamWriter) async throws -> Void) -> Response {
+        let channel = context.channel, timeout = Duration.seconds(state.configuration.streamWriteTimeoutSeconds)
+        return Response(status: .ok,
+                        headers: [.contentType: "text/event-stream", .cacheControl: "no-cache"],
+                        body: ResponseBody { writer in
+                            let watch = WriteWatch()
+                            defer { watch.stop() }
+                            watch.guarding(channel, timeout: timeout, period: min(timeout / 4, .seconds(1)))
+                            var stream = StreamWriter(inner: writer, watch: watch)
+                            try await produce(&stream)
+                            try await stream.inner.finish(nil)
+                        })
+    }
+}
