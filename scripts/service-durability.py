@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 BIN = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else ".build/debug/continuum")
@@ -131,8 +132,11 @@ def main():
         b = Replica(workdir, "b", ports[1], common)
         replicas.append(b)
         b.wait_ready()
-        pg_port = open(os.path.join(workdir, "postgres", "postmaster.pid")).read().split("\n")[3].strip()
-        url = f"postgres://continuum@127.0.0.1:{pg_port}/continuum"
+        # The private PostgreSQL listens only on a Unix socket: postmaster.pid
+        # has its port (line 4) and socket directory (line 5).
+        pid_lines = open(os.path.join(workdir, "postgres", "postmaster.pid")).read().split("\n")
+        pg_port, pg_socket_dir = pid_lines[3].strip(), pid_lines[4].strip()
+        url = f"postgresql://continuum@/continuum?host={urllib.parse.quote(pg_socket_dir, safe='/')}&port={pg_port}"
 
         # 1. Hundreds of concurrent learning requests for one user, split across both replicas.
         def teach(i, user, port):

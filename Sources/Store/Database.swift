@@ -14,17 +14,20 @@ public final class Database: Sendable {
         public let description: String
     }
 
-    /// Connects to `url` (postgres://user[:password]@host[:port]/database).
+    /// Connects to `url`: postgres://user[:password]@host[:port]/database over
+    /// TCP, or postgres://user@/database?host=/socket/dir&port=N over the Unix
+    /// socket <dir>/.s.PGSQL.<N> (libpq's forms, see `DatabaseURL`).
     /// Connections open lazily; `ping` checks the server is reachable.
     public init(url: String, logger: Logger = Logger(label: "continuum.store")) throws {
-        guard let u = URLComponents(string: url), u.scheme == "postgres" || u.scheme == "postgresql",
-              let host = u.host, !host.isEmpty else {
-            throw Failure(description: "not a PostgreSQL URL (postgres://user[:password]@host[:port]/database): \(url)")
+        let u = try DatabaseURL(url)
+        let config: PostgresClient.Configuration
+        switch u.endpoint {
+        case let .tcp(host, port):
+            config = .init(host: host, port: port, username: u.username, password: u.password, database: u.database,
+                           tls: .disable)
+        case let .unixSocket(path):
+            config = .init(unixSocketPath: path, username: u.username, password: u.password, database: u.database)
         }
-        let database = String(u.path.drop { $0 == "/" })
-        let config = PostgresClient.Configuration(host: host, port: u.port ?? 5432, username: u.user ?? "postgres",
-                                                  password: u.password, database: database.isEmpty ? nil : database,
-                                                  tls: .disable)
         let client = PostgresClient(configuration: config, backgroundLogger: logger)
         self.client = client
         self.logger = logger

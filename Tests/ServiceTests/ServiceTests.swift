@@ -35,7 +35,7 @@ enum Fixture {
         let admin = try Database(url: pg.url)
         try await admin.createDatabase(named: name)
         await admin.close()
-        let db = try Database(url: "postgres://\(pg.user)@127.0.0.1:\(pg.port)/\(name)")
+        let db = try Database(url: pg.url(database: name))
         try await db.migrate()
         let tenant = try await db.createTenant(name: "acme")
         let (_, key) = try await db.createKey(tenantID: tenant.id, role: .admin)

@@ -20,7 +20,7 @@ enum TestDatabase {
         let admin = try Database(url: pg.url)
         try await admin.createDatabase(named: name)
         await admin.close()
-        return try Database(url: "postgres://\(pg.user)@127.0.0.1:\(pg.port)/\(name)")
+        return try Database(url: pg.url(database: name))
     }
 }
 
@@ -29,7 +29,7 @@ struct StoreTests {
     @Test("migrations apply once, in order, also when two processes start together")
     func migrations() async throws {
         let db = try await TestDatabase.make()
-        let other = try Database(url: "postgres://continuum@127.0.0.1:\(try TestDatabase.server.get().port)/\(try await db.currentDatabase())")
+        let other = try Database(url: try TestDatabase.server.get().url(database: try await db.currentDatabase()))
         let bundled = try Database.bundledMigrations()
         #expect(bundled.first?.version == 1)
         #expect(try await db.isMigrated() == false)
