@@ -122,8 +122,8 @@ public struct APIError: Error, HTTPResponseError, CustomStringConvertible {
         case let e as Conflict: return APIError(.conflict, type: "invalid_request_error", message: e.description, code: "conflict")
         case is BatchEngine.Overloaded: return .overloaded
         case let e as DecodingError: return .invalid("the request body does not match the API: \(Self.describe(e))")
-        case let e as HTTPError where e.status.code < 500:
-            return APIError(e.status, type: "invalid_request_error", message: e.body ?? e.status.reasonPhrase)
+        case let e as any HTTPResponseError where e.status.code < 500:   // HTTPError, NIOTooManyBytesError
+            return APIError(e.status, type: "invalid_request_error", message: (e as? HTTPError)?.body ?? e.status.reasonPhrase)
         default: return .internalError
         }
     }

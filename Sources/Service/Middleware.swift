@@ -95,12 +95,13 @@ struct ErrorMiddleware: RouterMiddleware {
 
     func handle(_ request: Request, context: AppContext, next: (Request, AppContext) async throws -> Response) async throws -> Response {
         let id = context.id
-        var response: Response
-        do {
-            response = try await RequestScope.$current.withValue(RequestScope(id: id)) { try await next(request, context) }
-        } catch {
-            let e = APIError.reported(error, logger: context.logger, route: context.endpointPath)
-            response = try e.response(from: request, context: context)
+        var response = try await RequestScope.$current.withValue(RequestScope(id: id)) {
+            do {
+                return try await next(request, context)
+            } catch {
+                return try APIError.reported(error, logger: context.logger, route: context.endpointPath)
+                    .response(from: request, context: context)
+            }
         }
         response.headers[Self.requestIDHeader] = id
         return response
@@ -112,27 +113,38 @@ struct AccessMiddleware: RouterMiddleware {
     let database: Database
     let configuration: ServiceConfiguration
 
-    /// Unread bodies up to this size are drained after a refusal (keeping
-    /// the connection); a larger or unsized one closes it.
+    /// After a refusal, an unread body of at most this many bytes is drained
+    /// (keeping the connection); a larger one closes the connection.
     static let drainLimit = 64 << 10
 
     func handle(_ request: Request, context: AppContext, next: (Request, AppContext) async throws -> Response) async throws -> Response {
         do {
             return try await admit(request, context, next)
         } catch let e as Refusal {
-            let length = request.headers[.contentLength].flatMap { Int($0) }
-            let large = length.map { $0 > Self.drainLimit } ?? (request.headers[.transferEncoding] != nil)
-            guard large else { throw e.error }
-            context.closeAfterResponse()
             var error = e.error
-            error.headers[.connection] = "close"
+            let keep = e.bodyStarted ? false : await Self.drains(request)
+            if !keep {
+                context.closeAfterResponse()
+                error.headers[.connection] = "close"
+            }
             throw error
         }
     }
 
-    /// An error answered before (or while) the body was read.
+    /// An error answered before the body was read (or while it was, `bodyStarted`).
     struct Refusal: Error {
         let error: APIError
+        var bodyStarted = false
+    }
+
+    /// Whether a refused request's unread body is small enough to drain: one
+    /// declared small, or a chunked one that ends within `drainLimit` bytes
+    /// and a second (read here and dropped).
+    static func drains(_ request: Request) async -> Bool {
+        if let text = request.headers[.contentLength] { return Int(text).map { $0 <= drainLimit } ?? false }
+        guard request.headers[.transferEncoding] != nil else { return true }
+        let body = request.body
+        return (try? await withDeadline(seconds: 1) { try await body.collect(upTo: drainLimit) }) != nil
     }
 
     private func admit(_ request: Request, _ context: AppContext, _ next: (Request, AppContext) async throws -> Response)
@@ -166,9 +178,9 @@ struct AccessMiddleware: RouterMiddleware {
         do {
             buffer = try await withDeadline(seconds: configuration.bodyReadTimeoutSeconds) { try await body.collect(upTo: limit) }
         } catch is DeadlinePassed {
-            throw refuse(.requestTimeout(configuration.bodyReadTimeoutSeconds))
-        } catch let e as HTTPError where e.status == .contentTooLarge {
-            throw refuse(.bodyTooLarge(limit, import: endpoint.body == .binary))
+            throw Refusal(error: .requestTimeout(configuration.bodyReadTimeoutSeconds), bodyStarted: true)
+        } catch let e as any HTTPResponseError where e.status == .contentTooLarge {   // NIOTooManyBytesError
+            throw Refusal(error: .bodyTooLarge(limit, import: endpoint.body == .binary), bodyStarted: true)
         }
         request.body = .init(buffer: buffer)
         return try await RequestScope.$current.withValue(scope) { try await next(request, context) }

@@ -5,6 +5,7 @@
 import Foundation
 import Hummingbird
 import HummingbirdTesting
+import Logging
 import Memory
 import Model
 import Testing
@@ -51,7 +52,8 @@ enum Fixture {
 
     /// The service on any free port. Without `learning`, no worker applies
     /// the jobs requests enqueue (so a user's memory stays where it is).
-    static func app(_ db: Database, learning: Bool = false, _ configure: (inout ServiceConfiguration) -> Void = { _ in })
+    static func app(_ db: Database, learning: Bool = false, logger: Logger = Logger(label: "continuum"),
+                    _ configure: (inout ServiceConfiguration) -> Void = { _ in })
         throws -> some ApplicationProtocol {
         var c = ServiceConfiguration()
         c.port = 0
@@ -59,7 +61,7 @@ enum Fixture {
         c.audit = false   // AuditTests turn it on
         c.auditReferenceTokens = 128
         configure(&c)
-        return try buildApplication(configuration: c, model: try model.get(), levels: levels, database: db)
+        return try buildApplication(configuration: c, model: try model.get(), levels: levels, database: db, logger: logger)
     }
 }
 
