@@ -255,6 +255,8 @@ extension HostileInputTests {
             out.append(try await db.integer(unsafeSQL: "SELECT count(*) FROM \(table)"))
         }
         out.append(try await db.integer(unsafeSQL: "SELECT COALESCE(sum(version), 0)::bigint FROM users"))
+        out.append(try await db.integer(unsafeSQL: "SELECT count(*) FROM users WHERE frozen"))
+        out.append(try await db.integer(unsafeSQL: "SELECT count(*) FROM learning_jobs WHERE state = 'queued'"))
         return out
     }
 }

@@ -30,13 +30,13 @@ enum Fixture {
     }
 
     /// A migrated scratch database with one tenant and its key.
-    static func database() async throws -> (Database, key: String) {
+    static func database(logger: Logger = Logger(label: "continuum.store")) async throws -> (Database, key: String) {
         let pg = try postgres.get()
         let name = "s_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased()
         let admin = try Database(url: pg.url)
         try await admin.createDatabase(named: name)
         await admin.close()
-        let db = try Database(url: pg.url(database: name))
+        let db = try Database(url: pg.url(database: name), logger: logger)
         try await db.migrate()
         let tenant = try await db.createTenant(name: "acme")
         let (_, key) = try await db.createKey(tenantID: tenant.id, role: .admin)
@@ -82,12 +82,17 @@ func post(_ client: some TestClientProtocol, _ uri: String, key: String?, _ body
 /// pipelines requests one after another, so concurrent requests need their own.
 func postOnNewConnection(port: Int, _ uri: String, key: String, _ body: String) async throws
     -> (status: HTTPResponse.Status, body: ByteBuffer) {
+    try await requestOnNewConnection(port: port, .post, uri, headers: [.contentType: "application/json", .authorization: "Bearer \(key)"],
+                                     body: ByteBuffer(string: body))
+}
+
+/// Any request on a connection of its own (also for requests after which the server may close the connection).
+func requestOnNewConnection(port: Int, _ method: HTTPRequest.Method, _ uri: String, headers: HTTPFields, body: ByteBuffer?)
+    async throws -> (status: HTTPResponse.Status, body: ByteBuffer) {
     let client = TestClient(host: "localhost", port: port, configuration: .init(timeout: .seconds(120)))
     client.connect()
     defer { Task { try? await client.shutdown() } }
-    let r = try await client.execute(.init(uri, method: .post, authority: "localhost",
-                                           headers: [.contentType: "application/json", .authorization: "Bearer \(key)"],
-                                           body: ByteBuffer(string: body)))
+    let r = try await client.execute(.init(uri, method: method, authority: "localhost", headers: headers, body: body))
     return (r.head.status, r.body ?? ByteBuffer())
 }
 
