@@ -74,6 +74,10 @@ let package = Package(
         .testTarget(name: "ServiceTests", dependencies: [
             "Service", "Store", "Memory", "Model",
             .product(name: "HummingbirdTesting", package: "hummingbird"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "HTTPTypes", package: "swift-http-types"),
+            // Reads openapi.yaml to check the endpoint table against it.
+            .product(name: "Yams", package: "Yams"),
         ]),
         .testTarget(name: "MemoryTests", dependencies: ["Memory", "Model", "Tensor", "TestSupport"], exclude: ["Fixtures"],
                     swiftSettings: computeSettings),
