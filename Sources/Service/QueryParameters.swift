@@ -28,7 +28,7 @@ struct Query {
         } else {
             throw bad()
         }
-        guard Database.storableDates.contains(date) else { throw bad() }
+        guard Database.isStorable(date) else { throw bad() }
         return date
     }
 
