@@ -4,6 +4,11 @@ CONTINUUM_DEBUG := .build/debug/continuum
 CONTINUUM_RELEASE := .build/release/continuum
 ## The official OpenAI client the compatibility check runs (PyPI, pinned).
 OPENAI_VERSION := 3.54.0
+## Schemathesis, the property-based API checker (PyPI, pinned), in its own virtual environment.
+SCHEMATHESIS_VERSION := 4.32.5
+API_VENV := .venv-api
+## Seconds schemathesis may spend generating requests in `make test`.
+API_FUZZ_SECONDS ?= 180
 
 .PHONY: setup deps build release fetch-model test run bench fixtures clean
 
@@ -24,6 +29,10 @@ deps:
 	fi; \
 	if ! python3 -c 'import openai, sys; sys.exit(openai.__version__ != "$(OPENAI_VERSION)")' 2>/dev/null; then \
 		python3 -m pip install -q --break-system-packages 'openai==$(OPENAI_VERSION)'; \
+	fi; \
+	if ! $(API_VENV)/bin/schemathesis --version 2>/dev/null | grep -q ' $(SCHEMATHESIS_VERSION)$$'; then \
+		python3 -m venv $(API_VENV) 2>/dev/null || { $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q python3-venv && rm -rf $(API_VENV) && python3 -m venv $(API_VENV); }; \
+		$(API_VENV)/bin/pip install -q 'schemathesis==$(SCHEMATHESIS_VERSION)'; \
 	fi
 
 build: deps
@@ -45,13 +54,16 @@ run: setup release
 ## Run every test (needs the model: fetched first): the CLI contract checks,
 ## swift test (suites one after another: the service tests run real learning
 ## and audits, and on two cores parallel suites would starve each other),
-## two server processes on one database (exactly-once learning, kill -9), and
-## the official openai client against `continuum serve`.
+## two server processes on one database (exactly-once learning, kill -9), the
+## official openai client against `continuum serve`, and schemathesis
+## generating requests from openapi.yaml against it (no 5xx, every status
+## and schema as documented, the server alive afterwards, no key in its log).
 test: setup
 	scripts/cli-smoke.sh $(CONTINUUM_DEBUG)
 	$(SWIFT) test --no-parallel
 	scripts/service-durability.py $(CONTINUUM_DEBUG)
 	scripts/openai-client-check.py $(CONTINUUM_DEBUG)
+	scripts/api-fuzz.py $(CONTINUUM_DEBUG) --max-time $(API_FUZZ_SECONDS)
 
 ## Engine vs llama.cpp (needs `pip install llama-cpp-python`).
 bench: setup release

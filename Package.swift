@@ -62,7 +62,8 @@ let package = Package(
         ),
         .executableTarget(
             name: "continuum",
-            dependencies: ["Service", "Store", "Memory", "Model", "Tensor", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["Service", "Store", "Memory", "Model", "Tensor", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                           .product(name: "Logging", package: "swift-log")]
         ),
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "TensorTests", dependencies: ["Tensor", "TestSupport"], swiftSettings: computeSettings),

@@ -3,6 +3,7 @@
 // "dev" tenant and prints its API key once.
 import ArgumentParser
 import Foundation
+import Logging
 import Memory
 import Model
 import Service
@@ -27,7 +28,17 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Level configuration (JSON or YAML) every user's memory follows (default: the documented defaults).")
     var levels: String?
 
+    @Option(help: "Least severe log messages written to standard error: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: Logger.Level = .info
+
     func run() async throws {
+        // Logs go to standard error (standard output carries the API key line), key-shaped text masked.
+        let level = logLevel
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return RedactingLogHandler(handler)
+        }
         var cfg = ServiceConfiguration()
         if let config {
             guard let data = FileManager.default.contents(atPath: config) else { throw CLIError("cannot read \(config)") }
@@ -75,3 +86,5 @@ struct Serve: AsyncParsableCommand {
         server?.stop()
     }
 }
+
+extension Logger.Level: @retroactive ExpressibleByArgument {}

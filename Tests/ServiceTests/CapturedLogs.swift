@@ -28,10 +28,10 @@ final class CapturedLogs: Sendable {
             set { metadata[key] = newValue }
         }
 
-        func log(level: Logger.Level, message: Logger.Message, metadata extra: Logger.Metadata?, source: String, file: String,
-                 function: String, line: UInt) {
-            let all = metadata.merging(extra ?? [:]) { $1 }
-            sink.append("\(level) \(label) \(all.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")) [\(source)] \(message)")
+        func log(event: LogEvent) {
+            let all = metadata.merging(event.metadata ?? [:]) { $1 }
+            let fields = all.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+            sink.append("\(event.level) \(label) \(fields) [\(event.source)] \(event.message)\(event.error.map { " error: \($0)" } ?? "")")
         }
     }
 }

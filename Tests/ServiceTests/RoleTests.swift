@@ -43,7 +43,8 @@ struct RoleTests {
                                                         body: body.isEmpty ? nil : ByteBuffer(bytes: body))
             }
             func error(_ r: (status: HTTPResponse.Status, body: ByteBuffer)) throws -> [String: Any] {
-                try #require(try r.body.json()["error"] as? [String: Any])
+                let object = try r.body.json()
+                return try #require(object["error"] as? [String: Any])
             }
             // alice has a queued learning job, is frozen, and her state file is at hand.
             let taught = try await call(.post, "/v1/generate", key: appKey,
