@@ -24,13 +24,13 @@ final class WriteWatch: Sendable {
         pendingSince.withLock { since in since.map { ContinuousClock.now - $0 > timeout } ?? false }
     }
 
-    /// Checks every `period` until stopped; closes `channel` once a write stalls.
-    func guarding(_ channel: any Channel, timeout: Duration, period: Duration) {
+    /// Checks every `period` until stopped; calls `onStall` (once) when a write has stalled.
+    func guarding(timeout: Duration, period: Duration, onStall: @escaping @Sendable () -> Void) {
         Task { [self] in
             while !isStopped {
                 try? await Task.sleep(for: period)
-                if stalled(after: timeout) {
-                    channel.close(promise: nil)
+                if !isStopped && stalled(after: timeout) {
+                    onStall()
                     return
                 }
             }
@@ -61,7 +61,8 @@ extension GenerationRoutes {
                         body: ResponseBody { writer in
                             let watch = WriteWatch()
                             defer { watch.stop() }
-                            watch.guarding(channel, timeout: timeout, period: min(timeout / 4, .seconds(1)))
+                            // Closing the connection fails the pending write, which ends `produce`.
+                            watch.guarding(timeout: timeout, period: min(timeout / 4, .seconds(1))) { channel.close(promise: nil) }
                             var stream = StreamWriter(inner: writer, watch: watch)
                             try await produce(&stream)
                             try await stream.inner.finish(nil)

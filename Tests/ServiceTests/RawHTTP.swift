@@ -79,6 +79,18 @@ struct RawHTTP {
         return Reply(status: status, headers: headers, body: Data(data[end.upperBound...]))
     }
 
+    /// Reads until the end of the response head; returns the status (the body is left unread).
+    func headStatus() throws -> Int {
+        var data = Data(), byte = [UInt8](repeating: 0, count: 1)
+        while data.range(of: Data("\r\n\r\n".utf8)) == nil {
+            guard recv(fd, &byte, 1, 0) == 1 else { throw Failure(description: "connection ended before the response head") }
+            data.append(byte[0])
+        }
+        let line = String(decoding: data, as: UTF8.self).split(separator: "\r\n").first ?? ""
+        guard let status = Int(line.split(separator: " ").dropFirst().first ?? "") else { throw Failure(description: "bad status line") }
+        return status
+    }
+
     /// Whether the peer has closed the connection (a read returns 0 or fails) within `seconds`.
     func closedByPeer(within seconds: Int) -> Bool {
         var timeout = timeval(tv_sec: seconds, tv_usec: 0)
