@@ -52,6 +52,12 @@ struct LevelConfigurationTests {
         (#"{"levels": [{"name": "a", "chunk_size": 4, "layers": [1], "retention": 1.5}]}"#, "retention"),
         (#"{"levels": [{"name": "a", "chunk_size": 4, "layers": [1], "learning_rate": -1}]}"#, "learning_rate"),
         (#"{"levels": [{"name": "a", "chunk_size": 4, "layers": [1], "optimizer": {"kind": "m3", "beta1": 1.0}}]}"#, "betas"),
+        // Upper bounds: a configuration from a file cannot size gigabytes or overflow a counter.
+        (#"{"levels": [{"name": "a", "chunk_size": 16777217, "layers": [1]}]}"#, "chunk_size must be in 1...16777216"),
+        (#"{"levels": [{"name": "a", "chunk_size": 4, "width": 4097, "layers": [1]}]}"#, "width must be in 1...4096"),
+        ("{\"levels\": [" + (0..<17).map { #"{"name": "l\#($0)", "chunk_size": 4, "layers": [1]}"# }.joined(separator: ", ") + "]}",
+         "at most 16 levels"),
+        (#"{"levels": [{"name": "\#(String(repeating: "é", count: 33))", "chunk_size": 4, "layers": [1]}]}"#, "at most 64 bytes"),
     ])
     func invalid(json: String, mentions: String) {
         let error = #expect(throws: LevelConfiguration.Invalid.self) {
@@ -68,6 +74,18 @@ struct LevelConfigurationTests {
         let model = try LlamaConfiguration(hiddenSize: 8, intermediateSize: 16, numHiddenLayers: 4, numAttentionHeads: 2,
                                            numKeyValueHeads: 1, vocabSize: 10)
         #expect(throws: LevelConfiguration.Invalid.self) { try LevelState(configuration: c, model: model) }
+    }
+
+    @Test("levels holding more than maxParameters weights over a backbone are refused before anything is allocated")
+    func parameterBound() throws {
+        // D(1 + 3R) per block: D = 576, R = 4096, 16 levels of 1 layer is 113 M weights.
+        let c = try LevelConfiguration(levels: (0..<16).map {
+            .init(name: "l\($0)", chunkSize: 4, width: 4096, layers: [0], learningRate: 1e-3)
+        })
+        try c.validate(layers: 30)
+        let error = #expect(throws: LevelConfiguration.Invalid.self) { try c.validate(layers: 30, hiddenSize: 576) }
+        #expect(error?.description.contains("more than \(LevelConfiguration.maxParameters)") == true)
+        try LevelConfiguration.defaults(layers: 30).validate(layers: 30, hiddenSize: 576)
     }
 
     @Test("YAML and JSON files with the same keys load the same configuration")
