@@ -350,6 +350,20 @@ struct LevelLearningTests {
 
 @Suite("Consolidation")
 struct ConsolidationTests {
+    @Test("a budget beyond the model's positions, or negative, is refused instead of trapping")
+    func budgetBounds() throws {
+        let learner = try Tiny.learner([.init(name: "mid", chunkSize: 8, width: 2, layers: [1], learningRate: 1e-2),
+                                        .init(name: "fast", chunkSize: 4, width: 2, layers: [1], learningRate: 1e-2)])
+        try learner.learn(tokens: Tiny.tokens, learnable: Tiny.mask(1..<6))
+        for budget in [ConsolidationBudget(steps: 1, generatedTokens: 255), ConsolidationBudget(steps: -1, generatedTokens: 1),
+                       ConsolidationBudget(steps: 1, generatedTokens: -1)] {
+            #expect(throws: LevelConfiguration.Invalid.self) { try learner.consolidate(contexts: learner.recentTokens, budget: budget) }
+        }
+        let report = try learner.consolidate(contexts: learner.recentTokens, budget: ConsolidationBudget(steps: 1, generatedTokens: 254))
+        // The longest texts (the recent context's last token and up to 254 generated ones) fit the model's 256 positions.
+        #expect(report.steps == 1 && report.positions > 0 && report.positions <= 255)
+    }
+
     @Test("sleep moves a fact from the fast level into mid and clears fast")
     func consolidate() throws {
         let model = try Backbone.get()
