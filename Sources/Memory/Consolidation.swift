@@ -44,6 +44,10 @@ extension LevelLearner {
         }
         let model = trainer.model
         let limit = model.configuration.maxPositionEmbeddings
+        // A text is at least one token of context and the generated ones, within the model's positions.
+        guard budget.steps >= 0, (0...(limit - 2)).contains(budget.generatedTokens) else {
+            throw LevelConfiguration.Invalid(description: "consolidation needs steps ≥ 0 and generated tokens in 0...\(limit - 2), got \(budget.steps) and \(budget.generatedTokens)")
+        }
         // On-policy texts: each context continued greedily by the teacher.
         var greedy = SamplingParameters()
         greedy.temperature = 0

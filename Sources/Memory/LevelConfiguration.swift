@@ -170,43 +170,70 @@ public struct LevelConfiguration: Codable, Sendable, Equatable {
         }
     }
 
-    /// Checks the values on their own; `validate(layers:)` also checks them
-    /// against a backbone.
+    /// Upper bounds, so that a configuration read from a file (or from a
+    /// user's state file) cannot size gigabytes or overflow a counter: at most
+    /// `maxLevels` levels with names of at most `maxNameBytes` UTF-8 bytes,
+    /// chunks of at most `maxChunkSize` tokens, widths of at most `maxWidth`,
+    /// and (against a backbone's hidden size) at most `maxParameters` level
+    /// weights in all.
+    public static let maxLevels = 16
+    public static let maxNameBytes = 64
+    public static let maxChunkSize = 1 << 24
+    public static let maxWidth = 4096
+    public static let maxParameters = 1 << 24
+
+    /// Checks the values on their own; `validate(layers:hiddenSize:)` also
+    /// checks them against a backbone.
     public func validate() throws {
         func fail(_ m: String) throws -> Never { throw Invalid(description: "invalid level configuration: " + m) }
         if levels.isEmpty { try fail("at least one level is needed") }
+        if levels.count > Self.maxLevels { try fail("at most \(Self.maxLevels) levels are allowed, got \(levels.count)") }
         if !(minSurprise >= 0 && minSurprise.isFinite) { try fail("min_surprise must be ≥ 0 (nats), got \(minSurprise)") }
         var names = Set<String>()
         for l in levels {
             let n = "level '\(l.name)'"
             if l.name.isEmpty { try fail("every level needs a name") }
+            if l.name.utf8.count > Self.maxNameBytes { try fail("level names must have at most \(Self.maxNameBytes) bytes") }
             if !names.insert(l.name).inserted { try fail("two levels are named '\(l.name)'") }
-            if l.chunkSize < 1 { try fail("\(n): chunk_size must be at least 1, got \(l.chunkSize)") }
-            if l.width < 1 || l.width > 4096 { try fail("\(n): width must be in 1...4096, got \(l.width)") }
+            if l.chunkSize < 1 || l.chunkSize > Self.maxChunkSize {
+                try fail("\(n): chunk_size must be in 1...\(Self.maxChunkSize), got \(l.chunkSize)")
+            }
+            if l.width < 1 || l.width > Self.maxWidth { try fail("\(n): width must be in 1...\(Self.maxWidth), got \(l.width)") }
             if l.layers.isEmpty { try fail("\(n): layers must list at least one layer") }
             if Set(l.layers).count != l.layers.count { try fail("\(n): layers lists a layer twice") }
             if l.layers.contains(where: { $0 < 0 }) { try fail("\(n): layer indices must be ≥ 0") }
             if !(l.learningRate > 0 && l.learningRate.isFinite) { try fail("\(n): learning_rate must be > 0, got \(l.learningRate)") }
-            if !(l.gradientClip >= 0) { try fail("\(n): gradient_clip must be ≥ 0, got \(l.gradientClip)") }
+            if !(l.gradientClip >= 0 && l.gradientClip.isFinite) { try fail("\(n): gradient_clip must be finite and ≥ 0, got \(l.gradientClip)") }
             if !(l.retention > 0 && l.retention <= 1) { try fail("\(n): retention must be in (0, 1], got \(l.retention)") }
-            if !(l.maxNorm >= 0) { try fail("\(n): max_norm must be ≥ 0, got \(l.maxNorm)") }
+            if !(l.maxNorm >= 0 && l.maxNorm.isFinite) { try fail("\(n): max_norm must be finite and ≥ 0, got \(l.maxNorm)") }
             let o = l.optimizer
             if !(0..<1).contains(o.beta1) || !(0..<1).contains(o.beta2) || !(0..<1).contains(o.beta3) {
                 try fail("\(n): optimizer betas must be in [0, 1)")
             }
-            if !(o.epsilon > 0) { try fail("\(n): optimizer epsilon must be > 0") }
+            if !(o.epsilon > 0 && o.epsilon.isFinite) { try fail("\(n): optimizer epsilon must be finite and > 0") }
             if o.slowPeriod < 1 { try fail("\(n): optimizer slow_period must be ≥ 1") }
             if !(0...20).contains(o.newtonSchulzSteps) { try fail("\(n): optimizer newton_schulz_steps must be in 0...20") }
-            if !(o.alpha >= 0) || !(o.weightDecay >= 0) { try fail("\(n): optimizer alpha and weight_decay must be ≥ 0") }
+            if !(o.alpha >= 0 && o.alpha.isFinite) || !(o.weightDecay >= 0 && o.weightDecay.isFinite) {
+                try fail("\(n): optimizer alpha and weight_decay must be finite and ≥ 0")
+            }
         }
     }
 
-    /// Checks the levels fit a backbone of `layers` layers.
-    public func validate(layers: Int) throws {
+    /// Checks the levels fit a backbone of `layers` layers and, given its
+    /// hidden size D, that they hold at most `maxParameters` weights (a
+    /// block has D(1 + 3R): gain, gate, up, down).
+    public func validate(layers: Int, hiddenSize: Int? = nil) throws {
         try validate()
         for l in levels {
             if let bad = l.layers.first(where: { $0 >= layers }) {
                 throw Invalid(description: "invalid level configuration: level '\(l.name)' adapts layer \(bad), but the model has \(layers) layers (0..<\(layers))")
+            }
+        }
+        if let d = hiddenSize {
+            // Each factor is bounded (layers unique and < the model's, width ≤ maxWidth), so no product overflows.
+            let parameters = levels.reduce(0) { $0 + $1.layers.count * d * (1 + 3 * $1.width) }
+            if parameters > Self.maxParameters {
+                throw Invalid(description: "invalid level configuration: the levels would hold \(parameters) weights over this backbone, more than \(Self.maxParameters)")
             }
         }
     }

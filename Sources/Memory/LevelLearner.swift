@@ -171,8 +171,11 @@ public final class LevelLearner {
         self.recentTokens = recentTokens
     }
 
-    /// Keeps `tokens` among the recent contexts, dropping the oldest beyond the limit.
+    /// Keeps `tokens` among the recent contexts, dropping the oldest beyond
+    /// the limit (an empty request is not kept, so there are never more than
+    /// `recentLimit` contexts).
     func remember(_ tokens: [Int]) {
+        guard !tokens.isEmpty else { return }
         recentTokens.append(Array(tokens.suffix(Self.recentLimit)))
         var total = recentTokens.reduce(0) { $0 + $1.count }
         while total > Self.recentLimit, recentTokens.count > 1 {

@@ -54,7 +54,7 @@ public final class LevelState: LayerAdapter, @unchecked Sendable {
     /// A fresh state for a backbone of `model`'s shape. Gate and up
     /// projections start from the same seeded N(0, 1/D) draw for every user.
     public init(configuration: LevelConfiguration, model: LlamaConfiguration, seed: UInt64 = 0x434F4E54) throws {
-        try configuration.validate(layers: model.numHiddenLayers)
+        try configuration.validate(layers: model.numHiddenLayers, hiddenSize: model.hiddenSize)
         self.configuration = configuration
         hiddenSize = model.hiddenSize
         epsilon = model.rmsNormEps

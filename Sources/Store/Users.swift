@@ -10,6 +10,7 @@
 // snapshot is written only when that level changes. Version 0 is the backbone.
 import Foundation
 import Logging
+import Model
 import PostgresNIO
 
 /// A user of a tenant.
@@ -319,16 +320,11 @@ extension Database {
     }
 
     /// The tensors' dtypes and shapes from a safetensors header, as JSON
-    /// ({"name": {"dtype", "shape"}}), for the snapshot's metadata columns.
+    /// ({"name": {"dtype", "shape"}}), for the snapshot's metadata columns;
+    /// "{}" when the bytes are not a valid container (Model's codec decides).
     static func safetensorsShapes(_ data: Data) -> String {
-        guard data.count >= 8 else { return "{}" }
-        let n = Int(data.prefix(8).withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) })
-        guard n <= data.count - 8,
-              let header = try? JSONSerialization.jsonObject(with: data.subdata(in: 8..<(8 + n))) as? [String: Any] else { return "{}" }
-        var out: [String: Any] = [:]
-        for (name, value) in header where name != "__metadata__" {
-            if let e = value as? [String: Any] { out[name] = ["dtype": e["dtype"] ?? "", "shape": e["shape"] ?? []] }
-        }
+        guard let header = try? Safetensors.parse(data) else { return "{}" }
+        let out: [String: Any] = header.entries.mapValues { ["dtype": $0.dtype.rawValue, "shape": $0.shape] }
         let json = (try? JSONSerialization.data(withJSONObject: out, options: [.sortedKeys])) ?? Data("{}".utf8)
         return String(decoding: json, as: UTF8.self)
     }

@@ -64,6 +64,10 @@ struct LearnerTests {
         try learner.learn(tokens: Tiny.tokens, learnable: Tiny.mask(30..<31))
         #expect(learner.updatesApplied == [2, 4] && learner.accumulatedTokens == [0, 0])
         #expect(learner.updatesRejected == [0, 0])
+        // An empty request changes nothing, and is not kept among the recent contexts.
+        let recent = learner.recentTokens
+        try learner.learn(tokens: [], learnable: [])
+        #expect(learner.recentTokens == recent && recent.count == 4 && learner.tokenCounters == [16, 16])
     }
 
     @Test("an update applies the chunk's gradient taken at the chunk-start weights")

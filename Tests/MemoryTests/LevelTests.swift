@@ -52,6 +52,12 @@ struct LevelConfigurationTests {
         (#"{"levels": [{"name": "a", "chunk_size": 4, "layers": [1], "retention": 1.5}]}"#, "retention"),
         (#"{"levels": [{"name": "a", "chunk_size": 4, "layers": [1], "learning_rate": -1}]}"#, "learning_rate"),
         (#"{"levels": [{"name": "a", "chunk_size": 4, "layers": [1], "optimizer": {"kind": "m3", "beta1": 1.0}}]}"#, "betas"),
+        // Upper bounds: a configuration from a file cannot size gigabytes or overflow a counter.
+        (#"{"levels": [{"name": "a", "chunk_size": 16777217, "layers": [1]}]}"#, "chunk_size must be in 1...16777216"),
+        (#"{"levels": [{"name": "a", "chunk_size": 4, "width": 4097, "layers": [1]}]}"#, "width must be in 1...4096"),
+        ("{\"levels\": [" + (0..<17).map { #"{"name": "l\#($0)", "chunk_size": 4, "layers": [1]}"# }.joined(separator: ", ") + "]}",
+         "at most 16 levels"),
+        (#"{"levels": [{"name": "\#(String(repeating: "é", count: 33))", "chunk_size": 4, "layers": [1]}]}"#, "at most 64 bytes"),
     ])
     func invalid(json: String, mentions: String) {
         let error = #expect(throws: LevelConfiguration.Invalid.self) {
@@ -68,6 +74,18 @@ struct LevelConfigurationTests {
         let model = try LlamaConfiguration(hiddenSize: 8, intermediateSize: 16, numHiddenLayers: 4, numAttentionHeads: 2,
                                            numKeyValueHeads: 1, vocabSize: 10)
         #expect(throws: LevelConfiguration.Invalid.self) { try LevelState(configuration: c, model: model) }
+    }
+
+    @Test("levels holding more than maxParameters weights over a backbone are refused before anything is allocated")
+    func parameterBound() throws {
+        // D(1 + 3R) per block: D = 576, R = 4096, 16 levels of 1 layer is 113 M weights.
+        let c = try LevelConfiguration(levels: (0..<16).map {
+            .init(name: "l\($0)", chunkSize: 4, width: 4096, layers: [0], learningRate: 1e-3)
+        })
+        try c.validate(layers: 30)
+        let error = #expect(throws: LevelConfiguration.Invalid.self) { try c.validate(layers: 30, hiddenSize: 576) }
+        #expect(error?.description.contains("more than \(LevelConfiguration.maxParameters)") == true)
+        try LevelConfiguration.defaults(layers: 30).validate(layers: 30, hiddenSize: 576)
     }
 
     @Test("YAML and JSON files with the same keys load the same configuration")
@@ -332,6 +350,20 @@ struct LevelLearningTests {
 
 @Suite("Consolidation")
 struct ConsolidationTests {
+    @Test("a budget beyond the model's positions, or negative, is refused instead of trapping")
+    func budgetBounds() throws {
+        let learner = try Tiny.learner([.init(name: "mid", chunkSize: 8, width: 2, layers: [1], learningRate: 1e-2),
+                                        .init(name: "fast", chunkSize: 4, width: 2, layers: [1], learningRate: 1e-2)])
+        try learner.learn(tokens: Tiny.tokens, learnable: Tiny.mask(1..<6))
+        for budget in [ConsolidationBudget(steps: 1, generatedTokens: 255), ConsolidationBudget(steps: -1, generatedTokens: 1),
+                       ConsolidationBudget(steps: 1, generatedTokens: -1)] {
+            #expect(throws: LevelConfiguration.Invalid.self) { try learner.consolidate(contexts: learner.recentTokens, budget: budget) }
+        }
+        let report = try learner.consolidate(contexts: learner.recentTokens, budget: ConsolidationBudget(steps: 1, generatedTokens: 254))
+        // The longest texts (the recent context's last token and up to 254 generated ones) fit the model's 256 positions.
+        #expect(report.steps == 1 && report.positions > 0 && report.positions <= 255)
+    }
+
     @Test("sleep moves a fact from the fast level into mid and clears fast")
     func consolidate() throws {
         let model = try Backbone.get()
