@@ -94,8 +94,8 @@ extension LevelLearner {
                                                       teacher: teacher[i], state: student).gradients[m]
             var trial = moments
             let blocks = optimizerStep(level: m, blocks: student.blocks[m], gradients: g.map(\.tensors), moments: &trial)
-            // The NaN/Inf guard: a bad step leaves the student as it was.
-            if blocks.allSatisfy(\.isFinite) {
+            // The NaN/Inf guard (weights and moments): a bad step leaves the student as it was.
+            if blocks.allSatisfy(\.isFinite), trial.joined().allSatisfy(\.isFinite) {
                 student.blocks[m] = blocks
                 moments = trial
             }

@@ -27,6 +27,11 @@ public final class LevelLearner {
     /// Of those, refused by the NaN/Inf guard and by the max_norm guard, per level.
     public private(set) var rejectedNonFinite: [Int]
     public private(set) var rejectedNorm: [Int]
+    /// Per level: the open chunk met a non-finite gradient (or its sum
+    /// overflowed), so its update will be rejected at the boundary. The
+    /// accumulator then holds the finite part only, so a stored state is
+    /// always finite.
+    public private(set) var nonFiniteChunk: [Bool]
     /// Consolidations run.
     public private(set) var consolidations = 0
     /// The user's most recent requests' tokens (at most `recentLimit` tokens
@@ -48,6 +53,7 @@ public final class LevelLearner {
         updatesRejected = tokenCounters
         rejectedNonFinite = tokenCounters
         rejectedNorm = tokenCounters
+        nonFiniteChunk = [Bool](repeating: false, count: n)
         accumulators = state.zeroGradients()
         moments = zip(state.blocks, state.configuration.levels).map { blocks, level in
             blocks.map { b in b.tensors.map { OptimizerMoments(count: $0.count, kind: level.optimizer.kind) } }
@@ -81,10 +87,12 @@ public final class LevelLearner {
                                                       minSurprise: state.configuration.minSurprise)
             let scale = Float(result.count)   // mean → sum over the piece's tokens
             for l in accumulators.indices {
-                for b in accumulators[l].indices {
-                    accumulators[l][b] = LevelState.Block(tensors: zip(accumulators[l][b].tensors, result.gradients[l][b].tensors)
+                let sum = accumulators[l].indices.map { b in
+                    LevelState.Block(tensors: zip(accumulators[l][b].tensors, result.gradients[l][b].tensors)
                         .map { acc, g in zip(acc, g).map { $0 + scale * $1 } })
                 }
+                // A non-finite gradient dooms the chunk's update; it is not kept.
+                if sum.allSatisfy(\.isFinite) { accumulators[l] = sum } else { nonFiniteChunk[l] = true }
                 tokenCounters[l] += piece.count
                 accumulatedTokens[l] += piece.count
                 if tokenCounters[l] % state.configuration.levels[l].chunkSize == 0 { applyUpdate(level: l) }
@@ -101,7 +109,9 @@ public final class LevelLearner {
         defer {
             accumulators[l] = accumulators[l].map(\.zeros)
             accumulatedTokens[l] = 0
+            nonFiniteChunk[l] = false
         }
+        guard !nonFiniteChunk[l] else { return reject(l, nonFinite: true) }
         let n = Float(max(1, accumulatedTokens[l]))
         var grads = accumulators[l].map { b in b.tensors.map { t in t.map { $0 / n } } }
         let norm = grads.joined().joined().reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()
@@ -121,7 +131,8 @@ public final class LevelLearner {
                 newBlocks[b].down = newBlocks[b].down.map { keep * $0 }
             }
         }
-        guard newBlocks.allSatisfy(\.isFinite) else { return reject(l, nonFinite: true) }
+        // The moments too: a second moment that overflowed would freeze its weights and could not be stored.
+        guard newBlocks.allSatisfy(\.isFinite), newMoments.joined().allSatisfy(\.isFinite) else { return reject(l, nonFinite: true) }
         if cfg.maxNorm > 0 {
             let downNorm = newBlocks.reduce(0.0) { s, b in s + b.down.reduce(0.0) { $0 + Double($1) * Double($1) } }.squareRoot()
             guard downNorm <= cfg.maxNorm else { return reject(l, nonFinite: false) }
@@ -153,7 +164,8 @@ public final class LevelLearner {
     /// Restores counters, accumulators and moments read from a saved state.
     func restore(tokenCounters: [Int], accumulators: [[LevelState.Block]], accumulatedTokens: [Int],
                  moments: [[[OptimizerMoments]]], updatesApplied: [Int], updatesRejected: [Int], consolidations: Int,
-                 rejectedNonFinite: [Int]? = nil, rejectedNorm: [Int]? = nil) {
+                 rejectedNonFinite: [Int]? = nil, rejectedNorm: [Int]? = nil, nonFiniteChunk: [Bool]? = nil) {
+        self.nonFiniteChunk = nonFiniteChunk ?? tokenCounters.map { _ in false }
         self.tokenCounters = tokenCounters
         self.accumulators = accumulators
         self.accumulatedTokens = accumulatedTokens
@@ -188,6 +200,7 @@ public final class LevelLearner {
     func resetLevel(_ f: Int, targetMoments: (Int, [[OptimizerMoments]])) {
         accumulators[f] = accumulators[f].map(\.zeros)
         accumulatedTokens[f] = 0
+        nonFiniteChunk[f] = false
         let kind = state.configuration.levels[f].optimizer.kind
         moments[f] = moments[f].map { $0.map { OptimizerMoments(count: $0.first.count, kind: kind) } }
         moments[targetMoments.0] = targetMoments.1
@@ -202,6 +215,7 @@ public final class LevelLearner {
         state.blocks[l] = fresh.blocks[l]
         accumulators[l] = accumulators[l].map(\.zeros)
         accumulatedTokens[l] = 0
+        nonFiniteChunk[l] = false
         tokenCounters[l] = 0
         updatesApplied[l] = 0
         updatesRejected[l] = 0

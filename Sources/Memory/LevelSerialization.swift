@@ -46,6 +46,8 @@ public enum LevelStateFile {
         /// Of the rejections, by guard (absent in states written before they were counted).
         var rejectedNonFinite: [Int]?
         var rejectedNorm: [Int]?
+        /// Per level: the open chunk met a non-finite gradient (absent in states written before it was kept).
+        var nonFiniteChunk: [Bool]?
         /// [level][block][tensor]
         var optimizerSteps: [[[Int]]]
         var consolidations: Int
@@ -53,7 +55,7 @@ public enum LevelStateFile {
         enum CodingKeys: String, CodingKey {
             case tokenCounters = "token_counters", accumulatedTokens = "accumulated_tokens"
             case updatesApplied = "updates_applied", updatesRejected = "updates_rejected"
-            case rejectedNonFinite = "rejected_non_finite", rejectedNorm = "rejected_norm"
+            case rejectedNonFinite = "rejected_non_finite", rejectedNorm = "rejected_norm", nonFiniteChunk = "non_finite_chunk"
             case optimizerSteps = "optimizer_steps", consolidations
         }
     }
@@ -137,6 +139,7 @@ public enum LevelStateFile {
         Counters(tokenCounters: learner.tokenCounters, accumulatedTokens: learner.accumulatedTokens,
                  updatesApplied: learner.updatesApplied, updatesRejected: learner.updatesRejected,
                  rejectedNonFinite: learner.rejectedNonFinite, rejectedNorm: learner.rejectedNorm,
+                 nonFiniteChunk: learner.nonFiniteChunk,
                  optimizerSteps: steps ? learner.moments.map { $0.map { $0.map(\.steps) } } : [],
                  consolidations: learner.consolidations)
     }

@@ -201,6 +201,9 @@ extension LevelStateFile {
             for v in values { try checkCount(v, "counters: a value of \(key)") }
         }
         try checkCount(c.consolidations, "counters: consolidations")
+        if let flags = c.nonFiniteChunk, flags.count != n {
+            throw fail("counters: non_finite_chunk has \(flags.count) values for \(n) levels")
+        }
         for (l, level) in config.levels.enumerated() {
             let a = c.accumulatedTokens[l], t = c.tokenCounters[l]
             guard a < level.chunkSize, a <= t else {
@@ -233,7 +236,8 @@ extension LevelStateFile {
     static func zeroCounters(_ config: LevelConfiguration) -> Counters {
         let zeros = [Int](repeating: 0, count: config.levels.count)
         return Counters(tokenCounters: zeros, accumulatedTokens: zeros, updatesApplied: zeros, updatesRejected: zeros,
-                        rejectedNonFinite: zeros, rejectedNorm: zeros, optimizerSteps: [], consolidations: 0)
+                        rejectedNonFinite: zeros, rejectedNorm: zeros, nonFiniteChunk: zeros.map { _ in false },
+                        optimizerSteps: [], consolidations: 0)
     }
 
     /// A learner of `state` holding what was read; `steps[level][block][tensor]` (nil: a level not read, steps 0).
@@ -249,7 +253,8 @@ extension LevelStateFile {
         state.blocks = blocks
         learner.restore(tokenCounters: c.tokenCounters, accumulators: accumulators, accumulatedTokens: c.accumulatedTokens,
                         moments: moments, updatesApplied: c.updatesApplied, updatesRejected: c.updatesRejected,
-                        consolidations: c.consolidations, rejectedNonFinite: c.rejectedNonFinite, rejectedNorm: c.rejectedNorm)
+                        consolidations: c.consolidations, rejectedNonFinite: c.rejectedNonFinite, rejectedNorm: c.rejectedNorm,
+                        nonFiniteChunk: c.nonFiniteChunk)
         learner.restore(recentTokens: recent)
         return learner
     }

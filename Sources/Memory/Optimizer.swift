@@ -27,6 +27,11 @@ public struct OptimizerMoments: Sendable, Equatable {
         }
         steps = 0
     }
+
+    /// Whether every moment value is finite.
+    public var isFinite: Bool {
+        [first, second, slow, slowDirection, slowSum].allSatisfy { $0.allSatisfy(\.isFinite) }
+    }
 }
 
 extension LevelConfiguration.Optimizer {

@@ -98,7 +98,7 @@ public func buildApplication(configuration: ServiceConfiguration, model: LlamaMo
     throws -> some ApplicationProtocol {
     try configuration.validate()
     let levels = levels ?? LevelConfiguration.defaults(layers: model.configuration.numHiddenLayers)
-    try levels.validate(layers: model.configuration.numHiddenLayers)
+    try levels.validate(layers: model.configuration.numHiddenLayers, hiddenSize: model.configuration.hiddenSize)
     let state = try ServiceState(configuration: configuration, model: model, levels: levels, database: database, logger: logger)
     let router = Router(context: AppContext.self)
     router.add(middleware: MetricsMiddleware(metrics: state.metrics))

@@ -11,7 +11,7 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
     /// Largest request body in bytes (413 beyond it).
     public var maxBodyBytes = 1 << 20
     /// Largest state file a memory import takes (413 beyond it).
-    public var maxImportBytes = 256 << 20
+    public var maxImportBytes = 64 << 20
     /// Most prompt tokens per request (413 beyond it); also bounded by the model's context.
     public var maxPromptTokens = 4096
     /// Largest max_tokens a request may ask for (400 beyond it).

@@ -110,6 +110,33 @@ struct LearnerTests {
         #expect(learner.updatesApplied == [2] && learner.state.blocks != good)
     }
 
+    @Test("a non-finite gradient mid-chunk is not accumulated: the state stays storable and the chunk's update is rejected")
+    func nonFiniteGradient() throws {
+        let learner = try Tiny.learner([.init(name: "fast", chunkSize: 8, width: 4, layers: [1], learningRate: 1e-2)])
+        // Gains and output projections so large that the level's forward overflows: its gradient is non-finite.
+        let sane = learner.state.blocks
+        learner.state.blocks[0][0].gain = learner.state.blocks[0][0].gain.map { _ in 1e38 }
+        learner.state.blocks[0][0].down = learner.state.blocks[0][0].down.map { _ in 1e38 }
+        try learner.learn(tokens: Tiny.tokens, learnable: Tiny.mask(1..<4))   // 3 of 8: mid-chunk
+        #expect(learner.nonFiniteChunk == [true] && learner.accumulatedTokens == [3])
+        let finite = learner.accumulators.allSatisfy { level in level.allSatisfy { $0.isFinite } }
+        #expect(finite)
+        // Stored and read back mid-chunk: nothing refused, the mark kept.
+        let model = try Tiny.model.get()
+        let part = try LevelStateFile.encodeLearner(learner, backbone: model.fingerprint)
+        let level = try LevelStateFile.encodeLevel(learner, level: 0, backbone: model.fingerprint)
+        let back = try LevelStateFile.decode(levels: ["fast": level], learner: part, model: model,
+                                             configuration: learner.state.configuration)
+        #expect(back.nonFiniteChunk == [true])
+        // The boundary rejects the chunk's update; the next chunk learns again.
+        back.state.blocks = sane
+        try back.learn(tokens: Tiny.tokens, learnable: Tiny.mask(4..<9))
+        #expect(back.updatesRejected == [1] && back.rejectedNonFinite == [1] && back.updatesApplied == [0])
+        #expect(back.nonFiniteChunk == [false] && back.accumulatedTokens == [0])
+        try back.learn(tokens: Tiny.tokens, learnable: Tiny.mask(9..<17))
+        #expect(back.updatesApplied == [1] && back.state.blocks != sane)
+    }
+
     @Test("the norm bound rejects a step; clipping bounds the gradient")
     func normGuards() throws {
         var bounded = LevelConfiguration.Level(name: "fast", chunkSize: 4, width: 4, layers: [1], learningRate: 1e-2)
