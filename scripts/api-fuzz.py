@@ -104,7 +104,8 @@ def main():
                "--workers", "2", "--request-timeout", "120", "--continue-on-failure", "--no-color",
                "--suppress-health-check", "all", "--seed", "20261201"]
         print("schemathesis run … --checks " + ",".join(CHECKS) + f" --max-time {args.max_time}", flush=True)
-        run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
+        # In the scratch directory: schemathesis keeps a cache of its findings in the working directory.
+        run = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
         # Never print the key: it is in the command line schemathesis echoes in reproduction commands.
         report = (run.stdout + run.stderr).replace(key, "ck-…")
         with open(os.path.join(workdir, "schemathesis.txt"), "w") as f:

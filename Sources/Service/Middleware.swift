@@ -142,7 +142,7 @@ struct AccessMiddleware: RouterMiddleware {
     /// and a second (read here and dropped).
     static func drains(_ request: Request) async -> Bool {
         if let text = request.headers[.contentLength] { return Int(text).map { $0 <= drainLimit } ?? false }
-        guard request.headers[.transferEncoding] != nil else { return true }
+        guard announcesBody(request) else { return true }
         let body = request.body
         return (try? await withDeadline(seconds: 1) { try await body.collect(upTo: drainLimit) }) != nil
     }
@@ -172,24 +172,31 @@ struct AccessMiddleware: RouterMiddleware {
             do { scope.user = try UserName(percentEncoded: raw[...]) } catch { throw refuse(.invalid("\(error)", param: "user")) }
         }
         var request = request
-        try checkBodyHeaders(&request, endpoint)
-        let body = request.body, limit = endpoint.body == .binary ? configuration.maxImportBytes : configuration.maxBodyBytes
-        let buffer: ByteBuffer
-        do {
-            buffer = try await withDeadline(seconds: configuration.bodyReadTimeoutSeconds) { try await body.collect(upTo: limit) }
-        } catch is DeadlinePassed {
-            throw Refusal(error: .requestTimeout(configuration.bodyReadTimeoutSeconds), bodyStarted: true)
-        } catch let e as any HTTPResponseError where e.status == .contentTooLarge {   // NIOTooManyBytesError
-            throw Refusal(error: .bodyTooLarge(limit, import: endpoint.body == .binary), bodyStarted: true)
+        let limit = endpoint.body == .binary ? configuration.maxImportBytes : configuration.maxBodyBytes
+        try checkBodyHeaders(&request, endpoint, limit: limit)
+        if Self.announcesBody(request) {
+            let body = request.body
+            let buffer: ByteBuffer
+            do {
+                buffer = try await withDeadline(seconds: configuration.bodyReadTimeoutSeconds) { try await body.collect(upTo: limit) }
+            } catch is DeadlinePassed {
+                throw Refusal(error: .requestTimeout(configuration.bodyReadTimeoutSeconds), bodyStarted: true)
+            } catch let e as any HTTPResponseError where e.status == .contentTooLarge {   // NIOTooManyBytesError
+                throw Refusal(error: .bodyTooLarge(limit, import: endpoint.body == .binary), bodyStarted: true)
+            }
+            request.body = .init(buffer: buffer)
         }
-        request.body = .init(buffer: buffer)
         return try await RequestScope.$current.withValue(scope) { try await next(request, context) }
+    }
+
+    /// Whether the request says it has a body (a non-zero Content-Length, or chunked).
+    static func announcesBody(_ request: Request) -> Bool {
+        request.headers[.contentLength].map { $0 != "0" } ?? (request.headers[.transferEncoding] != nil)
     }
 
     /// Checks the declared length and the media type before the body is
     /// read; a body without a Content-Type is taken as the route's type.
-    private func checkBodyHeaders(_ request: inout Request, _ endpoint: Endpoint) throws {
-        let limit = endpoint.body == .binary ? configuration.maxImportBytes : configuration.maxBodyBytes
+    private func checkBodyHeaders(_ request: inout Request, _ endpoint: Endpoint, limit: Int) throws {
         if let text = request.headers[.contentLength], let length = Int(text), length > limit {
             throw Refusal(error: .bodyTooLarge(limit, import: endpoint.body == .binary))
         }
@@ -199,7 +206,7 @@ struct AccessMiddleware: RouterMiddleware {
         case .json: expected = "application/json"
         case .binary: expected = "application/octet-stream"
         }
-        let hasBody = request.headers[.contentLength].map { $0 != "0" } ?? (request.headers[.transferEncoding] != nil)
+        let hasBody = Self.announcesBody(request)
         guard let type = request.headers[.contentType] else {
             if hasBody {
                 var head = request.head

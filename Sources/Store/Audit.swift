@@ -139,7 +139,9 @@ extension Database {
     /// optionally only flagged ones; a page of `limit` after `offset`.
     public func rankedDrift(tenantID: Int64, metric: String, ascending: Bool = false, flaggedOnly: Bool = false,
                             since: Date? = nil, until: Date? = nil, limit: Int = 50, offset: Int = 0) async throws -> [RankedDrift] {
-        guard metric.allSatisfy({ $0.isLetter || $0 == "_" }) else { throw Failure(description: "bad metric name \(metric)") }
+        // Bound as a parameter anyway; a metric name is ASCII letters, digits and '_' (top1_agreement).
+        guard !metric.isEmpty, metric.unicodeScalars.allSatisfy({ ("a"..."z").contains($0) || ("0"..."9").contains($0) || $0 == "_" })
+        else { throw Failure(description: "bad metric name \(metric)") }
         try Self.checkStorable(since, until)
         var binds = PostgresBindings()
         binds.append(tenantID)

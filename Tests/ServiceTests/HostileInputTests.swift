@@ -69,6 +69,8 @@ struct HostileInputTests {
         Case("format=xml", .get, "/v1/audit?format=xml", 400),
         Case("metric=bogus", .get, "/v1/audit?metric=bogus", 400),
         Case("order=sideways", .get, "/v1/audit?order=sideways", 400),
+        Case("every ranking metric is fine (top1_agreement has a digit)", .get, "/v1/audit?metric=top1_agreement", 200),
+        Case("ranking by param_change ascending is fine", .get, "/v1/audit?metric=param_change&order=asc&flagged=true", 200),
         Case("export version=-5", .get, "/v1/users/alice/memory/export?version=-5", 400),
         Case("export version=abc", .get, "/v1/users/alice/memory/export?version=abc", 400),
         Case("export version=huge", .get, "/v1/users/alice/memory/export?version=9223372036854775807", 404),
