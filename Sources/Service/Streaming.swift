@@ -56,6 +56,8 @@ extension GenerationRoutes {
     /// A server-sent-events response whose events `produce` writes.
     func eventStream(_ context: AppContext, _ produce: @escaping @Sendable (inout StreamWriter) async throws -> Void) -> Response {
         let channel = context.channel, timeout = Duration.seconds(state.configuration.streamWriteTimeoutSeconds)
+        // The body is written after the pipeline has returned: it takes the request's scope (its id) along.
+        let scope = RequestScope.current
         return Response(status: .ok,
                         headers: [.contentType: "text/event-stream", .cacheControl: "no-cache"],
                         body: ResponseBody { writer in
@@ -64,7 +66,7 @@ extension GenerationRoutes {
                             // Closing the connection fails the pending write, which ends `produce`.
                             watch.guarding(timeout: timeout, period: min(timeout / 4, .seconds(1))) { channel.close(promise: nil) }
                             var stream = StreamWriter(inner: writer, watch: watch)
-                            try await produce(&stream)
+                            try await RequestScope.$current.withValue(scope) { try await produce(&stream) }
                             try await stream.inner.finish(nil)
                         })
     }
