@@ -200,3 +200,6 @@ extension Database {
         try await execute(unsafeSQL: "CREATE DATABASE \(name)")
     }
 }
+
+/// PostgreSQL is the store of record.
+extension Database: ContinuumStore {}

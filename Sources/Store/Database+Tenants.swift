@@ -4,50 +4,6 @@ import Foundation
 import Model
 import PostgresNIO
 
-/// An organisation using the server; its users and keys belong to it.
-public struct Tenant: Sendable, Equatable {
-    public let id: Int64
-    public let name: String
-    public let learning: Bool
-    public let createdAt: Date
-}
-
-/// What an API key may do. `app` keys serve an application's requests
-/// (generation, completions, chat, models, feedback, and reading a user's
-/// memory summary and versions); `admin` keys also operate memories (reset,
-/// rollback, fork, consolidate, import, export, erase) and the drift audit.
-public enum KeyRole: String, Sendable, CaseIterable, Codable {
-    case app, admin
-
-    /// Whether a key of this role may do what `required` allows.
-    public func permits(_ required: KeyRole) -> Bool { self == .admin || required == .app }
-}
-
-/// A stored API key (never the key itself).
-public struct APIKey: Sendable, Equatable {
-    public let id: Int64
-    public let tenantID: Int64
-    public let name: String
-    public let role: KeyRole
-    /// The key's first characters, to recognise it in listings.
-    public let prefix: String
-    public let createdAt: Date
-    public let revokedAt: Date?
-}
-
-/// Who a request authenticated as.
-public struct Principal: Sendable, Equatable {
-    public let tenantID: Int64
-    public let keyID: Int64
-    public let role: KeyRole
-
-    public init(tenantID: Int64, keyID: Int64, role: KeyRole) {
-        self.tenantID = tenantID
-        self.keyID = keyID
-        self.role = role
-    }
-}
-
 extension Database {
     /// SHA-256 of a key, hex.
     static func hash(key: String) -> String {

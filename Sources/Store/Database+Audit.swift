@@ -6,41 +6,6 @@ import Foundation
 import Logging
 import PostgresNIO
 
-/// One mutation of a user's memory (or an erasure's tombstone).
-public struct AuditEvent: Sendable, Equatable {
-    public let id: Int64
-    /// Nil for an erased user's tombstone.
-    public let userID: Int64?
-    /// learning, feedback, reset, fork, rollback, consolidate, import, erase, freeze, unfreeze, warn
-    public let event: String
-    public let fromVersion: Int64?
-    public let toVersion: Int64?
-    public let actor: String
-    public let causeID: String?
-    /// JSON object with event-specific details (no text, no weights).
-    public let detail: String
-    public let createdAt: Date
-}
-
-/// The drift metrics of one memory version and what the policies made of them.
-public struct DriftReport: Sendable, Equatable {
-    public let userID: Int64
-    public let version: Int64
-    /// JSON object of metrics.
-    public let metrics: String
-    /// JSON array of flags (policy violations).
-    public let flags: String
-    public let passed: Bool
-    public let computedAt: Date
-}
-
-/// A user's latest drift report, for tenant-wide rankings.
-public struct RankedDrift: Sendable, Equatable {
-    public let user: String
-    public let frozen: Bool
-    public let report: DriftReport
-}
-
 extension Database {
     /// The times a query may bind: PostgresNIO encodes a Date as Int64
     /// microseconds, which traps for non-finite or far-off times, so every

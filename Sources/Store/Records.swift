@@ -1,0 +1,228 @@
+// The store's records: what the service reads and writes, independent of
+// how it is stored (PostgreSQL in Database+*.swift, memory in InMemoryStore).
+// A user's memory version n names one level snapshot per level that has
+// changed since the user started (a level without one is a fresh level) and
+// holds the learner part at that version; version 0 is the backbone.
+import Foundation
+
+/// A user of a tenant.
+public struct User: Sendable, Equatable {
+    public let id: Int64
+    public let tenantID: Int64
+    public let name: String
+    /// The current memory version.
+    public let version: Int64
+    /// Learning jobs applied.
+    public let jobsApplied: Int64
+    /// Whether the tenant lets its users' memories learn.
+    public let learning: Bool
+    /// Frozen by a drift policy or an operator: no learning until cleared.
+    public let frozen: Bool
+    public let createdAt: Date
+
+    /// Whether this user's requests are learned.
+    public var learns: Bool { learning && !frozen }
+}
+
+/// One version of a user's memory.
+public struct MemoryVersion: Sendable, Equatable {
+    public let version: Int64
+    public let parent: Int64?
+    /// Snapshot id per level that differs from a fresh level.
+    public let levels: [String: Int64]
+    /// What made it: created, learning, feedback, reset, fork, rollback, consolidate.
+    public let cause: String
+    /// The generation or feedback id, or the source of a fork or rollback.
+    public let causeID: String?
+    /// Who: "key:<id>" of the API key whose request caused it, or "operator".
+    public let actor: String
+    public let createdAt: Date
+}
+
+/// A user's memory at one version: level parts by level name and the learner part.
+public struct StoredMemory: Sendable {
+    public let userID: Int64
+    public let version: Int64
+    /// Level parts by level name (empty when read without them).
+    public let levels: [String: Data]
+    /// Snapshot id per stored level (a level without one is fresh).
+    public let levelIDs: [String: Int64]
+    public let learner: Data?
+    /// Learning jobs applied to the user so far (read with the rest, so consistent with the learner's counters).
+    public let jobsApplied: Int64
+}
+
+/// A change to a user's memory that makes a new version.
+public struct MemoryChange: Sendable {
+    /// Levels whose weights changed: the new part, or nil for a fresh level.
+    public var levels: [String: Data?]
+    /// The learner part after the change (nil: fresh).
+    public var learner: Data?
+    public var cause: String
+    public var causeID: String?
+    public var actor: String
+
+    public init(levels: [String: Data?], learner: Data?, cause: String, causeID: String? = nil, actor: String) {
+        self.levels = levels
+        self.learner = learner
+        self.cause = cause
+        self.causeID = causeID
+        self.actor = actor
+    }
+}
+
+/// Where a learning job is: waiting, applied, refused (the stored memory
+/// cannot be read by this server) or cancelled (a reset, rollback or import
+/// came after it).
+public enum JobState: String, Sendable, CaseIterable {
+    case queued, done, failed, cancelled
+}
+
+/// What a memory operation (reset, rollback, import, consolidation) did:
+/// the version current afterwards and the queued jobs it cancelled.
+public struct MemoryMutation: Sendable, Equatable {
+    public let version: Int64
+    public let cancelledJobs: [Int64]
+}
+
+/// A queued learning job.
+public struct LearningJob: Sendable, Equatable {
+    public let id: Int64
+    /// generation or feedback
+    public let kind: String
+    public let sourceID: UUID?
+    public let tokens: [Int]
+    public let learnable: [Bool]
+    public let actor: String
+}
+
+/// What a learning job is made of, when a request enqueues one.
+public struct LearningRequest: Sendable {
+    public let tokens: [Int]
+    public let learnable: [Bool]
+    public init(tokens: [Int], learnable: [Bool]) {
+        precondition(tokens.count == learnable.count)
+        self.tokens = tokens
+        self.learnable = learnable
+    }
+}
+
+/// What the worker made of a claimed batch of jobs.
+public struct LearningOutcome: Sendable {
+    /// Per job in claim order: the change it made to the levels (nil: it only
+    /// accumulated), which becomes a version.
+    public var changes: [MemoryChange?]
+    /// The learner part after the last job.
+    public var learner: Data?
+
+    public init(changes: [MemoryChange?], learner: Data?) {
+        self.changes = changes
+        self.learner = learner
+    }
+}
+
+/// A stored generation, for feedback.
+public struct StoredGeneration: Sendable {
+    public let id: UUID
+    public let userID: Int64
+    public let memoryVersion: Int64
+    public let promptTokens: [Int]
+    public let completionTokens: [Int]
+}
+
+/// What a rollback did.
+public enum RollbackOutcome: Sendable, Equatable {
+    /// The new version, and the queued jobs cancelled.
+    case rolledBack(MemoryMutation)
+    /// The version asked for is not kept.
+    case notKept
+    /// `ifCurrent` was given and the user's current version is another one (nothing changed).
+    case moved(current: Int64)
+}
+
+/// A job `learnNext` applied: the memory version current after it, and its
+/// lag in seconds (enqueue to commit).
+public typealias AppliedJob = (job: LearningJob, version: Int64, lagSeconds: Double)
+
+// MARK: Tenants and keys
+
+/// An organisation using the server; its users and keys belong to it.
+public struct Tenant: Sendable, Equatable {
+    public let id: Int64
+    public let name: String
+    public let learning: Bool
+    public let createdAt: Date
+}
+
+/// What an API key may do. `app` keys serve an application's requests
+/// (generation, completions, chat, models, feedback, and reading a user's
+/// memory summary and versions); `admin` keys also operate memories (reset,
+/// rollback, fork, consolidate, import, export, erase) and the drift audit.
+public enum KeyRole: String, Sendable, CaseIterable, Codable {
+    case app, admin
+
+    /// Whether a key of this role may do what `required` allows.
+    public func permits(_ required: KeyRole) -> Bool { self == .admin || required == .app }
+}
+
+/// A stored API key (never the key itself).
+public struct APIKey: Sendable, Equatable {
+    public let id: Int64
+    public let tenantID: Int64
+    public let name: String
+    public let role: KeyRole
+    /// The key's first characters, to recognise it in listings.
+    public let prefix: String
+    public let createdAt: Date
+    public let revokedAt: Date?
+}
+
+/// Who a request authenticated as.
+public struct Principal: Sendable, Equatable {
+    public let tenantID: Int64
+    public let keyID: Int64
+    public let role: KeyRole
+
+    public init(tenantID: Int64, keyID: Int64, role: KeyRole) {
+        self.tenantID = tenantID
+        self.keyID = keyID
+        self.role = role
+    }
+}
+
+// MARK: The drift audit
+
+/// One mutation of a user's memory (or an erasure's tombstone).
+public struct AuditEvent: Sendable, Equatable {
+    public let id: Int64
+    /// Nil for an erased user's tombstone.
+    public let userID: Int64?
+    /// learning, feedback, reset, fork, rollback, consolidate, import, erase, freeze, unfreeze, warn
+    public let event: String
+    public let fromVersion: Int64?
+    public let toVersion: Int64?
+    public let actor: String
+    public let causeID: String?
+    /// JSON object with event-specific details (no text, no weights).
+    public let detail: String
+    public let createdAt: Date
+}
+
+/// The drift metrics of one memory version and what the policies made of them.
+public struct DriftReport: Sendable, Equatable {
+    public let userID: Int64
+    public let version: Int64
+    /// JSON object of metrics.
+    public let metrics: String
+    /// JSON array of flags (policy violations).
+    public let flags: String
+    public let passed: Bool
+    public let computedAt: Date
+}
+
+/// A user's latest drift report, for tenant-wide rankings.
+public struct RankedDrift: Sendable, Equatable {
+    public let user: String
+    public let frozen: Bool
+    public let report: DriftReport
+}
