@@ -121,6 +121,7 @@ public struct APIError: Error, HTTPResponseError, CustomStringConvertible {
         case let e as NotFound: return .notFound(e.description)
         case let e as Conflict: return APIError(.conflict, type: "invalid_request_error", message: e.description, code: "conflict")
         case is BatchEngine.Overloaded: return .overloaded
+        case let e as BatchEngine.ShutDown: return APIError(.serviceUnavailable, type: "server_error", message: e.description, code: "shutting_down")
         case let e as DecodingError: return .invalid("the request body does not match the API: \(Self.describe(e))")
         case let e as any HTTPResponseError where e.status.code < 500:   // HTTPError, NIOTooManyBytesError
             return APIError(e.status, type: "invalid_request_error", message: (e as? HTTPError)?.body ?? e.status.reasonPhrase)

@@ -76,13 +76,13 @@ enum AuditPage {
         body += charted.map { "<th>\(escape($0.0))</th>" }.joined() + "</tr>"
         for (r, m, flags) in parsed.reversed() {
             let f = flags.compactMap { $0["metric"] as? String }.joined(separator: ", ")
-            body += "<tr><td>\(r.version)</td><td>\(AuditRoutes.iso(r.computedAt))</td><td class=\"l flag\">\(escape(f))</td>"
+            body += "<tr><td>\(r.version)</td><td>\(AuditController.iso(r.computedAt))</td><td class=\"l flag\">\(escape(f))</td>"
             body += charted.map { "<td>\(format(number(m, $0.0)))</td>" }.joined() + "</tr>"
         }
         body += "</table><h2>Recent events</h2><table><tr><th>time</th><th class=\"l\">event</th><th>from</th><th>to</th>"
         body += "<th class=\"l\">actor</th><th class=\"l\">cause</th></tr>"
         for e in events.reversed() {
-            body += "<tr><td>\(AuditRoutes.iso(e.createdAt))</td><td class=\"l\">\(escape(e.event))</td>"
+            body += "<tr><td>\(AuditController.iso(e.createdAt))</td><td class=\"l\">\(escape(e.event))</td>"
             body += "<td>\(e.fromVersion.map(String.init) ?? "")</td><td>\(e.toVersion.map(String.init) ?? "")</td>"
             body += "<td class=\"l\">\(escape(e.actor))</td><td class=\"l\">\(escape(e.causeID ?? ""))</td></tr>"
         }

@@ -126,8 +126,9 @@ final class Auditor: @unchecked Sendable {
 
     struct MissingResource: Error, CustomStringConvertible { let description: String }
 
-    init(memory: UserMemory, configuration: ServiceConfiguration, logger: Logger) throws {
+    init(memory: UserMemory, store: any MemoryStore & AuditStore, configuration: ServiceConfiguration, logger: Logger) throws {
         self.memory = memory
+        self.store = store
         self.configuration = configuration
         self.logger = logger
         guard let dir = Bundle.module.url(forResource: "Audit", withExtension: nil),
@@ -141,7 +142,8 @@ final class Auditor: @unchecked Sendable {
             .prefix(configuration.auditReferenceTokens))
     }
 
-    var database: Database { memory.database }
+    /// Reports, events, settings and the memories they measure.
+    let store: any MemoryStore & AuditStore
 
     // MARK: Scheduling
 
@@ -164,7 +166,7 @@ final class Auditor: @unchecked Sendable {
         }
         for (userID, entry) in due {
             do {
-                guard let user = try await database.user(id: userID, tenantID: entry.tenantID) else { continue }
+                guard let user = try await store.user(id: userID, tenantID: entry.tenantID) else { continue }
                 _ = try await audit(user, actor: "policy")
             } catch {
                 logger.error("audit of user \(userID) failed: \(error)")
@@ -176,7 +178,7 @@ final class Auditor: @unchecked Sendable {
 
     /// The tenant's probe texts (its own set, else the default one).
     func probes(tenantID: Int64) async throws -> [String] {
-        if let json = try await database.auditSettings(tenantID: tenantID).probes {
+        if let json = try await store.auditSettings(tenantID: tenantID).probes {
             return try JSONDecoder().decode([String].self, from: Data(json.utf8))
         }
         return defaultProbes
@@ -184,7 +186,7 @@ final class Auditor: @unchecked Sendable {
 
     /// The tenant's policies (its own, else the defaults).
     func policies(tenantID: Int64) async throws -> [Policy] {
-        if let json = try await database.auditSettings(tenantID: tenantID).policies {
+        if let json = try await store.auditSettings(tenantID: tenantID).policies {
             return try JSONDecoder().decode([Policy].self, from: Data(json.utf8))
         }
         return Policy.defaults
@@ -194,8 +196,8 @@ final class Auditor: @unchecked Sendable {
     /// policies' actions (as `actor`). Returns the metrics and flags.
     func audit(_ user: User, actor: String) async throws -> (DriftMetrics, [DriftFlag]) {
         lock.withLock { lastAudit[user.id] = Date() }
-        guard let stored = try await database.memory(userID: user.id) else { throw APIError.notFound("user '\(user.name)' has no memory") }
-        let previous = stored.version > 0 ? try await database.memory(userID: user.id, version: stored.version - 1) : nil
+        guard let stored = try await store.memory(userID: user.id) else { throw APIError.notFound("user '\(user.name)' has no memory") }
+        let previous = stored.version > 0 ? try await store.memory(userID: user.id, version: stored.version - 1) : nil
         let memory = self.memory, reference = self.reference, personalTokens = configuration.auditPersonalTokens
         let probeTokens = try await probes(tenantID: user.tenantID).map { memory.model.tokenizer.encode($0) }
         let backboneReference = try await backboneReferencePerplexity()
@@ -235,7 +237,7 @@ final class Auditor: @unchecked Sendable {
             guard let v = metrics.value(p.metric), p.crossed(by: v) else { return nil }
             return DriftFlag(metric: p.metric, value: v, max: p.max, min: p.min, action: p.action)
         }
-        try await database.saveDriftReport(userID: user.id, version: metrics.version, metrics: try Self.json(metrics),
+        try await store.saveDriftReport(userID: user.id, version: metrics.version, metrics: try Self.json(metrics),
                                            flags: try Self.json(flags), passed: flags.isEmpty)
         try await act(on: flags, user: user, version: metrics.version, actor: actor)
         return (metrics, flags)
@@ -245,19 +247,19 @@ final class Auditor: @unchecked Sendable {
     func act(on flags: [DriftFlag], user: User, version: Int64, actor: String) async throws {
         guard !flags.isEmpty else { return }
         let detail = try Self.json(flags)
-        try await database.recordAudit(userID: user.id, event: "warn", from: version, to: version, actor: actor,
+        try await store.recordAudit(userID: user.id, event: "warn", from: version, to: version, actor: actor,
                                        causeID: flags.map(\.metric).joined(separator: ","), detail: "{\"flags\": \(detail)}")
         if flags.contains(where: { $0.action == .freeze }) {
-            try await database.setFrozen(userID: user.id, true, actor: actor, causeID: "version \(version)",
+            try await store.setFrozen(userID: user.id, true, actor: actor, causeID: "version \(version)",
                                          detail: "{\"flags\": \(detail)}")
         }
         if flags.contains(where: { $0.action == .rollback }),
-           let target = try await database.lastPassingVersion(userID: user.id, before: version) {
+           let target = try await store.lastPassingVersion(userID: user.id, before: version) {
             // Only from the version measured: if learning has moved past it,
             // the newer version is audited (now) and the policy judges that one.
             // The jobs queued behind the failing version are cancelled, so the
             // rollback does not re-apply what made it fail.
-            switch try await database.rollback(userID: user.id, to: target, keep: configuration.versionsKept, actor: actor,
+            switch try await store.rollback(userID: user.id, to: target, keep: configuration.versionsKept, actor: actor,
                                                cancelQueued: true, ifCurrent: version) {
             case .rolledBack(let m):
                 logger.info("policy rolled user \(user.id) back from version \(version) to \(target) (new version \(m.version), \(m.cancelledJobs.count) queued jobs cancelled)")

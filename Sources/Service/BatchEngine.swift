@@ -2,9 +2,12 @@
 // iteration is one LlamaModel.forward over all sequences in flight, of any
 // users (new sequences prefill their prompt, the others decode one token),
 // each with its own KV cache and its user's memory levels. Sequences join
-// and leave between iterations.
+// and leave between iterations. The thread lives from `run()` (the
+// application's service starts it) until `shutdown()`: sequences still
+// waiting or running then end with `ShutDown`.
 import Foundation
 import Model
+import Synchronization
 
 /// What a submitted generation produces, in order: tokens, then the result.
 public enum GenerationEvent: Sendable {
@@ -33,19 +36,47 @@ public final class BatchEngine: @unchecked Sendable {
     private let condition = NSCondition()
     private var waiting: [Entry] = []
     private var running: [Entry] = []
+    private var stopping = false   // guarded by `condition`
 
     public struct Overloaded: Error, CustomStringConvertible {
         public let description = "the server has too many generations in flight; retry later"
+    }
+
+    /// The engine stopped before the sequence ended.
+    public struct ShutDown: Error, CustomStringConvertible {
+        public let description = "the server is shutting down"
     }
 
     public init(model: LlamaModel, maxBatch: Int = 16, maxQueued: Int = 64) {
         self.model = model
         self.maxBatch = maxBatch
         self.maxQueued = maxQueued
-        let t = Thread { [unowned self] in self.loop() }
-        t.name = "continuum.batch"
-        t.stackSize = 8 << 20
-        t.start()
+    }
+
+    /// Engine threads running in this process (tests check none outlives its application).
+    static let liveThreads = Atomic<Int>(0)
+
+    /// Runs the engine's thread until `shutdown()`; returns when it has ended.
+    public func run() async {
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            let t = Thread { [self] in
+                Self.liveThreads.add(1, ordering: .relaxed)
+                loop()
+                Self.liveThreads.subtract(1, ordering: .relaxed)
+                done.resume()
+            }
+            t.name = "continuum.batch"
+            t.stackSize = 8 << 20
+            t.start()
+        }
+    }
+
+    /// Stops the engine: its thread ends after the step in progress; sequences left end with `ShutDown`.
+    public func shutdown() {
+        condition.lock()
+        stopping = true
+        condition.signal()
+        condition.unlock()
     }
 
     /// Starts a generation. Throws at once for invalid parameters or prompts
@@ -58,6 +89,7 @@ public final class BatchEngine: @unchecked Sendable {
         let entry = Entry(sequence, continuation)
         condition.lock()
         defer { condition.unlock() }
+        guard !stopping else { throw ShutDown() }
         guard waiting.count + running.count < maxQueued else { throw Overloaded() }
         if sequence.isFinished {   // max_tokens 0
             continuation.yield(.finished(sequence.result))
@@ -85,7 +117,15 @@ public final class BatchEngine: @unchecked Sendable {
     private func loop() {
         while true {
             condition.lock()
-            while waiting.isEmpty && running.isEmpty { condition.wait() }
+            while waiting.isEmpty && running.isEmpty && !stopping { condition.wait() }
+            if stopping {
+                let left = waiting + running
+                waiting = []
+                running = []
+                condition.unlock()
+                for e in left { e.continuation.finish(throwing: ShutDown()) }
+                return
+            }
             let room = max(0, maxBatch - running.count)
             running += waiting.prefix(room)
             waiting.removeFirst(min(room, waiting.count))

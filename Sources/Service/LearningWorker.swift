@@ -11,13 +11,16 @@ import Store
 
 final class LearningWorker: Sendable {
     let memory: UserMemory
+    let queue: any LearningQueue
     let configuration: ServiceConfiguration
     let metrics: Metrics
     let auditor: Auditor?
     let logger: Logger
 
-    init(memory: UserMemory, configuration: ServiceConfiguration, metrics: Metrics, auditor: Auditor?, logger: Logger) {
+    init(memory: UserMemory, queue: any LearningQueue, configuration: ServiceConfiguration, metrics: Metrics, auditor: Auditor?,
+         logger: Logger) {
         self.memory = memory
+        self.queue = queue
         self.configuration = configuration
         self.metrics = metrics
         self.auditor = auditor
@@ -46,7 +49,7 @@ final class LearningWorker: Sendable {
         let memory = self.memory, metrics = self.metrics
         let final = FinalState()
         let start = ContinuousClock.now
-        let applied = try await memory.database.learnNext(limit: configuration.learningBatch, keep: configuration.versionsKept,
+        let applied = try await queue.learnNext(limit: configuration.learningBatch, keep: configuration.versionsKept,
                                                           failed: { jobs, _ in metrics.jobsFailed.increment(by: jobs.count) }) {
             user, stored, jobs in
             try await memory.compute {

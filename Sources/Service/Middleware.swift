@@ -110,7 +110,7 @@ struct ErrorMiddleware: RouterMiddleware {
 
 /// Authentication, roles, the path's user and the body, per `Endpoints`.
 struct AccessMiddleware: RouterMiddleware {
-    let database: Database
+    let keys: any TenantStore
     let configuration: ServiceConfiguration
 
     /// After a refusal, an unread body of at most this many bytes is drained
@@ -161,7 +161,7 @@ struct AccessMiddleware: RouterMiddleware {
         var scope = RequestScope.current
         if case .key(let role) = endpoint.access {
             guard let header = request.headers[.authorization] else { throw refuse(.unauthorized) }
-            guard let key = Self.bearer(header), let principal = try await database.authenticate(key: key) else {
+            guard let key = Self.bearer(header), let principal = try await keys.authenticate(key: key) else {
                 throw refuse(.unauthorized)
             }
             guard principal.role.permits(role) else { throw refuse(.forbidden(role)) }

@@ -10,7 +10,7 @@ import Store
 /// The weights of users' current memory versions, least recently used
 /// dropped first beyond `capacityBytes`. Keyed by user id and version: a
 /// version's weights never change, so an entry is never stale; a request
-/// reads the user's current version from the database first.
+/// reads the user's current version from the store first.
 final class LevelCache: @unchecked Sendable {
     struct Key: Hashable {
         let user: Int64
@@ -75,16 +75,16 @@ final class LevelCache: @unchecked Sendable {
 final class UserMemory: Sendable {
     let model: LlamaModel
     let levels: LevelConfiguration
-    let database: Database
+    let store: any MemoryStore
     let cache: LevelCache
     /// Learning work (learning jobs, consolidation) runs here, off the
     /// server's event loops and cooperative threads.
     private let queue = DispatchQueue(label: "continuum.learning")
 
-    init(model: LlamaModel, levels: LevelConfiguration, database: Database, cacheBytes: Int) {
+    init(model: LlamaModel, levels: LevelConfiguration, store: any MemoryStore, cacheBytes: Int) {
         self.model = model
         self.levels = levels
-        self.database = database
+        self.store = store
         cache = LevelCache(capacityBytes: cacheBytes)
     }
 
@@ -100,7 +100,7 @@ final class UserMemory: Sendable {
     func adapter(for user: User) async throws -> LevelState? {
         let key = LevelCache.Key(user: user.id, version: user.version)
         if let state = cache.get(key) { return state }
-        guard let stored = try await database.memory(userID: user.id, version: user.version, withLearner: false) else {
+        guard let stored = try await store.memory(userID: user.id, version: user.version, withLearner: false) else {
             // The version moved on since the user row was read: the caller retries with the new one.
             throw VersionMoved()
         }

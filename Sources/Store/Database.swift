@@ -7,8 +7,16 @@ import PostgresNIO
 /// A connection pool to Continuum's database.
 public final class Database: Sendable {
     let client: PostgresClient
-    private let runner: Task<Void, Never>
+    /// The pool's run loop, when this object runs it (`.background`).
+    private let runner: Task<Void, Never>?
     let logger: Logger
+
+    /// Who runs the connection pool: this object, from `init` until `close()`
+    /// (the CLI's commands, tests), or the caller, whose structured task (an
+    /// application's service) calls `run()` for as long as it needs the pool.
+    public enum Running: Sendable {
+        case background, byCaller
+    }
 
     public struct Failure: Error, CustomStringConvertible {
         public let description: String
@@ -18,7 +26,7 @@ public final class Database: Sendable {
     /// TCP, or postgres://user@/database?host=/socket/dir&port=N over the Unix
     /// socket <dir>/.s.PGSQL.<N> (libpq's forms, see `DatabaseURL`).
     /// Connections open lazily; `ping` checks the server is reachable.
-    public init(url: String, logger: Logger = Logger(label: "continuum.store")) throws {
+    public init(url: String, logger: Logger = Logger(label: "continuum.store"), running: Running = .background) throws {
         let u = try DatabaseURL(url)
         let config: PostgresClient.Configuration
         switch u.endpoint {
@@ -31,13 +39,19 @@ public final class Database: Sendable {
         let client = PostgresClient(configuration: config, backgroundLogger: logger)
         self.client = client
         self.logger = logger
-        runner = Task { await client.run() }
+        runner = running == .background ? Task { await client.run() } : nil
     }
 
-    /// Closes every connection.
+    /// Runs the connection pool until the calling task is cancelled (for `.byCaller`).
+    public func run() async {
+        precondition(runner == nil, "this database runs its own pool (.background)")
+        await client.run()
+    }
+
+    /// Closes every connection of a pool this object runs (`.background`).
     public func close() async {
-        runner.cancel()
-        _ = await runner.value
+        runner?.cancel()
+        _ = await runner?.value
     }
 
     /// Fails unless the server answers.

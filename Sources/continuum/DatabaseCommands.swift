@@ -17,22 +17,25 @@ struct DatabaseOptions: ParsableArguments {
         return base + "/continuum"
     }
 
-    /// The database, migrated, and the private server when one was started (stop it when done).
-    func open() async throws -> (Database, LocalPostgres?) {
-        var server: LocalPostgres?
-        let url: String
+    /// The database's URL, and the private server when one was started (stop it when done).
+    func locate() throws -> (url: String, server: LocalPostgres?) {
         if let u = databaseURL ?? ProcessInfo.processInfo.environment["DATABASE_URL"] {
             if dataDir != nil { throw ValidationError("give --database-url or --data-dir, not both") }
-            url = u
-        } else {
-            let dir = dataDir ?? Self.defaultDataDirectory
-            do {
-                server = try LocalPostgres(dataDirectory: dir + "/postgres")
-            } catch let e as LocalPostgres.Failure {
-                throw CLIError(e.description)
-            }
-            url = server!.url
+            return (u, nil)
         }
+        let dir = dataDir ?? Self.defaultDataDirectory
+        do {
+            let server = try LocalPostgres(dataDirectory: dir + "/postgres")
+            return (server.url, server)
+        } catch let e as LocalPostgres.Failure {
+            throw CLIError(e.description)
+        }
+    }
+
+    /// The database, migrated, running its own pool until `close()`, and the
+    /// private server when one was started (stop it when done).
+    func open() async throws -> (Database, LocalPostgres?) {
+        let (url, server) = try locate()
         let db: Database
         do {
             db = try Database(url: url)

@@ -62,28 +62,30 @@ struct Serve: AsyncParsableCommand {
         do { levelConfiguration = try levels.map { try LevelConfiguration.load(path: $0) } } catch {
             throw CLIError("\(levels!): \(error)")
         }
-        let (db, server) = try await database.open()
-        do {
-            if try await db.tenants().isEmpty {
-                // Replicas starting together on an empty database: one creates it, the others see it exists.
-                if let tenant = try? await db.createTenant(name: "dev") {
-                    let (_, key) = try await db.createKey(tenantID: tenant.id, name: "dev", role: .admin)
-                    writeOut("API key: \(key)\n")   // unbuffered: a supervisor reading stdout sees it at once
-                    log("that is an admin key of tenant dev; for an app's key: continuum keys create --tenant dev --role app")
-                }
-            }
-            let host = cfg.host
-            let app = try buildApplication(configuration: cfg, model: model, levels: levelConfiguration, database: db) { port in
-                log("serving on http://\(host):\(port) (docs at /docs)")
-            }
-            try await app.runService()
-        } catch {
-            await db.close()
-            server?.stop()
-            throw error
+        let (url, server) = try database.locate()
+        defer { server?.stop() }
+        // The application runs the pool as its first service (stopped last); migrations and the
+        // first start's tenant and key come before it serves.
+        let db: Database
+        do { db = try Database(url: url, running: .byCaller) } catch let e as Database.Failure { throw CLIError(e.description) }
+        let host = cfg.host
+        let app = try buildApplication(configuration: cfg, model: model, levels: levelConfiguration, store: db,
+                                       services: [DatabaseService(db)],
+                                       beforeServing: [{ try await Self.prepare(db) }]) { port in
+            log("serving on http://\(host):\(port) (docs at /docs)")
         }
-        await db.close()
-        server?.stop()
+        try await app.runService()
+    }
+
+    /// Migrates, and on an empty database creates the `dev` tenant and prints its admin key once.
+    static func prepare(_ db: Database) async throws {
+        do { try await db.migrate() } catch let e as Database.Failure { throw CLIError(e.description) }
+        guard try await db.tenants().isEmpty else { return }
+        // Replicas starting together on an empty database: one creates it, the others see it exists.
+        guard let tenant = try? await db.createTenant(name: "dev") else { return }
+        let (_, key) = try await db.createKey(tenantID: tenant.id, name: "dev", role: .admin)
+        writeOut("API key: \(key)\n")   // unbuffered: a supervisor reading stdout sees it at once
+        log("that is an admin key of tenant dev; for an app's key: continuum keys create --tenant dev --role app")
     }
 }
 

@@ -61,7 +61,7 @@ enum Fixture {
         c.audit = false   // AuditTests turn it on
         c.auditReferenceTokens = 128
         configure(&c)
-        return try buildApplication(configuration: c, model: try model.get(), levels: levels, database: db, logger: logger)
+        return try buildApplication(configuration: c, model: try model.get(), levels: levels, store: db, logger: logger)
     }
 }
 

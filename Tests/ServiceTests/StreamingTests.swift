@@ -84,3 +84,25 @@ struct StreamingTests {
         await db.close()
     }
 }
+
+@Suite("Lifecycle", .serialized)
+struct LifecycleTests {
+    static var engines: Int { BatchEngine.liveThreads.load(ordering: .relaxed) }
+
+    @Test("the batch engine's thread lives from the application's start to its shutdown, and no longer")
+    func engineThread() async throws {
+        let (db, key) = try await Fixture.database()
+        let before = Self.engines
+        for _ in 0..<2 {
+            let app = try Fixture.app(db)
+            #expect(Self.engines == before, "a thread started before the application runs")
+            try await app.test(.live) { client in
+                _ = try await generate(client, key: key, user: "lila", prompt: "Hello", maxTokens: 2, learn: false)
+                #expect(Self.engines == before + 1)
+            }
+            // The service group has returned: the engine's thread has ended.
+            #expect(Self.engines == before, "the engine's thread outlived its application")
+        }
+        await db.close()
+    }
+}

@@ -4,10 +4,18 @@
 // tenant's policies and probe set.
 import Foundation
 import Hummingbird
+import Model
 import Store
 
-struct AuditRoutes {
-    let state: ServiceState
+struct AuditController {
+    let configuration: ServiceConfiguration
+    let store: any MemoryStore & AuditStore
+    let auditor: Auditor
+    /// On-demand audits per user in the last minute.
+    let limiter: RateLimiter
+    let tokenizer: Tokenizer
+    /// The most bytes one token decodes to (texts longer than this times a cap are refused before tokenizing).
+    let maxTokenBytes: Int
 
     func register(on router: Router<AppContext>) {
         router.get("/v1/users/:user/audit") { request, context in try await userReport(request, context, compute: false) }
@@ -59,19 +67,19 @@ struct AuditRoutes {
     // MARK: A user's report
 
     func userReport(_ request: Request, _ context: AppContext, compute: Bool) async throws -> Response {
-        let (principal, user) = try await state.requestUser()
+        let (principal, user) = try await store.requestUser()
         let format = try Self.format(request)
-        var reports = try await state.database.driftReports(userID: user.id)
+        var reports = try await store.driftReports(userID: user.id)
         if compute || reports.isEmpty {
-            if let wait = state.auditLimiter.admit(user.id) {
-                throw APIError.rateLimited("at most \(state.configuration.auditsPerUserPerMinute) on-demand audits per user per minute (audits_per_user_per_minute); retry in \(Int(wait.rounded(.up))) s",
+            if let wait = limiter.admit(user.id) {
+                throw APIError.rateLimited("at most \(configuration.auditsPerUserPerMinute) on-demand audits per user per minute (audits_per_user_per_minute); retry in \(Int(wait.rounded(.up))) s",
                                            retryAfter: Int(wait.rounded(.up)))
             }
-            _ = try await state.auditor.audit(user, actor: ServiceState.actor(principal))
-            reports = try await state.database.driftReports(userID: user.id)
+            _ = try await auditor.audit(user, actor: principal.actor)
+            reports = try await store.driftReports(userID: user.id)
         }
-        let current = try await state.database.user(id: user.id, tenantID: principal.tenantID) ?? user
-        let events = try await state.database.auditEvents(userID: user.id, limit: 100)
+        let current = try await store.user(id: user.id, tenantID: principal.tenantID) ?? user
+        let events = try await store.auditEvents(userID: user.id, limit: 100)
         switch format {
         case "csv":
             var out = "version,computed_at,passed,flags," + Self.csvMetrics.joined(separator: ",") + "\n"
@@ -98,15 +106,15 @@ struct AuditRoutes {
     }
 
     func clear(_ request: Request, _ context: AppContext) async throws -> Response {
-        let (principal, user) = try await state.requestUser()
-        let changed = try await state.database.setFrozen(userID: user.id, false, actor: ServiceState.actor(principal))
+        let (principal, user) = try await store.requestUser()
+        let changed = try await store.setFrozen(userID: user.id, false, actor: principal.actor)
         return try Self.response(["user": user.name, "frozen": false, "changed": changed])
     }
 
     func userEvents(_ request: Request, _ context: AppContext) async throws -> Response {
-        let (_, user) = try await state.requestUser()
+        let (_, user) = try await store.requestUser()
         let q = Query(request)
-        let events = try await state.database.auditEvents(userID: user.id, since: try q.date("since"), until: try q.date("until"),
+        let events = try await store.auditEvents(userID: user.id, since: try q.date("since"), until: try q.date("until"),
                                                           limit: try q.int("limit", default: 1000, range: 1...10000))
         return try Self.response(["user": user.name, "data": events.map(Self.eventObject)])
     }
@@ -122,7 +130,7 @@ struct AuditRoutes {
         let flagged = try q.bool("flagged", default: false)
         let limit = try q.int("limit", default: 50, range: 1...1000)
         let offset = try q.int("offset", default: 0, range: 0...1_000_000)
-        let ranked = try await state.database.rankedDrift(tenantID: principal.tenantID, metric: metric, ascending: order == "asc",
+        let ranked = try await store.rankedDrift(tenantID: principal.tenantID, metric: metric, ascending: order == "asc",
                                                           flaggedOnly: flagged, since: try q.date("since"),
                                                           until: try q.date("until"), limit: limit, offset: offset)
         switch format {
@@ -157,7 +165,7 @@ struct AuditRoutes {
     func tenantEvents(_ request: Request, _ context: AppContext) async throws -> Response {
         let principal = try RequestScope.principal()
         let q = Query(request)
-        let events = try await state.database.auditEvents(tenantID: principal.tenantID, since: try q.date("since"),
+        let events = try await store.auditEvents(tenantID: principal.tenantID, since: try q.date("since"),
                                                           until: try q.date("until"), limit: try q.int("limit", default: 1000, range: 1...10000))
         return try Self.response(["data": events.map(Self.eventObject)])
     }
@@ -166,13 +174,13 @@ struct AuditRoutes {
 
     /// The JSON body, decoded (the pipeline has read it, within max_body_bytes).
     func decode<T: Decodable>(_ type: T.Type, _ request: Request) async throws -> T {
-        try JSONDecoder().decode(T.self, from: Data(buffer: try await request.body.collect(upTo: state.configuration.maxBodyBytes)))
+        try JSONDecoder().decode(T.self, from: Data(buffer: try await request.body.collect(upTo: configuration.maxBodyBytes)))
     }
 
     func policies() async throws -> Response {
         let principal = try RequestScope.principal()
-        let custom = try await state.database.auditSettings(tenantID: principal.tenantID).policies
-        let policies = try await state.auditor.policies(tenantID: principal.tenantID)
+        let custom = try await store.auditSettings(tenantID: principal.tenantID).policies
+        let policies = try await auditor.policies(tenantID: principal.tenantID)
         return try Self.response(["policies": Self.object(try Auditor.json(policies)), "default": custom == nil])
     }
 
@@ -180,18 +188,18 @@ struct AuditRoutes {
         let principal = try RequestScope.principal()
         struct Body: Decodable { let policies: [Policy]? }
         let body = try await decode(Body.self, request)
-        if let p = body.policies, p.count > state.configuration.maxPolicies {
-            throw APIError.invalid("give at most \(state.configuration.maxPolicies) policies (max_policies), got \(p.count)", param: "policies")
+        if let p = body.policies, p.count > configuration.maxPolicies {
+            throw APIError.invalid("give at most \(configuration.maxPolicies) policies (max_policies), got \(p.count)", param: "policies")
         }
         try body.policies?.forEach { try $0.validate() }
-        try await state.database.setPolicies(tenantID: principal.tenantID, json: try body.policies.map { try Auditor.json($0) })
+        try await store.setPolicies(tenantID: principal.tenantID, json: try body.policies.map { try Auditor.json($0) })
         return try await policies()
     }
 
     func probes() async throws -> Response {
         let principal = try RequestScope.principal()
-        let custom = try await state.database.auditSettings(tenantID: principal.tenantID).probes
-        return try Self.response(["probes": try await state.auditor.probes(tenantID: principal.tenantID), "default": custom == nil])
+        let custom = try await store.auditSettings(tenantID: principal.tenantID).probes
+        return try Self.response(["probes": try await auditor.probes(tenantID: principal.tenantID), "default": custom == nil])
     }
 
     func setProbes(_ request: Request) async throws -> Response {
@@ -204,12 +212,12 @@ struct AuditRoutes {
                 throw APIError.invalid("a probe must not contain NUL characters", param: "probes")
             }
             // No token is longer than maxTokenBytes: longer texts are refused before they are tokenized.
-            guard p.allSatisfy({ !$0.isEmpty && $0.utf8.count <= 256 * state.maxTokenBytes
-                                 && state.model.tokenizer.encode($0).count <= 256 }) else {
+            guard p.allSatisfy({ !$0.isEmpty && $0.utf8.count <= 256 * maxTokenBytes
+                                 && tokenizer.encode($0).count <= 256 }) else {
                 throw APIError.invalid("each probe must have 1 to 256 tokens", param: "probes")
             }
         }
-        try await state.database.setProbes(tenantID: principal.tenantID, json: try body.probes.map { try Auditor.json($0) })
+        try await store.setProbes(tenantID: principal.tenantID, json: try body.probes.map { try Auditor.json($0) })
         return try await probes()
     }
 }

@@ -11,8 +11,15 @@ import Memory
 import Model
 import Store
 
-struct GenerationRoutes {
-    let state: ServiceState
+struct GenerationController {
+    let configuration: ServiceConfiguration
+    let model: LlamaModel
+    let users: any MemoryStore
+    let queue: any LearningQueue
+    let engine: BatchEngine
+    let memory: UserMemory
+    let metrics: Metrics
+    let learning: LearningStatus
 
     func register(on router: Router<AppContext>) {
         router.post("/v1/generate") { request, context in try await generate(request, context) }
@@ -24,7 +31,7 @@ struct GenerationRoutes {
 
     /// The JSON body, decoded (the pipeline has read it, within max_body_bytes; DecodingError → 400 in APIError.from).
     func decode<T: Decodable>(_ type: T.Type, _ request: Request) async throws -> T {
-        try JSONDecoder().decode(T.self, from: Data(buffer: try await request.body.collect(upTo: state.configuration.maxBodyBytes)))
+        try JSONDecoder().decode(T.self, from: Data(buffer: try await request.body.collect(upTo: configuration.maxBodyBytes)))
     }
 
     /// Most bytes of one stop string.
@@ -34,8 +41,8 @@ struct GenerationRoutes {
     func sampling(_ s: Components.Schemas.Sampling) throws -> SamplingParameters {
         var p = SamplingParameters()
         if let v = s.maxTokens {
-            guard v <= state.configuration.maxTokens else {
-                throw APIError.invalid("max_tokens must be at most \(state.configuration.maxTokens), got \(v)", param: "max_tokens")
+            guard v <= configuration.maxTokens else {
+                throw APIError.invalid("max_tokens must be at most \(configuration.maxTokens), got \(v)", param: "max_tokens")
             }
             p.maxTokens = v
         }
@@ -66,7 +73,7 @@ struct GenerationRoutes {
 
     /// A prompt given as text: all of it is the user's.
     func prompt(_ text: String) throws -> Prompt {
-        let ids = try checked(state.model.tokenizer.encode(text))
+        let ids = try checked(model.tokenizer.encode(text))
         return Prompt(tokens: ids, learnable: ids.map { _ in true })
     }
 
@@ -75,7 +82,7 @@ struct GenerationRoutes {
     /// system prompt or earlier assistant turns).
     func prompt(_ messages: [Components.Schemas.ChatMessage]) throws -> Prompt {
         guard !messages.isEmpty else { throw APIError.invalid("messages must not be empty", param: "messages") }
-        let chat = state.model.chatTemplate, tokenizer = state.model.tokenizer
+        let chat = model.chatTemplate, tokenizer = model.tokenizer
         let ids = try checked(tokenizer.encode(chat.render(messages.map { ChatMessage(role: $0.role.rawValue, content: $0.content) })))
         // The template around placeholder contents, so each content's tokens can be told apart.
         let marker = "\u{1}"
@@ -101,7 +108,7 @@ struct GenerationRoutes {
     /// The prompt's tokens, within the server's limit.
     func checked(_ ids: [Int]) throws -> [Int] {
         guard !ids.isEmpty else { throw APIError.invalid("the prompt is empty", param: "prompt") }
-        let limit = min(state.configuration.maxPromptTokens, state.model.configuration.maxPositionEmbeddings - 1)
+        let limit = min(configuration.maxPromptTokens, model.configuration.maxPositionEmbeddings - 1)
         guard ids.count <= limit else {
             throw APIError.tooLarge("the prompt has \(ids.count) tokens; the limit is \(limit)", param: "prompt")
         }
@@ -123,9 +130,9 @@ struct GenerationRoutes {
         let name: UserName
         do { name = try UserName(text) } catch { throw APIError.invalid("user: \(error)", param: "user") }
         for _ in 0..<5 {
-            guard let user = try await state.database.user(tenantID: principal.tenantID, name: name, create: true) else { break }
+            guard let user = try await users.user(tenantID: principal.tenantID, name: name, create: true) else { break }
             do {
-                return Target(principal: principal, user: user, adapter: try await state.memory.adapter(for: user))
+                return Target(principal: principal, user: user, adapter: try await memory.adapter(for: user))
             } catch is UserMemory.VersionMoved {
                 continue   // a learning round committed between the two reads
             }
@@ -137,7 +144,7 @@ struct GenerationRoutes {
     func submit(_ prompt: Prompt, _ parameters: SamplingParameters, _ target: Target) throws
         -> AsyncThrowingStream<GenerationEvent, Error> {
         do {
-            return try state.engine.submit(prompt: prompt.tokens, parameters: parameters, adapter: target.adapter)
+            return try engine.submit(prompt: prompt.tokens, parameters: parameters, adapter: target.adapter)
         } catch is BatchEngine.Overloaded {
             throw APIError.overloaded
         }
@@ -147,16 +154,16 @@ struct GenerationRoutes {
     /// learning job (one transaction), and waits for the job when asked.
     func finish(_ result: GenerationResult, id: UUID, target: Target, prompt: Prompt, learn: Bool, wait: Bool) async throws
         -> Components.Schemas.Learning {
-        state.metrics.promptTokens.increment(by: result.promptTokens)
-        state.metrics.completionTokens.increment(by: result.tokens.count)
+        metrics.promptTokens.increment(by: result.promptTokens)
+        metrics.completionTokens.increment(by: result.tokens.count)
         guard let user = target.user else { return .init(state: .off) }
         let job = learn && user.learns && prompt.learnable.dropFirst().contains(true)
             ? LearningRequest(tokens: prompt.tokens, learnable: prompt.learnable) : nil
-        let jobID = try await state.database.recordGeneration(id: id, userID: user.id, memoryVersion: user.version,
+        let jobID = try await queue.recordGeneration(id: id, userID: user.id, memoryVersion: user.version,
                                                               prompt: prompt.tokens, completion: result.tokens,
-                                                              job: job, actor: ServiceState.actor(target.principal))
-        if jobID != nil { state.metrics.jobsEnqueued.increment() }
-        return try await state.learning(job: jobID, wait: wait)
+                                                              job: job, actor: target.principal.actor)
+        if jobID != nil { metrics.jobsEnqueued.increment() }
+        return try await learning.state(job: jobID, wait: wait)
     }
 
     /// Waits for the whole generation.
@@ -234,9 +241,9 @@ struct GenerationRoutes {
     // MARK: OpenAI-compatible
 
     func checkModel(_ name: String) throws {
-        guard name == state.configuration.modelName else {
+        guard name == configuration.modelName else {
             throw APIError(.notFound, type: "invalid_request_error",
-                           message: "the model '\(name)' does not exist; this server serves '\(state.configuration.modelName)'",
+                           message: "the model '\(name)' does not exist; this server serves '\(configuration.modelName)'",
                            param: "model", code: "model_not_found")
         }
     }

@@ -52,10 +52,10 @@ struct StreamWriter {
     mutating func write(_ text: String) async throws { try await write(ByteBuffer(string: text)) }
 }
 
-extension GenerationRoutes {
+extension GenerationController {
     /// A server-sent-events response whose events `produce` writes.
     func eventStream(_ context: AppContext, _ produce: @escaping @Sendable (inout StreamWriter) async throws -> Void) -> Response {
-        let channel = context.channel, timeout = Duration.seconds(state.configuration.streamWriteTimeoutSeconds)
+        let channel = context.channel, timeout = Duration.seconds(configuration.streamWriteTimeoutSeconds)
         // The body is written after the pipeline has returned: it takes the request's scope (its id) along.
         let scope = RequestScope.current
         return Response(status: .ok,

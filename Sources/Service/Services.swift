@@ -1,0 +1,77 @@
+// The application's long-lived parts as ServiceLifecycle services, started
+// with the server and stopped on graceful shutdown in reverse order: the
+// HTTP server first (requests in flight finish), then the retention pruner,
+// the learning workers (the round in progress finishes), the batch engine
+// (its thread ends) and last the database pool.
+import Foundation
+import Logging
+import ServiceLifecycle
+import Store
+import Synchronization
+
+/// Runs the connection pool of a database made with `running: .byCaller`.
+public struct DatabaseService: ServiceLifecycle.Service {
+    let database: Database
+
+    public init(_ database: Database) { self.database = database }
+
+    public func run() async throws {
+        try await cancelWhenGracefulShutdown { await database.run() }
+    }
+}
+
+/// The batch engine's thread, from start-up to shutdown.
+struct BatchEngineService: ServiceLifecycle.Service {
+    let engine: BatchEngine
+
+    func run() async throws {
+        await withGracefulShutdownHandler {
+            await engine.run()
+        } onGracefulShutdown: {
+            engine.shutdown()
+        }
+    }
+}
+
+/// A learning worker: on graceful shutdown it finishes the round in progress and stops.
+struct LearningService: ServiceLifecycle.Service {
+    let worker: LearningWorker
+
+    func run() async throws {
+        let stop = StopFlag()
+        await withGracefulShutdownHandler {
+            await worker.run(until: { stop.isSet })
+        } onGracefulShutdown: {
+            stop.set()
+        }
+    }
+}
+
+/// A flag set once, read from any thread.
+final class StopFlag: Sendable {
+    private let value = Atomic<Bool>(false)
+    func set() { value.store(true, ordering: .relaxed) }
+    var isSet: Bool { value.load(ordering: .relaxed) }
+}
+
+/// Prunes what the retention settings no longer keep, every
+/// `retention.interval_seconds` (every replica runs one; deletes are idempotent).
+struct RetentionService: ServiceLifecycle.Service {
+    let store: any StoreMaintenance
+    let retention: RetentionConfiguration
+    let logger: Logger
+
+    func run() async throws {
+        while !Task.isShuttingDownGracefully && !Task.isCancelled {
+            do {
+                let counts = try await store.prune(retention.store)
+                if counts.total > 0 {
+                    logger.info("retention pruned \(counts.finishedJobs) finished jobs, \(counts.generations) generations, \(counts.driftReports) drift reports, \(counts.auditEvents) audit events")
+                }
+            } catch {
+                logger.error("retention pruning failed: \(error)")
+            }
+            try? await cancelWhenGracefulShutdown { try await Task.sleep(for: .seconds(retention.intervalSeconds)) }
+        }
+    }
+}
