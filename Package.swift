@@ -35,12 +35,15 @@ let package = Package(
         .systemLibrary(name: "CBLAS", path: "Sources/CBLAS"),
         .target(name: "CKernels", cSettings: [.unsafeFlags(["-O3", "-fno-math-errno"])]),
         .target(name: "Tensor", dependencies: ["CBLAS", "CKernels"], swiftSettings: computeSettings),
-        .target(name: "Model", dependencies: ["Tensor"], swiftSettings: computeSettings),
+        // SHA-256 on its own, so the store hashes keys without linking the model and its kernels.
+        .target(name: "Digest", swiftSettings: computeSettings),
+        .target(name: "Model", dependencies: ["Tensor", "Digest"], swiftSettings: computeSettings),
         // Memory reads level configurations from YAML; only it imports Yams.
-        .target(name: "Memory", dependencies: ["Model", "Tensor", .product(name: "Yams", package: "Yams")],
+        .target(name: "Memory", dependencies: ["Model", "Tensor", "Digest", .product(name: "Yams", package: "Yams")],
                 swiftSettings: computeSettings),
-        // The store: PostgreSQL through PostgresNIO (only it imports PostgresNIO).
-        .target(name: "Store", dependencies: ["Memory", "Model", .product(name: "PostgresNIO", package: "postgres-nio"),
+        // The store: PostgreSQL through PostgresNIO (only it imports PostgresNIO). It keeps bytes and
+        // never decodes them, so it needs neither the model nor the memory levels.
+        .target(name: "Store", dependencies: ["Digest", .product(name: "PostgresNIO", package: "postgres-nio"),
                                               .product(name: "Logging", package: "swift-log")],
                 resources: [.copy("Migrations")]),
         // The HTTP service: Hummingbird 2 and the server generated from openapi.yaml

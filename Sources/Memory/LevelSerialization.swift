@@ -27,6 +27,7 @@
 // A level without a part is a fresh level, a missing learner part fresh counters.
 //
 // Decoding, which checks every value of a file, is in LevelStateDecoding.swift.
+import Digest
 import Foundation
 import Model
 

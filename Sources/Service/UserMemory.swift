@@ -140,10 +140,14 @@ final class UserMemory: Sendable {
     /// marking the `fresh` ones fresh) and its learner part.
     func change(_ learner: LevelLearner, changed: [Int], fresh: [Int] = [], cause: String, causeID: String?,
                 actor: String) throws -> MemoryChange {
-        var parts: [String: Data?] = [:]
-        for l in changed { parts[levels.levels[l].name] = try LevelStateFile.encodeLevel(learner, level: l, backbone: model.fingerprint) }
+        var parts: [String: Data?] = [:], shapes: [String: String] = [:]
+        for l in changed {
+            let part = try LevelStateFile.encodeLevel(learner, level: l, backbone: model.fingerprint)
+            parts[levels.levels[l].name] = part
+            shapes[levels.levels[l].name] = Safetensors.shapesJSON(part)
+        }
         for l in fresh { parts[levels.levels[l].name] = .some(nil) }
-        return MemoryChange(levels: parts, learner: try LevelStateFile.encodeLearner(learner, backbone: model.fingerprint),
+        return MemoryChange(levels: parts, shapes: shapes, learner: try LevelStateFile.encodeLearner(learner, backbone: model.fingerprint),
                             cause: cause, causeID: causeID, actor: actor)
     }
 }

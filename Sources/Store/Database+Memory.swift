@@ -7,7 +7,6 @@
 // for a learning round in progress and is applied wholly or not at all.
 import Foundation
 import Logging
-import Model
 import PostgresNIO
 
 extension Database {
@@ -88,7 +87,7 @@ extension Database {
             guard let data = part else { levels[name] = nil; continue }
             let rows = try await tx.query("""
                 INSERT INTO level_snapshots (user_id, level, dtype, shapes, tensors)
-                VALUES (\(userID), \(name), 'safetensors', \(Self.safetensorsShapes(data))::jsonb, \(data)) RETURNING id
+                VALUES (\(userID), \(name), 'safetensors', \(change.shapes[name] ?? "{}")::jsonb, \(data)) RETURNING id
                 """, logger: logger)
             for try await id in rows.decode(Int64.self) { levels[name] = id }
         }
@@ -116,16 +115,6 @@ extension Database {
             INSERT INTO memory_versions (user_id, version, levels, cause, actor)
             VALUES (\(userID), 0, '{}'::jsonb, 'created', \(actor))
             """, logger: logger)
-    }
-
-    /// The tensors' dtypes and shapes from a safetensors header, as JSON
-    /// ({"name": {"dtype", "shape"}}), for the snapshot's metadata columns;
-    /// "{}" when the bytes are not a valid container (Model's codec decides).
-    static func safetensorsShapes(_ data: Data) -> String {
-        guard let header = try? Safetensors.parse(data) else { return "{}" }
-        let out: [String: Any] = header.entries.mapValues { ["dtype": $0.dtype.rawValue, "shape": $0.shape] }
-        let json = (try? JSONSerialization.data(withJSONObject: out, options: [.sortedKeys])) ?? Data("{}".utf8)
-        return String(decoding: json, as: UTF8.self)
     }
 
     /// Drops versions older than the newest `keep` (never the current one)
@@ -196,7 +185,8 @@ extension Database {
     public func forkUser(source: User, version: Int64?, target targetName: UserName, actor: String) async throws -> User {
         let target = targetName.value
         try await transaction { tx in
-            guard let memory = try await Self.memory(tx, userID: source.id, version: version, withLearner: true, logger: self.logger)
+            guard let memory = try await Self.memory(tx, userID: source.id, version: version, withLearner: true, withLevels: false,
+                                                     logger: self.logger)
             else { throw NotFound(description: "version \(version ?? -1) of user '\(source.name)' is not kept") }
             var newID: Int64?
             for try await id in try await tx.query("""
@@ -205,12 +195,23 @@ extension Database {
                 """, logger: self.logger).decode(Int64.self) { newID = id }
             guard let id = newID else { throw Conflict(description: "user '\(target)' already exists") }
             try await Self.insertCreatedVersion(userID: id, actor: actor, tx: tx, logger: self.logger)
-            if !memory.levels.isEmpty || memory.learner != nil {
-                let change = MemoryChange(levels: memory.levels.mapValues { Optional($0) }, learner: memory.learner,
-                                          cause: "fork", causeID: "\(source.name)@\(memory.version)", actor: actor)
-                _ = try await Self.apply(change, after: (0, [:]), userID: id, tx: tx, logger: self.logger)
+            let copied = !memory.levelIDs.isEmpty || memory.learner != nil
+            if copied {
+                // The source's snapshot rows are copied in the database, so erasing either user leaves the other whole.
+                var levels: [String: Int64] = [:]
+                for (name, snapshot) in memory.levelIDs.sorted(by: { $0.key < $1.key }) {
+                    for try await copy in try await tx.query("""
+                        INSERT INTO level_snapshots (user_id, level, dtype, shapes, tensors)
+                        SELECT \(id), level, dtype, shapes, tensors FROM level_snapshots WHERE user_id = \(source.id) AND id = \(snapshot)
+                        RETURNING id
+                        """, logger: self.logger).decode(Int64.self) { levels[name] = copy }
+                    guard levels[name] != nil else { throw Failure(description: "level snapshot \(snapshot) of user \(source.id) is missing") }
+                }
+                try await Self.commitVersion(userID: id, version: 1, parent: 0, levels: Self.levelJSON(levels), learner: memory.learner,
+                                             cause: "fork", causeID: "\(source.name)@\(memory.version)", actor: actor, tx: tx,
+                                             logger: self.logger)
             }
-            try await Self.audit(tx, userID: id, event: "fork", from: nil, to: memory.levels.isEmpty && memory.learner == nil ? 0 : 1,
+            try await Self.audit(tx, userID: id, event: "fork", from: nil, to: copied ? 1 : 0,
                                  actor: actor, causeID: "\(source.name)@\(memory.version)", logger: self.logger)
         }
         guard let user = try await user(tenantID: source.tenantID, name: targetName) else {

@@ -1,7 +1,8 @@
 // Tenants and their API keys. A key is shown once, at creation; the database
 // keeps only its SHA-256 and an 8-character prefix for listings.
+import Digest
 import Foundation
-import Model
+
 import PostgresNIO
 
 extension Database {

@@ -56,14 +56,20 @@ public struct StoredMemory: Sendable {
 public struct MemoryChange: Sendable {
     /// Levels whose weights changed: the new part, or nil for a fresh level.
     public var levels: [String: Data?]
+    /// Per new part, its tensors' dtypes and shapes as JSON ({"name": {"dtype",
+    /// "shape"}}), kept beside the bytes for inspection ("{}" when absent):
+    /// the store never decodes a part.
+    public var shapes: [String: String]
     /// The learner part after the change (nil: fresh).
     public var learner: Data?
     public var cause: String
     public var causeID: String?
     public var actor: String
 
-    public init(levels: [String: Data?], learner: Data?, cause: String, causeID: String? = nil, actor: String) {
+    public init(levels: [String: Data?], shapes: [String: String] = [:], learner: Data?, cause: String, causeID: String? = nil,
+                actor: String) {
         self.levels = levels
+        self.shapes = shapes
         self.learner = learner
         self.cause = cause
         self.causeID = causeID

@@ -1,4 +1,5 @@
 // Engine behaviour: batching independent sequences, sampling, generation limits.
+import Digest
 import Foundation
 import Testing
 import Tensor

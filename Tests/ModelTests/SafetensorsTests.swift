@@ -178,3 +178,18 @@ struct SafetensorsTests {
         #expect(error?.description.contains(path) == true && error?.description.contains("exceeds the limit") == true)
     }
 }
+
+@Suite("Snapshot shapes")
+struct SnapshotShapesTests {
+    @Test("a part's dtypes and shapes as JSON (what the store keeps beside a level snapshot); bytes the codec refuses give {}")
+    func shapes() {
+        func container(_ header: String, _ data: [UInt8]) -> Data {
+            withUnsafeBytes(of: UInt64(header.utf8.count).littleEndian) { Data($0) } + Data(header.utf8) + data
+        }
+        let header = #"{"__metadata__": {"format": "x"}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}, "a": {"dtype": "U8", "shape": [2, 2], "data_offsets": [0, 4]}}"#
+        #expect(Safetensors.shapesJSON(container(header, [UInt8](repeating: 0, count: 8)))
+            == #"{"a":{"dtype":"U8","shape":[2,2]},"b":{"dtype":"F32","shape":[1]}}"#)
+        #expect(Safetensors.shapesJSON(container(header, [0, 0])) == "{}")
+        #expect(Safetensors.shapesJSON(Data(repeating: 0xFF, count: 8)) == "{}")
+    }
+}

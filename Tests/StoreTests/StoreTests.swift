@@ -82,18 +82,3 @@ struct StoreTests {
         await db.close()
     }
 }
-
-@Suite("Snapshot shapes")
-struct SnapshotShapesTests {
-    @Test("a snapshot's dtypes and shapes come from Model's codec; bytes it refuses give {}")
-    func shapes() {
-        func container(_ header: String, _ data: [UInt8]) -> Data {
-            withUnsafeBytes(of: UInt64(header.utf8.count).littleEndian) { Data($0) } + Data(header.utf8) + data
-        }
-        let header = #"{"__metadata__": {"format": "x"}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}, "a": {"dtype": "U8", "shape": [2, 2], "data_offsets": [0, 4]}}"#
-        #expect(Database.safetensorsShapes(container(header, [UInt8](repeating: 0, count: 8)))
-            == #"{"a":{"dtype":"U8","shape":[2,2]},"b":{"dtype":"F32","shape":[1]}}"#)
-        #expect(Database.safetensorsShapes(container(header, [0, 0])) == "{}")
-        #expect(Database.safetensorsShapes(Data(repeating: 0xFF, count: 8)) == "{}")
-    }
-}

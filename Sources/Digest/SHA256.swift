@@ -1,4 +1,6 @@
-// SHA256: FIPS 180-4 SHA-256, to check downloaded model files.
+// SHA256: FIPS 180-4 SHA-256 (model file checks, level configuration
+// checksums, API key hashes). A module of its own, so the store can hash keys
+// without linking the model and its kernels.
 
 /// Streaming SHA-256.
 public struct SHA256 {
@@ -79,11 +81,4 @@ public struct SHA256 {
         h[0] &+= a; h[1] &+= b; h[2] &+= c; h[3] &+= d; h[4] &+= e; h[5] &+= f; h[6] &+= g; h[7] &+= hh
     }
 
-    /// SHA-256 of a whole file, hex.
-    public static func hex(ofFile path: String) throws -> String {
-        let f = try MappedFile(path: path)
-        var s = SHA256()
-        s.update(f.bytes)
-        return s.finalizeHex()
-    }
 }
