@@ -103,3 +103,109 @@ public enum Drift {
         }
     }
 }
+
+/// The drift metrics a report ranks by and a policy can bound.
+public enum DriftMetric: String, Sendable, CaseIterable, Codable {
+    case klMean = "kl_mean", klMax = "kl_max", top1Agreement = "top1_agreement"
+    case forgettingPPLRatio = "forgetting_ppl_ratio", personalizationPPLRatio = "personalization_ppl_ratio"
+    case paramNorm = "param_norm", paramChange = "param_change"
+
+    /// Whether lower is the more drifted end (rankings put the most drifted first).
+    public var lowIsDrift: Bool { self == .top1Agreement }
+}
+
+/// One memory version measured against the backbone (the JSON `metrics` object of a drift report).
+public struct DriftMetrics: Codable, Sendable, Equatable {
+    public var version: Int64
+    public var klMean: Double
+    public var klMax: Double
+    public var top1Agreement: Double
+    public var probePositions: Int
+    public var forgettingPPL: Double
+    public var backboneForgettingPPL: Double
+    public var forgettingPPLRatio: Double
+    public var personalizationPPL: Double?
+    public var backbonePersonalizationPPL: Double?
+    public var personalizationPPLRatio: Double?
+    /// Σ over levels of the norms of what they add (see Drift.norms), and per level and layer.
+    public var paramNorm: Double
+    public var levelNorms: [String: [Double]]
+    /// Norm of the change since the previous kept version (nil: none kept).
+    public var paramChange: Double?
+    public var levelChanges: [String: [Double]]?
+    public var tokensLearned: [String: Int]
+    public var updatesApplied: [String: Int]
+    public var updatesRejected: [String: Int]
+    /// Of the rejected steps, those refused by the NaN/Inf guard and by the max_norm guard.
+    public var rejectedNonFinite: [String: Int]
+    public var rejectedNorm: [String: Int]
+    public var consolidations: Int
+    public var jobsApplied: Int64
+    /// Compute time of the measurement.
+    public var seconds: Double
+
+    enum CodingKeys: String, CodingKey {
+        case version, klMean = "kl_mean", klMax = "kl_max", top1Agreement = "top1_agreement", probePositions = "probe_positions"
+        case forgettingPPL = "forgetting_ppl", backboneForgettingPPL = "backbone_forgetting_ppl"
+        case forgettingPPLRatio = "forgetting_ppl_ratio", personalizationPPL = "personalization_ppl"
+        case backbonePersonalizationPPL = "backbone_personalization_ppl", personalizationPPLRatio = "personalization_ppl_ratio"
+        case paramNorm = "param_norm", levelNorms = "level_norms", paramChange = "param_change", levelChanges = "level_changes"
+        case tokensLearned = "tokens_learned", updatesApplied = "updates_applied", updatesRejected = "updates_rejected"
+        case rejectedNonFinite = "rejected_non_finite", rejectedNorm = "rejected_norm"
+        case consolidations, jobsApplied = "jobs_applied", seconds
+    }
+
+    /// The value of one rankable metric (nil: not measured, e.g. no recent text to personalise on).
+    public func value(_ metric: DriftMetric) -> Double? {
+        switch metric {
+        case .klMean: klMean
+        case .klMax: klMax
+        case .top1Agreement: top1Agreement
+        case .forgettingPPLRatio: forgettingPPLRatio
+        case .personalizationPPLRatio: personalizationPPLRatio
+        case .paramNorm: paramNorm
+        case .paramChange: paramChange
+        }
+    }
+}
+
+extension Drift {
+    /// Measures a user's memory version (`learner`; `hasLevels` false: it
+    /// stores no level, so the backbone itself runs) against the backbone:
+    /// behaviour on `probes`, forgetting on `reference` (given the backbone's
+    /// perplexity on it, which callers cache), personalisation on the last
+    /// `personalTokens` of the user's recent text, parameter norms and their
+    /// change from `previous`, and the learner's activity counters. What the
+    /// service's audit stores and the audit benchmark times.
+    public static func measure(model: LlamaModel, learner: LevelLearner, hasLevels: Bool, previous: LevelLearner?,
+                               probes: [[Int]], reference: [Int], backboneReferencePerplexity: Double, personalTokens: Int,
+                               version: Int64, jobsApplied: Int64) throws -> DriftMetrics {
+        let start = ContinuousClock.now
+        let state: LevelState? = hasLevels ? learner.state : nil
+        let b = try behaviour(model: model, probes: probes, state: state)
+        let forgetting = try model.perplexity(tokens: reference, adapter: state).perplexity
+        let personal = Array(learner.recentTokens.joined().suffix(personalTokens))
+        var userPersonal: Double?, basePersonal: Double?
+        if personal.count >= 2 {
+            userPersonal = try model.perplexity(tokens: personal, adapter: state).perplexity
+            basePersonal = try model.perplexity(tokens: personal).perplexity
+        }
+        let names = learner.state.configuration.levels.map(\.name)
+        let levelNorms = norms(learner.state)
+        let changes = previous.map { change(learner.state, from: $0.state) }
+        func total(_ x: [[Double]]) -> Double { x.joined().reduce(0) { $0 + $1 * $1 }.squareRoot() }
+        func byLevel<T>(_ x: [T]) -> [String: T] { Dictionary(uniqueKeysWithValues: zip(names, x)) }
+        let elapsed = ContinuousClock.now - start
+        return DriftMetrics(
+            version: version, klMean: b.klMean, klMax: b.klMax, top1Agreement: b.top1Agreement, probePositions: b.positions,
+            forgettingPPL: forgetting, backboneForgettingPPL: backboneReferencePerplexity,
+            forgettingPPLRatio: forgetting / backboneReferencePerplexity, personalizationPPL: userPersonal,
+            backbonePersonalizationPPL: basePersonal, personalizationPPLRatio: userPersonal.flatMap { u in basePersonal.map { u / $0 } },
+            paramNorm: total(levelNorms), levelNorms: byLevel(levelNorms), paramChange: changes.map(total),
+            levelChanges: changes.map(byLevel), tokensLearned: byLevel(learner.tokenCounters),
+            updatesApplied: byLevel(learner.updatesApplied), updatesRejected: byLevel(learner.updatesRejected),
+            rejectedNonFinite: byLevel(learner.rejectedNonFinite), rejectedNorm: byLevel(learner.rejectedNorm),
+            consolidations: learner.consolidations, jobsApplied: jobsApplied,
+            seconds: Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18)
+    }
+}

@@ -82,7 +82,7 @@ enum AuditPage {
         body += "</table><h2>Recent events</h2><table><tr><th>time</th><th class=\"l\">event</th><th>from</th><th>to</th>"
         body += "<th class=\"l\">actor</th><th class=\"l\">cause</th></tr>"
         for e in events.reversed() {
-            body += "<tr><td>\(AuditController.iso(e.createdAt))</td><td class=\"l\">\(escape(e.event))</td>"
+            body += "<tr><td>\(AuditController.iso(e.createdAt))</td><td class=\"l\">\(escape(e.event.rawValue))</td>"
             body += "<td>\(e.fromVersion.map(String.init) ?? "")</td><td>\(e.toVersion.map(String.init) ?? "")</td>"
             body += "<td class=\"l\">\(escape(e.actor))</td><td class=\"l\">\(escape(e.causeID ?? ""))</td></tr>"
         }

@@ -15,19 +15,13 @@ import Store
 /// A threshold on one audit metric and what to do when it is crossed.
 struct Policy: Codable, Sendable, Equatable {
     enum Action: String, Codable, Sendable { case warn, freeze, rollback }
-    var metric: String
+    var metric: DriftMetric
     /// Crossed when the metric is above `max` or below `min`.
     var max: Double?
     var min: Double?
     var action: Action
 
-    static let metrics = ["kl_mean", "kl_max", "top1_agreement", "forgetting_ppl_ratio", "personalization_ppl_ratio",
-                          "param_norm", "param_change"]
-
     func validate() throws {
-        guard Self.metrics.contains(metric) else {
-            throw APIError.invalid("unknown metric '\(metric)'; one of \(Self.metrics.joined(separator: ", "))", param: "metric")
-        }
         guard (max == nil) != (min == nil) else { throw APIError.invalid("give exactly one of max and min", param: "max") }
         guard (max ?? min!).isFinite else { throw APIError.invalid("the threshold must be a finite number", param: "max") }
     }
@@ -43,69 +37,15 @@ struct Policy: Codable, Sendable, Equatable {
     /// audit test's users best (normally taught 0.095, fed contradicting
     /// corrections 2.56); see README, "Drift audit".
     static let defaults = [
-        Policy(metric: "kl_max", max: 1.0, action: .warn),
-        Policy(metric: "top1_agreement", min: 0.8, action: .warn),
-        Policy(metric: "forgetting_ppl_ratio", max: 1.1, action: .warn),
+        Policy(metric: .klMax, max: 1.0, action: .warn),
+        Policy(metric: .top1Agreement, min: 0.8, action: .warn),
+        Policy(metric: .forgettingPPLRatio, max: 1.1, action: .warn),
     ]
-}
-
-/// One version's drift metrics (the JSON `metrics` object of a report).
-struct DriftMetrics: Codable, Sendable {
-    var version: Int64
-    var klMean: Double
-    var klMax: Double
-    var top1Agreement: Double
-    var probePositions: Int
-    var forgettingPPL: Double
-    var backboneForgettingPPL: Double
-    var forgettingPPLRatio: Double
-    var personalizationPPL: Double?
-    var backbonePersonalizationPPL: Double?
-    var personalizationPPLRatio: Double?
-    /// Σ over levels of the norms of what they add (see Drift.norms), and per level and layer.
-    var paramNorm: Double
-    var levelNorms: [String: [Double]]
-    /// Norm of the change since the previous kept version (nil: none kept).
-    var paramChange: Double?
-    var levelChanges: [String: [Double]]?
-    var tokensLearned: [String: Int]
-    var updatesApplied: [String: Int]
-    var updatesRejected: [String: Int]
-    /// Of the rejected steps, those refused by the NaN/Inf guard and by the max_norm guard.
-    var rejectedNonFinite: [String: Int]
-    var rejectedNorm: [String: Int]
-    var consolidations: Int
-    var jobsApplied: Int64
-    var seconds: Double
-
-    enum CodingKeys: String, CodingKey {
-        case version, klMean = "kl_mean", klMax = "kl_max", top1Agreement = "top1_agreement", probePositions = "probe_positions"
-        case forgettingPPL = "forgetting_ppl", backboneForgettingPPL = "backbone_forgetting_ppl"
-        case forgettingPPLRatio = "forgetting_ppl_ratio", personalizationPPL = "personalization_ppl"
-        case backbonePersonalizationPPL = "backbone_personalization_ppl", personalizationPPLRatio = "personalization_ppl_ratio"
-        case paramNorm = "param_norm", levelNorms = "level_norms", paramChange = "param_change", levelChanges = "level_changes"
-        case tokensLearned = "tokens_learned", updatesApplied = "updates_applied", updatesRejected = "updates_rejected"
-        case rejectedNonFinite = "rejected_non_finite", rejectedNorm = "rejected_norm"
-        case consolidations, jobsApplied = "jobs_applied", seconds
-    }
-
-    func value(_ metric: String) -> Double? {
-        switch metric {
-        case "kl_mean": klMean
-        case "kl_max": klMax
-        case "top1_agreement": top1Agreement
-        case "forgetting_ppl_ratio": forgettingPPLRatio
-        case "personalization_ppl_ratio": personalizationPPLRatio
-        case "param_norm": paramNorm
-        case "param_change": paramChange
-        default: nil
-        }
-    }
 }
 
 /// A crossed policy.
 struct DriftFlag: Codable, Sendable, Equatable {
-    var metric: String
+    var metric: DriftMetric
     var value: Double
     var max: Double?
     var min: Double?
@@ -202,36 +142,11 @@ final class Auditor: @unchecked Sendable {
         let probeTokens = try await probes(tenantID: user.tenantID).map { memory.model.tokenizer.encode($0) }
         let backboneReference = try await backboneReferencePerplexity()
         let metrics = try await memory.compute {
-            let start = ContinuousClock.now
             let learner = try memory.learner(stored)
-            let state: LevelState? = stored.levels.isEmpty ? nil : learner.state
-            let model = memory.model
-            let behaviour = try Drift.behaviour(model: model, probes: probeTokens, state: state)
-            let forgetting = try model.perplexity(tokens: reference, adapter: state).perplexity
-            let personal = Array(learner.recentTokens.joined().suffix(personalTokens))
-            var userPersonal: Double?, basePersonal: Double?
-            if personal.count >= 2 {
-                userPersonal = try model.perplexity(tokens: personal, adapter: state).perplexity
-                basePersonal = try model.perplexity(tokens: personal).perplexity
-            }
-            let names = memory.levels.levels.map(\.name)
-            let norms = Drift.norms(learner.state)
-            var changes: [[Double]]?
-            if let previous { changes = Drift.change(learner.state, from: try memory.learner(previous).state) }
-            func total(_ x: [[Double]]) -> Double { x.joined().reduce(0) { $0 + $1 * $1 }.squareRoot() }
-            func byLevel<T>(_ x: [T]) -> [String: T] { Dictionary(uniqueKeysWithValues: zip(names, x)) }
-            return DriftMetrics(
-                version: stored.version, klMean: behaviour.klMean, klMax: behaviour.klMax, top1Agreement: behaviour.top1Agreement,
-                probePositions: behaviour.positions, forgettingPPL: forgetting, backboneForgettingPPL: backboneReference,
-                forgettingPPLRatio: forgetting / backboneReference, personalizationPPL: userPersonal,
-                backbonePersonalizationPPL: basePersonal,
-                personalizationPPLRatio: userPersonal.flatMap { u in basePersonal.map { u / $0 } },
-                paramNorm: total(norms), levelNorms: byLevel(norms), paramChange: changes.map(total),
-                levelChanges: changes.map(byLevel), tokensLearned: byLevel(learner.tokenCounters),
-                updatesApplied: byLevel(learner.updatesApplied), updatesRejected: byLevel(learner.updatesRejected),
-                rejectedNonFinite: byLevel(learner.rejectedNonFinite), rejectedNorm: byLevel(learner.rejectedNorm),
-                consolidations: learner.consolidations, jobsApplied: stored.jobsApplied,
-                seconds: (ContinuousClock.now - start).seconds)
+            return try Drift.measure(model: memory.model, learner: learner, hasLevels: !stored.levels.isEmpty,
+                                     previous: try previous.map { try memory.learner($0) }, probes: probeTokens,
+                                     reference: reference, backboneReferencePerplexity: backboneReference,
+                                     personalTokens: personalTokens, version: stored.version, jobsApplied: stored.jobsApplied)
         }
         let flags = try await policies(tenantID: user.tenantID).compactMap { p -> DriftFlag? in
             guard let v = metrics.value(p.metric), p.crossed(by: v) else { return nil }
@@ -247,8 +162,8 @@ final class Auditor: @unchecked Sendable {
     func act(on flags: [DriftFlag], user: User, version: Int64, actor: String) async throws {
         guard !flags.isEmpty else { return }
         let detail = try Self.json(flags)
-        try await store.recordAudit(userID: user.id, event: "warn", from: version, to: version, actor: actor,
-                                       causeID: flags.map(\.metric).joined(separator: ","), detail: "{\"flags\": \(detail)}")
+        try await store.recordAudit(userID: user.id, event: .warn, from: version, to: version, actor: actor,
+                                       causeID: flags.map(\.metric.rawValue).joined(separator: ","), detail: "{\"flags\": \(detail)}")
         if flags.contains(where: { $0.action == .freeze }) {
             try await store.setFrozen(userID: user.id, true, actor: actor, causeID: "version \(version)",
                                          detail: "{\"flags\": \(detail)}")

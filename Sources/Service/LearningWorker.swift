@@ -68,7 +68,7 @@ final class LearningWorker: Sendable {
                     try learner.learn(tokens: job.tokens, learnable: job.learnable)
                     let changed = learner.updatesApplied.indices.filter { learner.updatesApplied[$0] != before[$0] }
                     changes.append(changed.isEmpty ? nil : try memory.change(
-                        learner, changed: changed, cause: job.kind == "feedback" ? "feedback" : "learning",
+                        learner, changed: changed, cause: job.kind.cause,
                         causeID: job.sourceID?.uuidString.lowercased(), actor: job.actor))
                 }
                 final.set(user: user.id, tenant: user.tenantID, state: learner.state, changed: changes.contains { $0 != nil })

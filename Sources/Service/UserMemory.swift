@@ -138,7 +138,7 @@ final class UserMemory: Sendable {
 
     /// A change writing the `changed` levels' parts of `learner` (and
     /// marking the `fresh` ones fresh) and its learner part.
-    func change(_ learner: LevelLearner, changed: [Int], fresh: [Int] = [], cause: String, causeID: String?,
+    func change(_ learner: LevelLearner, changed: [Int], fresh: [Int] = [], cause: MemoryCause, causeID: String?,
                 actor: String) throws -> MemoryChange {
         var parts: [String: Data?] = [:], shapes: [String: String] = [:]
         for l in changed {

@@ -26,16 +26,16 @@ extension Database {
     }
 
     /// Records an audit event of the user (in the caller's transaction).
-    static func audit(_ tx: PostgresConnection, userID: Int64, event: String, from: Int64?, to: Int64?, actor: String,
+    static func audit(_ tx: PostgresConnection, userID: Int64, event: AuditEventKind, from: Int64?, to: Int64?, actor: String,
                       causeID: String?, detail: String = "{}", logger: Logger) async throws {
         try await tx.query("""
             INSERT INTO audit_events (tenant_id, user_id, event, from_version, to_version, actor, cause_id, detail)
-            SELECT tenant_id, id, \(event), \(from), \(to), \(actor), \(causeID), \(detail)::jsonb FROM users WHERE id = \(userID)
+            SELECT tenant_id, id, \(event.rawValue), \(from), \(to), \(actor), \(causeID), \(detail)::jsonb FROM users WHERE id = \(userID)
             """, logger: logger)
     }
 
     /// Records an audit event of the user in a transaction of its own.
-    public func recordAudit(userID: Int64, event: String, from: Int64?, to: Int64?, actor: String, causeID: String? = nil,
+    public func recordAudit(userID: Int64, event: AuditEventKind, from: Int64?, to: Int64?, actor: String, causeID: String? = nil,
                             detail: String = "{}") async throws {
         try await transaction { tx in
             try await Self.audit(tx, userID: userID, event: event, from: from, to: to, actor: actor, causeID: causeID,
@@ -69,7 +69,8 @@ extension Database {
         var out: [AuditEvent] = []
         for try await r in try await client.query(PostgresQuery(unsafeSQL: sql, binds: binds), logger: logger)
             .decode((Int64, Int64?, String, Int64?, Int64?, String, String?, String, Date).self) {
-            out.append(AuditEvent(id: r.0, userID: r.1, event: r.2, fromVersion: r.3, toVersion: r.4, actor: r.5, causeID: r.6,
+            guard let event = AuditEventKind(rawValue: r.2) else { throw Failure(description: "audit event \(r.0) has an unknown kind '\(r.2)'") }
+            out.append(AuditEvent(id: r.0, userID: r.1, event: event, fromVersion: r.3, toVersion: r.4, actor: r.5, causeID: r.6,
                                   detail: r.7, createdAt: r.8))
         }
         return out
@@ -184,7 +185,7 @@ extension Database {
                 UPDATE users SET frozen = \(frozen) WHERE id = \(userID) AND frozen <> \(frozen) RETURNING id
                 """, logger: self.logger).decode(Int64.self) { changed = true }
             if changed {
-                try await Self.audit(tx, userID: userID, event: frozen ? "freeze" : "unfreeze", from: nil, to: nil, actor: actor,
+                try await Self.audit(tx, userID: userID, event: frozen ? .freeze : .unfreeze, from: nil, to: nil, actor: actor,
                                      causeID: causeID, detail: detail, logger: self.logger)
             }
             return changed

@@ -20,7 +20,8 @@ extension Database {
             """, logger: logger)
         var out: [MemoryVersion] = []
         for try await r in rows.decode((Int64, Int64?, String, String, String?, String, Date).self) {
-            out.append(MemoryVersion(version: r.0, parent: r.1, levels: try Self.levelMap(r.2), cause: r.3, causeID: r.4,
+            guard let cause = MemoryCause(rawValue: r.3) else { throw Failure(description: "version \(r.0) of user \(userID) has an unknown cause '\(r.3)'") }
+            out.append(MemoryVersion(version: r.0, parent: r.1, levels: try Self.levelMap(r.2), cause: cause, causeID: r.4,
                                      actor: r.5, createdAt: r.6))
         }
         return out
@@ -100,11 +101,11 @@ extension Database {
 
     /// Inserts version `version` (levels: JSON map of level name to snapshot id)
     /// and makes it, with its learner part, the user's current one.
-    static func commitVersion(userID: Int64, version: Int64, parent: Int64, levels: String, learner: Data?, cause: String,
+    static func commitVersion(userID: Int64, version: Int64, parent: Int64, levels: String, learner: Data?, cause: MemoryCause,
                               causeID: String?, actor: String, tx: PostgresConnection, logger: Logger) async throws {
         try await tx.query("""
             INSERT INTO memory_versions (user_id, version, parent, levels, learner, cause, cause_id, actor)
-            VALUES (\(userID), \(version), \(parent), \(levels)::jsonb, \(learner), \(cause), \(causeID), \(actor))
+            VALUES (\(userID), \(version), \(parent), \(levels)::jsonb, \(learner), \(cause.rawValue), \(causeID), \(actor))
             """, logger: logger)
         try await tx.query("UPDATE users SET version = \(version), learner = \(learner) WHERE id = \(userID)", logger: logger)
     }
@@ -151,7 +152,7 @@ extension Database {
                 : []
             let next = try await Self.apply(change, after: (current.version, current.levelIDs), userID: userID, tx: tx,
                                             logger: self.logger)
-            try await Self.audit(tx, userID: userID, event: change.cause, from: current.version, to: next.version, actor: change.actor,
+            try await Self.audit(tx, userID: userID, event: AuditEventKind(change.cause) ?? .learning, from: current.version, to: next.version, actor: change.actor,
                                  causeID: change.causeID, logger: self.logger)
             try await Self.prune(userID: userID, keep: keep, tx: tx, logger: self.logger)
             return MemoryMutation(version: next.version, cancelledJobs: cancelled)
@@ -162,7 +163,7 @@ extension Database {
     /// which holds the user's row lock, so no round is applying them), with a
     /// `learning_cancelled` audit event naming them and the operation that
     /// cancelled them. Returns their ids.
-    static func cancelQueued(userID: Int64, version: Int64, cause: String, actor: String, tx: PostgresConnection,
+    static func cancelQueued(userID: Int64, version: Int64, cause: MemoryCause, actor: String, tx: PostgresConnection,
                              logger: Logger) async throws -> [Int64] {
         var ids: [Int64] = []
         for try await id in try await tx.query("""
@@ -171,9 +172,9 @@ extension Database {
             """, logger: logger).decode(Int64.self) { ids.append(id) }
         guard !ids.isEmpty else { return [] }
         ids.sort()
-        let detail = String(decoding: try JSONSerialization.data(withJSONObject: ["job_ids": ids, "by": cause] as [String: Any],
+        let detail = String(decoding: try JSONSerialization.data(withJSONObject: ["job_ids": ids, "by": cause.rawValue] as [String: Any],
                                                                  options: [.sortedKeys]), as: UTF8.self)
-        try await audit(tx, userID: userID, event: "learning_cancelled", from: version, to: version, actor: actor, causeID: cause,
+        try await audit(tx, userID: userID, event: .learningCancelled, from: version, to: version, actor: actor, causeID: cause.rawValue,
                         detail: detail, logger: logger)
         return ids
     }
@@ -208,10 +209,10 @@ extension Database {
                     guard levels[name] != nil else { throw Failure(description: "level snapshot \(snapshot) of user \(source.id) is missing") }
                 }
                 try await Self.commitVersion(userID: id, version: 1, parent: 0, levels: Self.levelJSON(levels), learner: memory.learner,
-                                             cause: "fork", causeID: "\(source.name)@\(memory.version)", actor: actor, tx: tx,
+                                             cause: .fork, causeID: "\(source.name)@\(memory.version)", actor: actor, tx: tx,
                                              logger: self.logger)
             }
-            try await Self.audit(tx, userID: id, event: "fork", from: nil, to: copied ? 1 : 0,
+            try await Self.audit(tx, userID: id, event: .fork, from: nil, to: copied ? 1 : 0,
                                  actor: actor, causeID: "\(source.name)@\(memory.version)", logger: self.logger)
         }
         guard let user = try await user(tenantID: source.tenantID, name: targetName) else {
@@ -242,13 +243,13 @@ extension Database {
                 """, logger: self.logger).decode((String, Data?).self) { target = r }
             guard let (levels, learner) = target else { return .notKept }
             let cancelled = cancelQueued
-                ? try await Self.cancelQueued(userID: userID, version: current, cause: "rollback", actor: actor, tx: tx,
+                ? try await Self.cancelQueued(userID: userID, version: current, cause: .rollback, actor: actor, tx: tx,
                                               logger: self.logger)
                 : []
             let next = current + 1
             try await Self.commitVersion(userID: userID, version: next, parent: current, levels: levels, learner: learner,
-                                         cause: "rollback", causeID: String(version), actor: actor, tx: tx, logger: self.logger)
-            try await Self.audit(tx, userID: userID, event: "rollback", from: current, to: next, actor: actor,
+                                         cause: .rollback, causeID: String(version), actor: actor, tx: tx, logger: self.logger)
+            try await Self.audit(tx, userID: userID, event: .rollback, from: current, to: next, actor: actor,
                                  causeID: String(version), detail: "{\"restored\": \(version)}", logger: self.logger)
             try await Self.prune(userID: userID, keep: keep, tx: tx, logger: self.logger)
             return .rolledBack(MemoryMutation(version: next, cancelledJobs: cancelled))

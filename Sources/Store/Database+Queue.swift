@@ -21,15 +21,15 @@ extension Database {
                 VALUES (\(id), \(userID), \(memoryVersion), \(prompt.map(Int32.init)), \(completion.map(Int32.init)))
                 """, logger: logger)
             guard let job else { return nil }
-            return try await Self.enqueue(job, kind: "generation", source: id, userID: userID, actor: actor, tx: tx, logger: logger)
+            return try await Self.enqueue(job, kind: .generation, source: id, userID: userID, actor: actor, tx: tx, logger: logger)
         }
     }
 
-    static func enqueue(_ job: LearningRequest, kind: String, source: UUID, userID: Int64, actor: String,
+    static func enqueue(_ job: LearningRequest, kind: JobKind, source: UUID, userID: Int64, actor: String,
                         tx: PostgresConnection, logger: Logger) async throws -> Int64 {
         for try await jobID in try await tx.query("""
             INSERT INTO learning_jobs (user_id, kind, source_id, tokens, learnable, actor)
-            VALUES (\(userID), \(kind), \(source), \(job.tokens.map(Int32.init)), \(job.learnable), \(actor)) RETURNING id
+            VALUES (\(userID), \(kind.rawValue), \(source), \(job.tokens.map(Int32.init)), \(job.learnable), \(actor)) RETURNING id
             """, logger: logger).decode(Int64.self) {
             return jobID
         }
@@ -60,7 +60,7 @@ extension Database {
                 VALUES (\(id), \(generation.userID), \(generation.id), \(rating), \(correction), \(actor))
                 """, logger: logger)
             guard let job else { return (id, nil) }
-            return (id, try await Self.enqueue(job, kind: "feedback", source: id, userID: generation.userID, actor: actor,
+            return (id, try await Self.enqueue(job, kind: .feedback, source: id, userID: generation.userID, actor: actor,
                                                tx: tx, logger: logger))
         }
     }
@@ -132,7 +132,8 @@ extension Database {
                 SELECT id, kind, source_id, tokens, learnable, actor FROM learning_jobs
                 WHERE user_id = \(user.id) AND state = 'queued' ORDER BY id LIMIT \(limit)
                 """, logger: self.logger).decode((Int64, String, UUID?, [Int32], [Bool], String).self) {
-                jobs.append(LearningJob(id: r.0, kind: r.1, sourceID: r.2, tokens: r.3.map(Int.init), learnable: r.4, actor: r.5))
+                guard let kind = JobKind(rawValue: r.1) else { throw Failure(description: "learning job \(r.0) has an unknown kind '\(r.1)'") }
+                jobs.append(LearningJob(id: r.0, kind: kind, sourceID: r.2, tokens: r.3.map(Int.init), learnable: r.4, actor: r.5))
             }
             guard !jobs.isEmpty,
                   let memory = try await Self.memory(tx, userID: user.id, version: nil, withLearner: true, logger: self.logger)
@@ -152,7 +153,7 @@ extension Database {
                 let detail = String(decoding: try JSONSerialization.data(
                     withJSONObject: ["job_ids": ids, "reason": failure.reason] as [String: Any], options: [.sortedKeys]),
                                     as: UTF8.self)
-                try await Self.audit(tx, userID: user.id, event: "learning_failed", from: current.version, to: current.version,
+                try await Self.audit(tx, userID: user.id, event: .learningFailed, from: current.version, to: current.version,
                                      actor: "system", causeID: nil, detail: detail, logger: self.logger)
                 self.logger.error("learning jobs \(ids) of user \(user.id) failed: \(failure.reason)")
                 return ([], (jobs, failure.reason))
@@ -162,7 +163,7 @@ extension Database {
             for (job, change) in zip(jobs, outcome.changes) {
                 let from = current.version
                 if let change { current = try await Self.apply(change, after: current, userID: user.id, tx: tx, logger: self.logger) }
-                try await Self.audit(tx, userID: user.id, event: job.kind == "feedback" ? "feedback" : "learning", from: from,
+                try await Self.audit(tx, userID: user.id, event: AuditEventKind(job.kind.cause) ?? .learning, from: from,
                                      to: current.version, actor: job.actor, causeID: job.sourceID?.uuidString.lowercased(),
                                      detail: "{\"job_id\": \(job.id), \"learnable_tokens\": \(job.learnable.dropFirst().filter { $0 }.count)}",
                                      logger: self.logger)

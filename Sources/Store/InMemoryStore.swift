@@ -158,7 +158,7 @@ public final class InMemoryStore: ContinuumStore {
             s.jobs = s.jobs.filter { $0.value.userID != id }
             s.events.removeAll { $0.event.userID == id }
             s.reports[id] = nil
-            s.events.append((tenantID, AuditEvent(id: s.id(), userID: nil, event: "erase", fromVersion: row.user.version, toVersion: nil,
+            s.events.append((tenantID, AuditEvent(id: s.id(), userID: nil, event: .erase, fromVersion: row.user.version, toVersion: nil,
                                                   actor: actor, causeID: nil, detail: "{\"user_id\": \(id)}", createdAt: Date())))
             return true
         } }
@@ -184,7 +184,7 @@ public final class InMemoryStore: ContinuumStore {
             let cancelled = cancelQueued
                 ? s.cancelQueued(userID: userID, version: current.version, cause: change.cause, actor: change.actor) : []
             let next = s.apply(change, after: (current.version, current.levelIDs), userID: userID)
-            s.audit(userID: userID, event: change.cause, from: current.version, to: next.version, actor: change.actor,
+            s.audit(userID: userID, event: AuditEventKind(change.cause) ?? .learning, from: current.version, to: next.version, actor: change.actor,
                     causeID: change.causeID)
             s.prune(userID: userID, keep: keep)
             return MemoryMutation(version: next.version, cancelledJobs: cancelled)
@@ -199,11 +199,11 @@ public final class InMemoryStore: ContinuumStore {
             if let ifCurrent, ifCurrent != current { return .moved(current: current) }
             guard let target = s.versions[userID]?[version] else { return .notKept }
             let learner = version == current ? s.users[userID]?.learner : target.learner
-            let cancelled = cancelQueued ? s.cancelQueued(userID: userID, version: current, cause: "rollback", actor: actor) : []
+            let cancelled = cancelQueued ? s.cancelQueued(userID: userID, version: current, cause: .rollback, actor: actor) : []
             let next = current + 1
             s.commitVersion(userID: userID, version: next, parent: current, levels: target.version.levels, learner: learner,
-                            cause: "rollback", causeID: String(version), actor: actor)
-            s.audit(userID: userID, event: "rollback", from: current, to: next, actor: actor, causeID: String(version),
+                            cause: .rollback, causeID: String(version), actor: actor)
+            s.audit(userID: userID, event: .rollback, from: current, to: next, actor: actor, causeID: String(version),
                     detail: "{\"restored\": \(version)}")
             s.prune(userID: userID, keep: keep)
             return .rolledBack(MemoryMutation(version: next, cancelledJobs: cancelled))
@@ -225,11 +225,11 @@ public final class InMemoryStore: ContinuumStore {
             s.insertCreatedVersion(userID: id, actor: actor)
             let copied = !memory.levels.isEmpty || memory.learner != nil
             if copied {
-                let change = MemoryChange(levels: memory.levels.mapValues { Optional($0) }, learner: memory.learner, cause: "fork",
+                let change = MemoryChange(levels: memory.levels.mapValues { Optional($0) }, learner: memory.learner, cause: .fork,
                                           causeID: "\(source.name)@\(memory.version)", actor: actor)
                 _ = s.apply(change, after: (0, [:]), userID: id)
             }
-            s.audit(userID: id, event: "fork", from: nil, to: copied ? 1 : 0, actor: actor, causeID: "\(source.name)@\(memory.version)")
+            s.audit(userID: id, event: .fork, from: nil, to: copied ? 1 : 0, actor: actor, causeID: "\(source.name)@\(memory.version)")
             return id
         }
         guard let user = try await user(id: forked, tenantID: source.tenantID) else {
@@ -247,7 +247,7 @@ public final class InMemoryStore: ContinuumStore {
             s.generations[id] = GenerationRow(generation: StoredGeneration(id: id, userID: userID, memoryVersion: memoryVersion,
                                                                            promptTokens: prompt, completionTokens: completion),
                                               createdAt: Date())
-            return job.map { s.enqueue($0, kind: "generation", source: id, userID: userID, actor: actor) }
+            return job.map { s.enqueue($0, kind: .generation, source: id, userID: userID, actor: actor) }
         }
     }
 
@@ -264,7 +264,7 @@ public final class InMemoryStore: ContinuumStore {
             guard s.generations[generation.id] != nil else { throw Database.Failure(description: "generation \(generation.id) is gone") }
             let id = UUID()
             s.feedback[id] = (generation.userID, generation.id, Date())
-            return (id, job.map { s.enqueue($0, kind: "feedback", source: id, userID: generation.userID, actor: actor) })
+            return (id, job.map { s.enqueue($0, kind: .feedback, source: id, userID: generation.userID, actor: actor) })
         }
     }
 
@@ -336,7 +336,7 @@ public final class InMemoryStore: ContinuumStore {
                 let detail = String(decoding: (try? JSONSerialization.data(
                     withJSONObject: ["job_ids": jobs.map(\.id), "reason": failure.reason] as [String: Any], options: [.sortedKeys]))
                     ?? Data("{}".utf8), as: UTF8.self)
-                s.audit(userID: userID, event: "learning_failed", from: memory.version, to: memory.version, actor: "system",
+                s.audit(userID: userID, event: .learningFailed, from: memory.version, to: memory.version, actor: "system",
                         causeID: nil, detail: detail)
             }
             failed?(jobs, failure.reason)
@@ -350,7 +350,7 @@ public final class InMemoryStore: ContinuumStore {
             for (job, change) in zip(jobs, outcome.changes) {
                 let from = current.version
                 if let change { current = s.apply(change, after: current, userID: userID) }
-                s.audit(userID: userID, event: job.kind == "feedback" ? "feedback" : "learning", from: from, to: current.version,
+                s.audit(userID: userID, event: AuditEventKind(job.kind.cause) ?? .learning, from: from, to: current.version,
                         actor: job.actor, causeID: job.sourceID?.uuidString.lowercased(),
                         detail: "{\"job_id\": \(job.id), \"learnable_tokens\": \(job.learnable.dropFirst().filter { $0 }.count)}")
                 let now = Date()
@@ -372,7 +372,7 @@ public final class InMemoryStore: ContinuumStore {
 
     // MARK: The drift audit
 
-    public func recordAudit(userID: Int64, event: String, from: Int64?, to: Int64?, actor: String, causeID: String?,
+    public func recordAudit(userID: Int64, event: AuditEventKind, from: Int64?, to: Int64?, actor: String, causeID: String?,
                             detail: String) async throws {
         state.withLock { $0.audit(userID: userID, event: event, from: from, to: to, actor: actor, causeID: causeID, detail: detail) }
     }
@@ -456,7 +456,7 @@ public final class InMemoryStore: ContinuumStore {
             guard let u = s.users[userID]?.user, u.frozen != frozen else { return false }
             s.users[userID]?.user = User(id: u.id, tenantID: u.tenantID, name: u.name, version: u.version, jobsApplied: u.jobsApplied,
                                          learning: u.learning, frozen: frozen, createdAt: u.createdAt)
-            s.audit(userID: userID, event: frozen ? "freeze" : "unfreeze", from: nil, to: nil, actor: actor, causeID: causeID,
+            s.audit(userID: userID, event: frozen ? .freeze : .unfreeze, from: nil, to: nil, actor: actor, causeID: causeID,
                     detail: detail)
             return true
         }
@@ -524,7 +524,7 @@ extension InMemoryStore.State {
     }
 
     mutating func insertCreatedVersion(userID: Int64, actor: String) {
-        versions[userID, default: [:]][0] = .init(version: MemoryVersion(version: 0, parent: nil, levels: [:], cause: "created",
+        versions[userID, default: [:]][0] = .init(version: MemoryVersion(version: 0, parent: nil, levels: [:], cause: .created,
                                                                         causeID: nil, actor: actor, createdAt: Date()), learner: nil)
     }
 
@@ -544,7 +544,7 @@ extension InMemoryStore.State {
         return (version, levels)
     }
 
-    mutating func commitVersion(userID: Int64, version: Int64, parent: Int64, levels: [String: Int64], learner: Data?, cause: String,
+    mutating func commitVersion(userID: Int64, version: Int64, parent: Int64, levels: [String: Int64], learner: Data?, cause: MemoryCause,
                                 causeID: String?, actor: String) {
         versions[userID, default: [:]][version] = .init(version: MemoryVersion(version: version, parent: parent, levels: levels,
                                                                               cause: cause, causeID: causeID, actor: actor,
@@ -564,26 +564,26 @@ extension InMemoryStore.State {
         snapshots = snapshots.filter { $0.value.user != userID || named.contains($0.key) }
     }
 
-    mutating func cancelQueued(userID: Int64, version: Int64, cause: String, actor: String) -> [Int64] {
+    mutating func cancelQueued(userID: Int64, version: Int64, cause: MemoryCause, actor: String) -> [Int64] {
         let ids = jobs.values.filter { $0.userID == userID && $0.state == .queued }.map(\.job.id).sorted()
         guard !ids.isEmpty else { return [] }
         for id in ids {
             jobs[id]?.state = .cancelled
             jobs[id]?.finishedAt = Date()
         }
-        audit(userID: userID, event: "learning_cancelled", from: version, to: version, actor: actor, causeID: cause,
-              detail: "{\"by\": \"\(cause)\", \"job_ids\": [\(ids.map(String.init).joined(separator: ", "))]}")
+        audit(userID: userID, event: .learningCancelled, from: version, to: version, actor: actor, causeID: cause.rawValue,
+              detail: "{\"by\": \"\(cause.rawValue)\", \"job_ids\": [\(ids.map(String.init).joined(separator: ", "))]}")
         return ids
     }
 
-    mutating func enqueue(_ job: LearningRequest, kind: String, source: UUID, userID: Int64, actor: String) -> Int64 {
+    mutating func enqueue(_ job: LearningRequest, kind: JobKind, source: UUID, userID: Int64, actor: String) -> Int64 {
         let id = self.id()
         jobs[id] = .init(job: LearningJob(id: id, kind: kind, sourceID: source, tokens: job.tokens, learnable: job.learnable, actor: actor),
                          userID: userID, state: .queued, appliedVersion: nil, createdAt: Date(), finishedAt: nil)
         return id
     }
 
-    mutating func audit(userID: Int64, event: String, from: Int64?, to: Int64?, actor: String, causeID: String?,
+    mutating func audit(userID: Int64, event: AuditEventKind, from: Int64?, to: Int64?, actor: String, causeID: String?,
                         detail: String = "{}") {
         guard let tenant = users[userID]?.user.tenantID else { return }
         events.append((tenant, AuditEvent(id: id(), userID: userID, event: event, fromVersion: from, toVersion: to, actor: actor,

@@ -80,7 +80,7 @@ public protocol LearningQueue: Sendable {
 
 /// The drift audit: events, reports, tenant settings, freezing.
 public protocol AuditStore: Sendable {
-    func recordAudit(userID: Int64, event: String, from: Int64?, to: Int64?, actor: String, causeID: String?,
+    func recordAudit(userID: Int64, event: AuditEventKind, from: Int64?, to: Int64?, actor: String, causeID: String?,
                      detail: String) async throws
     /// The user's events in order within [since, until), the newest `limit`.
     func auditEvents(userID: Int64, since: Date?, until: Date?, limit: Int) async throws -> [AuditEvent]
@@ -133,7 +133,7 @@ extension MemoryStore {
 }
 
 extension AuditStore {
-    public func recordAudit(userID: Int64, event: String, from: Int64?, to: Int64?, actor: String) async throws {
+    public func recordAudit(userID: Int64, event: AuditEventKind, from: Int64?, to: Int64?, actor: String) async throws {
         try await recordAudit(userID: userID, event: event, from: from, to: to, actor: actor, causeID: nil, detail: "{}")
     }
     public func auditEvents(userID: Int64, limit: Int = 1000) async throws -> [AuditEvent] {

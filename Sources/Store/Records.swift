@@ -24,14 +24,41 @@ public struct User: Sendable, Equatable {
     public var learns: Bool { learning && !frozen }
 }
 
+/// What made a memory version.
+public enum MemoryCause: String, Sendable, CaseIterable, Codable {
+    case created, learning, feedback, reset, fork, rollback, consolidate, `import`
+}
+
+/// Where a learning job came from: a generation's user text, or feedback on one.
+public enum JobKind: String, Sendable, CaseIterable {
+    case generation, feedback
+
+    /// The cause of the version a job of this kind makes.
+    public var cause: MemoryCause { self == .feedback ? .feedback : .learning }
+}
+
+/// What an audit event records: a change of a memory (by its cause), a job
+/// that failed or was cancelled, an erasure's tombstone, a policy's action.
+public enum AuditEventKind: String, Sendable, CaseIterable, Codable {
+    case learning, feedback, reset, fork, rollback, consolidate, `import`
+    case learningFailed = "learning_failed", learningCancelled = "learning_cancelled"
+    case erase, freeze, unfreeze, warn
+
+    /// The event of a memory change made for `cause` (version 0 is not an event).
+    public init?(_ cause: MemoryCause) {
+        guard cause != .created else { return nil }
+        self.init(rawValue: cause.rawValue)
+    }
+}
+
 /// One version of a user's memory.
 public struct MemoryVersion: Sendable, Equatable {
     public let version: Int64
     public let parent: Int64?
     /// Snapshot id per level that differs from a fresh level.
     public let levels: [String: Int64]
-    /// What made it: created, learning, feedback, reset, fork, rollback, consolidate.
-    public let cause: String
+    /// What made it.
+    public let cause: MemoryCause
     /// The generation or feedback id, or the source of a fork or rollback.
     public let causeID: String?
     /// Who: "key:<id>" of the API key whose request caused it, or "operator".
@@ -62,11 +89,11 @@ public struct MemoryChange: Sendable {
     public var shapes: [String: String]
     /// The learner part after the change (nil: fresh).
     public var learner: Data?
-    public var cause: String
+    public var cause: MemoryCause
     public var causeID: String?
     public var actor: String
 
-    public init(levels: [String: Data?], shapes: [String: String] = [:], learner: Data?, cause: String, causeID: String? = nil,
+    public init(levels: [String: Data?], shapes: [String: String] = [:], learner: Data?, cause: MemoryCause, causeID: String? = nil,
                 actor: String) {
         self.levels = levels
         self.shapes = shapes
@@ -94,8 +121,7 @@ public struct MemoryMutation: Sendable, Equatable {
 /// A queued learning job.
 public struct LearningJob: Sendable, Equatable {
     public let id: Int64
-    /// generation or feedback
-    public let kind: String
+    public let kind: JobKind
     public let sourceID: UUID?
     public let tokens: [Int]
     public let learnable: [Bool]
@@ -203,8 +229,7 @@ public struct AuditEvent: Sendable, Equatable {
     public let id: Int64
     /// Nil for an erased user's tombstone.
     public let userID: Int64?
-    /// learning, feedback, reset, fork, rollback, consolidate, import, erase, freeze, unfreeze, warn
-    public let event: String
+    public let event: AuditEventKind
     public let fromVersion: Int64?
     public let toVersion: Int64?
     public let actor: String

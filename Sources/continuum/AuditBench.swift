@@ -52,13 +52,13 @@ struct BenchAudit: ParsableCommand {
         }
         func median(_ x: [Double]) -> Double { x.sorted()[x.count / 2] }
 
-        // One audit's parts, on a user who has learned the turns.
+        // One audit: the server's measurement (Drift.measure, as the Auditor calls it, with the
+        // backbone's reference perplexity computed once and cached as the Auditor does).
+        let backboneReference = try model.perplexity(tokens: referenceTokens).perplexity
         func audit(_ learner: LevelLearner, probes: [[Int]]) throws {
-            _ = try Drift.behaviour(model: model, probes: probes, state: learner.state)
-            _ = try model.perplexity(tokens: referenceTokens, adapter: learner.state)
-            let personal = Array(learner.recentTokens.joined().suffix(personalTokens))
-            _ = try model.perplexity(tokens: personal, adapter: learner.state)
-            _ = try model.perplexity(tokens: personal)
+            _ = try Drift.measure(model: model, learner: learner, hasLevels: true, previous: nil, probes: probes,
+                                  reference: referenceTokens, backboneReferencePerplexity: backboneReference,
+                                  personalTokens: personalTokens, version: 1, jobsApplied: 0)
         }
 
         // Learning without audits.
@@ -67,7 +67,7 @@ struct BenchAudit: ParsableCommand {
         log(String(format: "learned %d jobs in %.1f s without audits", turns.count, off))
 
         print("Audit cost by probe-set size (defaults' levels after \(turns.count) learned turns; reference \(referenceTokens.count) tokens, personal \(personalTokens) tokens; median of \(repeats)):")
-        print("| probes | positions | behaviour (KL, top-1) ms | forgetting ms | personalisation ms | whole audit ms |")
+        print("| probes | positions | behaviour (KL, top-1) ms | forgetting ms | personalisation ms | whole audit (Drift.measure) ms |")
         print("|---|---|---|---|---|---|")
         let forgetting = median(try (0..<repeats).map { _ in try seconds { _ = try model.perplexity(tokens: referenceTokens, adapter: plain.state) } })
         let personal = Array(plain.recentTokens.joined().suffix(personalTokens))
@@ -82,8 +82,9 @@ struct BenchAudit: ParsableCommand {
             let behaviour = median(try (0..<repeats).map { _ in
                 try seconds { _ = try Drift.behaviour(model: model, probes: set, state: plain.state) }
             })
+            let whole = median(try (0..<repeats).map { _ in try seconds { try audit(plain, probes: set) } })
             print(String(format: "| %d | %d | %.0f | %.0f | %.0f | %.0f |", n, set.reduce(0) { $0 + $1.count }, behaviour * 1000,
-                         forgetting * 1000, personalisation * 1000, (behaviour + forgetting + personalisation) * 1000))
+                         forgetting * 1000, personalisation * 1000, whole * 1000))
         }
 
         // Learning with an audit after every version change (audit_interval_seconds 0), the default probe set.

@@ -3,6 +3,7 @@
 // the same as JSON, CSV and HTML).
 import ArgumentParser
 import Foundation
+import Memory
 import Store
 
 struct Audit: AsyncParsableCommand {
@@ -17,8 +18,15 @@ struct Audit: AsyncParsableCommand {
     @Option(help: "One user: their audited versions and recent events.")
     var user: String?
 
-    @Option(help: "Rank by this metric: kl_mean, kl_max, top1_agreement, forgetting_ppl_ratio, personalization_ppl_ratio, param_norm, param_change.")
-    var metric = "kl_mean"
+    @Option(help: ArgumentHelp("Rank by this metric: \(DriftMetric.allCases.map(\.rawValue).joined(separator: ", ")).",
+                               valueName: "metric"))
+    var metric = DriftMetric.klMean.rawValue
+
+    func validate() throws {
+        guard DriftMetric(rawValue: metric) != nil else {
+            throw ValidationError("--metric must be one of \(DriftMetric.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+    }
 
     @Flag(help: "Only users whose latest report has flags.")
     var flagged = false
@@ -68,7 +76,7 @@ struct Audit: AsyncParsableCommand {
                 })
                 print("")
                 Self.table(["time", "event", "from", "to", "actor", "cause"], try await db.auditEvents(userID: u.id, limit: limit).map { e in
-                    [ISO8601DateFormatter().string(from: e.createdAt), e.event, e.fromVersion.map(String.init) ?? "",
+                    [ISO8601DateFormatter().string(from: e.createdAt), e.event.rawValue, e.fromVersion.map(String.init) ?? "",
                      e.toVersion.map(String.init) ?? "", e.actor, e.causeID ?? ""]
                 })
                 return
@@ -76,7 +84,7 @@ struct Audit: AsyncParsableCommand {
             let since = days.map { Date(timeIntervalSinceNow: -$0 * 86400) }
             let ranked: [RankedDrift]
             do {
-                ranked = try await db.rankedDrift(tenantID: t.id, metric: metric, ascending: metric == "top1_agreement",
+                ranked = try await db.rankedDrift(tenantID: t.id, metric: metric, ascending: DriftMetric(rawValue: metric)?.lowIsDrift ?? false,
                                                   flaggedOnly: flagged, since: since, limit: limit)
             } catch let e as Database.Failure { throw ValidationError(e.description) }
             Self.table(["rank", "user", "version", "state"] + Self.columns + ["flags"], ranked.enumerated().map { i, r in

@@ -111,7 +111,7 @@ struct AuditTests {
             #expect(normal["passed"] as? Bool == true && normal["frozen"] as? Bool == false, "\(nm)")
             // …and within every default policy too.
             for p in Policy.defaults {
-                let value = try #require(nm[p.metric] as? Double)
+                let value = try #require(nm[p.metric.rawValue] as? Double)
                 #expect(!p.crossed(by: value), "\(p.metric) \(value)")
             }
 
@@ -146,7 +146,7 @@ struct AuditTests {
 
     /// The default kl_max threshold, with an action: normal teaching stays far below it, the poison
     /// crosses it (measured with the test levels: kl_max 0.095 vs 2.56).
-    static let klThreshold = Policy.defaults.first { $0.metric == "kl_max" }!.max!
+    static let klThreshold = Policy.defaults.first { $0.metric == .klMax }!.max!
 
     @Test("a rollback policy returns the user to the last version that passed, with that version's outputs")
     func rollbackPolicy() async throws {

@@ -91,9 +91,9 @@ struct HardeningStoreTests {
         }
         try await db.execute(unsafeSQL: "UPDATE drift_reports SET computed_at = \(old)")
         // Audit events: one old, one recent.
-        try await db.recordAudit(userID: user.id, event: "warn", from: 0, to: 0, actor: "t")
+        try await db.recordAudit(userID: user.id, event: .warn, from: 0, to: 0, actor: "t")
         try await db.execute(unsafeSQL: "UPDATE audit_events SET created_at = \(old)")
-        try await db.recordAudit(userID: user.id, event: "warn", from: 0, to: 0, actor: "t")
+        try await db.recordAudit(userID: user.id, event: .warn, from: 0, to: 0, actor: "t")
 
         let counts = try await db.prune(Retention(finishedJobs: 7 * 86400, generations: 30 * 86400, driftReports: 30 * 86400,
                                                   auditEvents: 30 * 86400))

@@ -48,7 +48,7 @@ struct StoreContractTests {
         #expect(try await store.user(tenantID: other.id, name: name) == nil)
         #expect(try await store.user(id: alice.id, tenantID: other.id) == nil)
         #expect(try await store.user(id: alice.id, tenantID: acme.id)?.name == "alice")
-        #expect(try await store.versions(userID: alice.id).map(\.cause) == ["created"])
+        #expect(try await store.versions(userID: alice.id).map(\.cause) == [.created])
         let m = try #require(try await store.memory(userID: alice.id))
         #expect(m.version == 0 && m.levels.isEmpty && m.learner == nil)
         await close()
@@ -60,7 +60,7 @@ struct StoreContractTests {
         let alice = try #require(try await store.user(tenantID: acme.id, name: try UserName("alice"), create: true))
         let m1 = try await store.mutateMemory(userID: alice.id, keep: 3) { current in
             #expect(current.version == 0)
-            return MemoryChange(levels: ["fast": part("fast-1")], learner: part("learner-1"), cause: "reset", causeID: "fast", actor: "key:1")
+            return MemoryChange(levels: ["fast": part("fast-1")], learner: part("learner-1"), cause: .reset, causeID: "fast", actor: "key:1")
         }
         #expect(m1.version == 1)
         let stored = try #require(try await store.memory(userID: alice.id))
@@ -74,7 +74,7 @@ struct StoreContractTests {
         #expect(try await store.mutateMemory(userID: alice.id, keep: 3) { _ in nil }.version == 1)
         for i in 2...5 {
             _ = try await store.mutateMemory(userID: alice.id, keep: 3) { _ in
-                MemoryChange(levels: i == 4 ? ["fast": nil] : ["mid": part("mid-\(i)")], learner: part("learner-\(i)"), cause: "consolidate",
+                MemoryChange(levels: i == 4 ? ["fast": nil] : ["mid": part("mid-\(i)")], learner: part("learner-\(i)"), cause: .consolidate,
                              actor: "key:1")
             }
         }
@@ -85,7 +85,7 @@ struct StoreContractTests {
         let v3 = try #require(try await store.memory(userID: alice.id, version: 3))
         #expect(v3.levels == ["fast": part("fast-1"), "mid": part("mid-3")] && v3.learner == part("learner-3"))
         let events = try await store.auditEvents(userID: alice.id).map(\.event)
-        #expect(events == ["reset", "consolidate", "consolidate", "consolidate", "consolidate"])
+        #expect(events == [.reset, .consolidate, .consolidate, .consolidate, .consolidate])
         await close()
     }
 
@@ -95,7 +95,7 @@ struct StoreContractTests {
         let alice = try #require(try await store.user(tenantID: acme.id, name: try UserName("alice"), create: true))
         for i in 1...2 {
             _ = try await store.mutateMemory(userID: alice.id, keep: 10) { _ in
-                MemoryChange(levels: ["fast": part("f\(i)")], learner: part("l\(i)"), cause: "learning", actor: "key:1")
+                MemoryChange(levels: ["fast": part("f\(i)")], learner: part("l\(i)"), cause: .learning, actor: "key:1")
             }
         }
         #expect(try await store.rollback(userID: alice.id, to: 7, keep: 10, actor: "key:1") == .notKept)
@@ -107,7 +107,7 @@ struct StoreContractTests {
         let now = try #require(try await store.memory(userID: alice.id))
         #expect(now.levels == ["fast": part("f1")] && now.learner == part("l1"))
         let newest = try #require(try await store.versions(userID: alice.id).first)
-        #expect(newest.cause == "rollback" && newest.causeID == "1")
+        #expect(newest.cause == .rollback && newest.causeID == "1")
 
         let bob = try await store.forkUser(source: alice, version: 2, target: try UserName("bob"), actor: "key:1")
         let forked = try #require(try await store.memory(userID: bob.id))
@@ -120,7 +120,7 @@ struct StoreContractTests {
         #expect(try await store.user(tenantID: acme.id, name: try UserName("alice")) == nil)
         #expect(try await store.auditEvents(userID: alice.id).isEmpty)
         let tombstone = try #require(try await store.auditEvents(tenantID: acme.id).last)
-        #expect(tombstone.event == "erase" && tombstone.userID == nil && tombstone.fromVersion == 3)
+        #expect(tombstone.event == .erase && tombstone.userID == nil && tombstone.fromVersion == 3)
         // The fork keeps its own copy.
         #expect(try await store.memory(userID: bob.id)?.levels == ["fast": part("f2")])
         await close()
@@ -147,7 +147,7 @@ struct StoreContractTests {
         // Alice's jobs first (her oldest job is oldest), both in one round, in order; the first changes a level.
         let round = try #require(try await store.learnNext(limit: 8, keep: 10) { user, memory, jobs in
             #expect(user.id == alice.id && memory.version == 0 && jobs.map(\.id) == [a1, a2])
-            return LearningOutcome(changes: [MemoryChange(levels: ["fast": part("x")], learner: nil, cause: "learning", actor: "key:1"), nil],
+            return LearningOutcome(changes: [MemoryChange(levels: ["fast": part("x")], learner: nil, cause: .learning, actor: "key:1"), nil],
                                    learner: part("after"))
         })
         #expect(round.map(\.job.id) == [a1, a2] && round.map(\.version) == [1, 1])
@@ -168,7 +168,7 @@ struct StoreContractTests {
         }
         #expect(failed?.isEmpty == true && failures.value == [[b1]])
         #expect(try await store.jobState(id: b1)?.state == .failed)
-        #expect(try await store.auditEvents(userID: bob.id).map(\.event).contains("learning_failed"))
+        #expect(try await store.auditEvents(userID: bob.id).map(\.event).contains(.learningFailed))
         #expect(try await store.learnNext(limit: 8, keep: 10) { _, _, _ in LearningOutcome(changes: [], learner: nil) } == nil)
         // Another tenant's generation is not found.
         let g = UUID()
@@ -201,7 +201,7 @@ struct StoreContractTests {
                         busy.enter(user.id)
                         try await Task.sleep(for: .milliseconds(5))
                         busy.leave(user.id)
-                        return LearningOutcome(changes: jobs.map { _ in MemoryChange(levels: [:], learner: nil, cause: "learning", actor: "k") },
+                        return LearningOutcome(changes: jobs.map { _ in MemoryChange(levels: [:], learner: nil, cause: .learning, actor: "k") },
                                                learner: nil)
                     }) {
                         mine += round.map(\.job.id)
@@ -227,16 +227,16 @@ struct StoreContractTests {
                                                                       job: LearningRequest(tokens: [1, 2], learnable: [false, true]), actor: "k")))
         }
         let kept = try await store.mutateMemory(userID: alice.id, keep: 10, cancelQueued: false) { _ in
-            MemoryChange(levels: [:], learner: nil, cause: "reset", actor: "k")
+            MemoryChange(levels: [:], learner: nil, cause: .reset, actor: "k")
         }
         let stillQueued = try await store.queuedJobs(userID: alice.id)
         #expect(kept.cancelledJobs.isEmpty && stillQueued == 2)
         let m = try await store.mutateMemory(userID: alice.id, keep: 10, cancelQueued: true) { _ in
-            MemoryChange(levels: [:], learner: nil, cause: "reset", actor: "k")
+            MemoryChange(levels: [:], learner: nil, cause: .reset, actor: "k")
         }
         #expect(m.cancelledJobs == jobs)
         #expect(try await store.jobState(id: jobs[0])?.state == .cancelled)
-        let event = try #require(try await store.auditEvents(userID: alice.id).first { $0.event == "learning_cancelled" })
+        let event = try #require(try await store.auditEvents(userID: alice.id).first { $0.event == .learningCancelled })
         #expect(event.causeID == "reset")
         let detail = try #require(try JSONSerialization.jsonObject(with: Data(event.detail.utf8)) as? [String: Any])
         #expect((detail["job_ids"] as? [Int])?.map(Int64.init) == jobs)
@@ -250,7 +250,7 @@ struct StoreContractTests {
         let b = try #require(try await store.user(tenantID: acme.id, name: try UserName("b"), create: true))
         let c = try #require(try await store.user(tenantID: other.id, name: try UserName("c"), create: true))
         for (u, kl, top1, passed) in [(a, 0.5, 0.9, false), (b, 0.1, 0.7, true), (c, 9.0, 0.1, true)] {
-            _ = try await store.mutateMemory(userID: u.id, keep: 10) { _ in MemoryChange(levels: [:], learner: nil, cause: "learning", actor: "k") }
+            _ = try await store.mutateMemory(userID: u.id, keep: 10) { _ in MemoryChange(levels: [:], learner: nil, cause: .learning, actor: "k") }
             try await store.saveDriftReport(userID: u.id, version: 1, metrics: "{\"kl_mean\": \(kl), \"top1_agreement\": \(top1)}",
                                             flags: passed ? "[]" : "[{\"metric\": \"kl_mean\"}]", passed: passed)
         }
@@ -266,7 +266,7 @@ struct StoreContractTests {
         #expect(try await store.lastPassingVersion(userID: a.id, before: 2) == 0)
         #expect(try await store.lastPassingVersion(userID: b.id, before: 2) == 1)
         // Event windows and limits.
-        for i in 0..<5 { try await store.recordAudit(userID: a.id, event: "warn", from: 1, to: 1, actor: "p", causeID: "\(i)", detail: "{}") }
+        for i in 0..<5 { try await store.recordAudit(userID: a.id, event: .warn, from: 1, to: 1, actor: "p", causeID: "\(i)", detail: "{}") }
         let all = try await store.auditEvents(userID: a.id)
         #expect(all.count == 6 && all.map(\.id) == all.map(\.id).sorted())
         #expect(try await store.auditEvents(userID: a.id, since: nil, until: nil, limit: 2).map(\.causeID) == ["3", "4"])

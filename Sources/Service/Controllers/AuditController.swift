@@ -4,6 +4,7 @@
 // tenant's policies and probe set.
 import Foundation
 import Hummingbird
+import Memory
 import Model
 import Store
 
@@ -39,7 +40,7 @@ struct AuditController {
     static func object(_ json: String) -> Any { (try? JSONSerialization.jsonObject(with: Data(json.utf8))) ?? NSNull() }
 
     static func eventObject(_ e: AuditEvent) -> [String: Any] {
-        ["id": e.id, "event": e.event, "from_version": e.fromVersion as Any? ?? NSNull(), "to_version": e.toVersion as Any? ?? NSNull(),
+        ["id": e.id, "event": e.event.rawValue, "from_version": e.fromVersion as Any? ?? NSNull(), "to_version": e.toVersion as Any? ?? NSNull(),
          "actor": e.actor, "cause_id": e.causeID as Any? ?? NSNull(), "detail": object(e.detail), "time": iso(e.createdAt),
          "user_id": e.userID as Any? ?? NSNull()]
     }
@@ -53,8 +54,8 @@ struct AuditController {
         Response(status: .ok, headers: [.contentType: type], body: ResponseBody(byteBuffer: ByteBuffer(string: text)))
     }
 
-    static let csvMetrics = ["kl_mean", "kl_max", "top1_agreement", "forgetting_ppl_ratio", "personalization_ppl_ratio",
-                             "param_norm", "param_change"]
+    /// The CSV reports' metric columns: every rankable metric.
+    static let csvMetrics = DriftMetric.allCases.map(\.rawValue)
 
     static func csvValue(_ metrics: [String: Any], _ key: String) -> String {
         switch metrics[key] {
@@ -125,12 +126,13 @@ struct AuditController {
         let principal = try RequestScope.principal()
         let q = Query(request)
         let format = try Self.format(request)
-        let metric = try q.oneOf("metric", Policy.metrics, default: "kl_mean")
-        let order = try q.oneOf("order", ["asc", "desc"], default: metric == "top1_agreement" ? "asc" : "desc")
+        let metricName = try q.oneOf("metric", DriftMetric.allCases.map(\.rawValue), default: DriftMetric.klMean.rawValue)
+        let metric = DriftMetric(rawValue: metricName) ?? .klMean
+        let order = try q.oneOf("order", ["asc", "desc"], default: metric.lowIsDrift ? "asc" : "desc")
         let flagged = try q.bool("flagged", default: false)
         let limit = try q.int("limit", default: 50, range: 1...1000)
         let offset = try q.int("offset", default: 0, range: 0...1_000_000)
-        let ranked = try await store.rankedDrift(tenantID: principal.tenantID, metric: metric, ascending: order == "asc",
+        let ranked = try await store.rankedDrift(tenantID: principal.tenantID, metric: metric.rawValue, ascending: order == "asc",
                                                           flaggedOnly: flagged, since: try q.date("since"),
                                                           until: try q.date("until"), limit: limit, offset: offset)
         switch format {
@@ -145,10 +147,10 @@ struct AuditController {
             }
             return Self.text(out, type: "text/csv; charset=utf-8")
         case "html":
-            return Self.text(AuditPage.tenant(metric: metric, ranked: ranked, offset: offset), type: "text/html; charset=utf-8")
+            return Self.text(AuditPage.tenant(metric: metric.rawValue, ranked: ranked, offset: offset), type: "text/html; charset=utf-8")
         default:
             return try Self.response([
-                "metric": metric, "order": order, "limit": limit, "offset": offset,
+                "metric": metric.rawValue, "order": order, "limit": limit, "offset": offset,
                 "data": ranked.enumerated().map { i, r in
                     ["rank": offset + i + 1, "user": r.user, "version": r.report.version, "frozen": r.frozen, "passed": r.report.passed,
                      "flags": Self.object(r.report.flags), "metrics": Self.object(r.report.metrics),

@@ -51,7 +51,7 @@ struct MemoryController {
         let versions = try await users.versions(userID: user.id).map { v in
             Components.Schemas.MemoryVersion(
                 version: v.version, parent: v.parent,
-                cause: Components.Schemas.MemoryVersion.CausePayload(rawValue: v.cause) ?? .learning,
+                cause: Components.Schemas.MemoryVersion.CausePayload(rawValue: v.cause.rawValue) ?? .learning,
                 causeId: v.causeID, actor: v.actor, created: Int64(v.createdAt.timeIntervalSince1970),
                 levels: v.levels.keys.sorted())
         }
@@ -87,7 +87,7 @@ struct MemoryController {
             try await memory.compute {
                 let learner = try memory.learner(stored)
                 for l in indices { try learner.reset(level: l) }
-                return try memory.change(learner, changed: [], fresh: indices, cause: "reset",
+                return try memory.change(learner, changed: [], fresh: indices, cause: .reset,
                                          causeID: indices.map { config.levels[$0].name }.joined(separator: ","), actor: actor)
             }
         }
@@ -148,7 +148,7 @@ struct MemoryController {
                 let r = try learner.consolidate(contexts: learner.recentTokens, budget: budgetValue)
                 report.put(r)
                 guard r.steps > 0 else { return nil }
-                return try memory.change(learner, changed: [mid], fresh: [fast], cause: "consolidate", causeID: nil, actor: actor)
+                return try memory.change(learner, changed: [mid], fresh: [fast], cause: .consolidate, causeID: nil, actor: actor)
             }
         }
         let r = report.take()
@@ -196,7 +196,7 @@ struct MemoryController {
         let digest = String(LevelStateFile.sha256(data).prefix(16))
         let mutation = try await users.mutateMemory(userID: user.id, keep: configuration.versionsKept, cancelQueued: !keepQueued) { _ in
             try await memory.compute {
-                try memory.change(learner.value, changed: Array(memory.levels.levels.indices), cause: "import",
+                try memory.change(learner.value, changed: Array(memory.levels.levels.indices), cause: .import,
                                   causeID: "sha256:" + digest, actor: actor)
             }
         }
