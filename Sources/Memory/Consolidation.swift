@@ -34,13 +34,20 @@ public struct ConsolidationReport: Sendable {
 }
 
 extension LevelLearner {
-    /// Consolidates level `fast` into level `target` (by name) within `budget`.
-    public func consolidate(contexts: [[Int]], fast: String = "fast", into target: String = "mid",
-                            budget: ConsolidationBudget = ConsolidationBudget()) throws -> ConsolidationReport {
+    /// Consolidates the configuration's fastest level into the next slower
+    /// one (`LevelConfiguration.consolidation`) within `budget`.
+    public func consolidate(contexts: [[Int]], budget: ConsolidationBudget = ConsolidationBudget()) throws -> ConsolidationReport {
+        guard let pair = state.configuration.consolidation else {
+            throw LevelConfiguration.Invalid(description: "consolidation needs at least two levels")
+        }
+        return try consolidate(contexts: contexts, level: pair.source, into: pair.target, budget: budget)
+    }
+
+    /// Consolidates level `f` into level `m` (indices into the configuration's levels) within `budget`.
+    public func consolidate(contexts: [[Int]], level f: Int, into m: Int, budget: ConsolidationBudget) throws -> ConsolidationReport {
         let levels = state.configuration.levels
-        guard let f = levels.firstIndex(where: { $0.name == fast }), let m = levels.firstIndex(where: { $0.name == target }),
-              f != m else {
-            throw LevelConfiguration.Invalid(description: "consolidation needs two different levels named '\(fast)' and '\(target)'")
+        guard levels.indices.contains(f), levels.indices.contains(m), f != m else {
+            throw LevelConfiguration.Invalid(description: "consolidation needs two different levels of the configuration")
         }
         let model = trainer.model
         let limit = model.configuration.maxPositionEmbeddings

@@ -144,6 +144,13 @@ public struct LevelConfiguration: Codable, Sendable, Equatable {
     /// backbone, width 32; fast every 16 learnable tokens (AdamW, 3e-3,
     /// retention 0.99 per update), mid every 128 (AdamW, 1e-3); tokens the
     /// user's model already predicts within 0.7 nats are not learned.
+    /// The levels sleep consolidates: the fastest (the smallest chunk size;
+    /// the first of equals) into the next slower one. Nil with fewer than two levels.
+    public var consolidation: (source: Int, target: Int)? {
+        let order = levels.indices.sorted { (levels[$0].chunkSize, $0) < (levels[$1].chunkSize, $1) }
+        return order.count >= 2 ? (order[0], order[1]) : nil
+    }
+
     public static func defaults(layers: Int) -> LevelConfiguration {
         let upper = Array((layers / 2)..<layers)
         return try! LevelConfiguration(levels: [

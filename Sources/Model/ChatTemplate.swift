@@ -46,12 +46,44 @@ public struct ChatTemplate: Sendable, Equatable {
     /// The prompt text for `messages`, ending with the assistant's turn
     /// opener when `addGenerationPrompt` is true.
     public func render(_ messages: [ChatMessage], addGenerationPrompt: Bool = true) -> String {
-        var s = ""
-        if let sys = defaultSystemPrompt, messages.first?.role != "system" {
-            s += "<|im_start|>system\n\(sys)<|im_end|>\n"
+        pieces(messages, addGenerationPrompt: addGenerationPrompt).map(\.text).joined()
+    }
+
+    /// A chat's tokens, and which of them are the users' own words.
+    public struct Tokens: Sendable, Equatable {
+        public let tokens: [Int]
+        /// True for the tokens of a user message's content; false for the
+        /// template's markup, system prompts and assistant turns.
+        public let userTokens: [Bool]
+    }
+
+    /// `render`'s text as tokens: the markup tokenized with its special
+    /// tokens, each message's content on its own and as plain text (so a
+    /// content cannot forge markup such as `<|im_end|>`, and its tokens are
+    /// known exactly). This is how the server and the benchmarks turn chats
+    /// into prompts and learnable tokens (the user's words).
+    public func encode(_ messages: [ChatMessage], tokenizer: Tokenizer, addGenerationPrompt: Bool = true) -> Tokens {
+        var tokens: [Int] = [], user: [Bool] = []
+        for piece in pieces(messages, addGenerationPrompt: addGenerationPrompt) {
+            let ids = tokenizer.encode(piece.text, parseSpecial: piece.content == nil)
+            tokens += ids
+            user += ids.map { _ in piece.content == "user" }
         }
-        for m in messages { s += "<|im_start|>\(m.role)\n\(m.content)<|im_end|>\n" }
-        if addGenerationPrompt { s += "<|im_start|>assistant\n" }
-        return s
+        return Tokens(tokens: tokens, userTokens: user)
+    }
+
+    /// The rendered text in order: markup (`content` nil) and message contents (`content`: the message's role).
+    private func pieces(_ messages: [ChatMessage], addGenerationPrompt: Bool) -> [(text: String, content: String?)] {
+        var out: [(String, String?)] = []
+        if let sys = defaultSystemPrompt, messages.first?.role != "system" {
+            out.append(("<|im_start|>system\n\(sys)<|im_end|>\n", nil))
+        }
+        for m in messages {
+            out.append(("<|im_start|>\(m.role)\n", nil))
+            out.append((m.content, m.role))
+            out.append(("<|im_end|>\n", nil))
+        }
+        if addGenerationPrompt { out.append(("<|im_start|>assistant\n", nil)) }
+        return out
     }
 }

@@ -72,7 +72,7 @@ final class LearningWorker: Sendable {
                         causeID: job.sourceID?.uuidString.lowercased(), actor: job.actor))
                 }
                 final.set(user: user.id, tenant: user.tenantID, state: learner.state, changed: changes.contains { $0 != nil })
-                return LearningOutcome(changes: changes,
+                return LearningOutcome(changes: changes, taughtTokens: jobs.map { LearnableTokens.count($0.learnable) },
                                        learner: try LevelStateFile.encodeLearner(learner, backbone: memory.model.fingerprint))
             }
         }
@@ -85,7 +85,7 @@ final class LearningWorker: Sendable {
         for a in applied ?? [] {
             metrics.learningLag.observe(a.lagSeconds)
             metrics.jobsApplied.increment()
-            metrics.tokensLearned.increment(by: a.job.learnable.dropFirst().filter { $0 }.count)
+            metrics.tokensLearned.increment(by: LearnableTokens.count(a.job.learnable))
         }
         return applied
     }

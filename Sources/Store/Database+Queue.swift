@@ -160,12 +160,12 @@ extension Database {
             }
             precondition(outcome.changes.count == jobs.count, "one outcome per job")
             var applied: [AppliedJob] = []
-            for (job, change) in zip(jobs, outcome.changes) {
+            for (job, (change, taught)) in zip(jobs, zip(outcome.changes, outcome.taughtTokens)) {
                 let from = current.version
                 if let change { current = try await Self.apply(change, after: current, userID: user.id, tx: tx, logger: self.logger) }
                 try await Self.audit(tx, userID: user.id, event: AuditEventKind(job.kind.cause) ?? .learning, from: from,
                                      to: current.version, actor: job.actor, causeID: job.sourceID?.uuidString.lowercased(),
-                                     detail: "{\"job_id\": \(job.id), \"learnable_tokens\": \(job.learnable.dropFirst().filter { $0 }.count)}",
+                                     detail: "{\"job_id\": \(job.id), \"learnable_tokens\": \(taught)}",
                                      logger: self.logger)
                 for try await lag in try await tx.query("""
                     UPDATE learning_jobs SET state = 'done', applied_version = \(current.version), finished_at = clock_timestamp()

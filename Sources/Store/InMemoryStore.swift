@@ -347,12 +347,12 @@ public final class InMemoryStore: ContinuumStore {
             guard s.users[userID] != nil else { return [] }   // erased meanwhile: nothing to apply to
             var current = (version: memory.version, levels: memory.levelIDs)
             var applied: [AppliedJob] = []
-            for (job, change) in zip(jobs, outcome.changes) {
+            for (job, (change, taught)) in zip(jobs, zip(outcome.changes, outcome.taughtTokens)) {
                 let from = current.version
                 if let change { current = s.apply(change, after: current, userID: userID) }
                 s.audit(userID: userID, event: AuditEventKind(job.kind.cause) ?? .learning, from: from, to: current.version,
                         actor: job.actor, causeID: job.sourceID?.uuidString.lowercased(),
-                        detail: "{\"job_id\": \(job.id), \"learnable_tokens\": \(job.learnable.dropFirst().filter { $0 }.count)}")
+                        detail: "{\"job_id\": \(job.id), \"learnable_tokens\": \(taught)}")
                 let now = Date()
                 s.jobs[job.id]?.state = .done
                 s.jobs[job.id]?.appliedVersion = current.version

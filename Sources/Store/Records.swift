@@ -144,11 +144,14 @@ public struct LearningOutcome: Sendable {
     /// Per job in claim order: the change it made to the levels (nil: it only
     /// accumulated), which becomes a version.
     public var changes: [MemoryChange?]
+    /// Per job, the tokens it taught (its learnable targets), for its audit event.
+    public var taughtTokens: [Int]
     /// The learner part after the last job.
     public var learner: Data?
 
-    public init(changes: [MemoryChange?], learner: Data?) {
+    public init(changes: [MemoryChange?], taughtTokens: [Int]? = nil, learner: Data?) {
         self.changes = changes
+        self.taughtTokens = taughtTokens ?? changes.map { _ in 0 }
         self.learner = learner
     }
 }

@@ -139,7 +139,7 @@ struct Generate: ParsableCommand {
         do { try p.validate() } catch let e as SamplingParameters.Invalid { throw ValidationError(e.description) }
         let m = try modelOptions.load()
         let learner = try stateOptions.load(model: m, create: false)
-        let text: String
+        let ids: [Int]
         if chat {
             let messages: [ChatMessage]
             if let prompt {
@@ -150,11 +150,10 @@ struct Generate: ParsableCommand {
                 }
                 messages = decoded
             }
-            text = m.chatTemplate.render(messages)
+            ids = m.chatTemplate.encode(messages, tokenizer: m.tokenizer).tokens   // as the server encodes chats
         } else {
-            text = prompt ?? readStdin()
+            ids = m.tokenizer.encode(prompt ?? readStdin())
         }
-        let ids = m.tokenizer.encode(text)
         guard !ids.isEmpty else { throw ValidationError("the prompt is empty") }
         let start = Date()
         var first: Date?

@@ -148,17 +148,14 @@ struct PersonalisationBench {
         self.model = model
         self.general = general
         let tok = model.tokenizer, chat = model.chatTemplate
-        // A user turn as a request's prompt; only the user's words are learnable.
-        let rendered = chat.render([ChatMessage(role: "user", content: "\u{1}")])
-        let parts = rendered.components(separatedBy: "\u{1}")
-        let prefix = tok.encode(parts[0]), suffix = tok.encode(parts[1])
+        // A user turn as the server makes it a request's prompt: only the user's words are learnable.
         var turns: [(tokens: [Int], learnable: [Bool])] = []
         let n = benchFacts.count
         for round in (0..<passes).flatMap({ _ in 0..<4 }) {
             for i in 0..<n {
-                let content = tok.encode(benchFacts[(i * 7 + round * 3) % n].teach[round])
-                turns.append((prefix + content + suffix,
-                              prefix.map { _ in false } + content.map { _ in true } + suffix.map { _ in false }))
+                let turn = chat.encode([ChatMessage(role: "user", content: benchFacts[(i * 7 + round * 3) % n].teach[round])],
+                                       tokenizer: tok)
+                turns.append((turn.tokens, turn.userTokens))
             }
         }
         self.turns = turns
@@ -228,7 +225,7 @@ struct PersonalisationBench {
         let t0 = Date()
         for t in turns { try learner.learn(tokens: t.tokens, learnable: t.learnable) }
         let seconds = Date().timeIntervalSince(t0)
-        let learnable = turns.reduce(0) { $0 + $1.learnable.dropFirst().filter { $0 }.count }
+        let learnable = turns.reduce(0) { $0 + LearnableTokens.count($1.learnable) }
         log(String(format: "learned %d tokens in %.1f s under %@", learnable, seconds,
                    configuration.levels.map { "\($0.name)/\($0.chunkSize)/\($0.optimizer.kind.rawValue)" }.joined(separator: " ")))
         let evaluation = try evaluate(learner.state)

@@ -82,27 +82,9 @@ struct GenerationController {
     /// system prompt or earlier assistant turns).
     func prompt(_ messages: [Components.Schemas.ChatMessage]) throws -> Prompt {
         guard !messages.isEmpty else { throw APIError.invalid("messages must not be empty", param: "messages") }
-        let chat = model.chatTemplate, tokenizer = model.tokenizer
-        let ids = try checked(tokenizer.encode(chat.render(messages.map { ChatMessage(role: $0.role.rawValue, content: $0.content) })))
-        // The template around placeholder contents, so each content's tokens can be told apart.
-        let marker = "\u{1}"
-        let pieces = chat.render(messages.map { ChatMessage(role: $0.role.rawValue, content: marker) }).components(separatedBy: marker)
-        if pieces.count == messages.count + 1, !messages.contains(where: { $0.content.contains(marker) }) {
-            var tokens: [Int] = [], learnable: [Bool] = []
-            for (i, piece) in pieces.enumerated() {
-                let t = tokenizer.encode(piece)
-                tokens += t
-                learnable += t.map { _ in false }
-                if i < messages.count {
-                    let c = tokenizer.encode(messages[i].content)
-                    tokens += c
-                    learnable += c.map { _ in messages[i].role == .user }
-                }
-            }
-            // Used only where piecewise tokenisation agrees with the whole text's.
-            if tokens == ids { return Prompt(tokens: ids, learnable: learnable) }
-        }
-        return Prompt(tokens: ids, learnable: ids.map { _ in true })
+        let chat = model.chatTemplate.encode(messages.map { ChatMessage(role: $0.role.rawValue, content: $0.content) },
+                                             tokenizer: model.tokenizer)
+        return Prompt(tokens: try checked(chat.tokens), learnable: chat.userTokens)
     }
 
     /// The prompt's tokens, within the server's limit.
@@ -157,7 +139,7 @@ struct GenerationController {
         metrics.promptTokens.increment(by: result.promptTokens)
         metrics.completionTokens.increment(by: result.tokens.count)
         guard let user = target.user else { return .init(state: .off) }
-        let job = learn && user.learns && prompt.learnable.dropFirst().contains(true)
+        let job = learn && user.learns && LearnableTokens.count(prompt.learnable) > 0
             ? LearningRequest(tokens: prompt.tokens, learnable: prompt.learnable) : nil
         let jobID = try await queue.recordGeneration(id: id, userID: user.id, memoryVersion: user.version,
                                                               prompt: prompt.tokens, completion: result.tokens,

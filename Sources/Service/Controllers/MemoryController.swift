@@ -135,17 +135,15 @@ struct MemoryController {
         guard (0...256).contains(budget.generatedTokens) else {
             throw APIError.invalid("generated_tokens must be in 0...256", param: "generated_tokens")
         }
-        let config = memory.levels
-        guard let fast = config.levels.firstIndex(where: { $0.name == "fast" }),
-              let mid = config.levels.firstIndex(where: { $0.name == "mid" }) else {
-            throw APIError.invalid("consolidation needs levels named 'fast' and 'mid' in the server's level configuration")
+        guard let (fast, mid) = memory.levels.consolidation else {
+            throw APIError.invalid("consolidation needs at least two levels in the server's level configuration")
         }
         let memory = self.memory, actor = principal.actor, budgetValue = budget
         let report = Handoff<ConsolidationReport>()
         _ = try await users.mutateMemory(userID: user.id, keep: configuration.versionsKept, cancelQueued: false) { stored in
             try await memory.compute {
                 let learner = try memory.learner(stored)
-                let r = try learner.consolidate(contexts: learner.recentTokens, budget: budgetValue)
+                let r = try learner.consolidate(contexts: learner.recentTokens, level: fast, into: mid, budget: budgetValue)
                 report.put(r)
                 guard r.steps > 0 else { return nil }
                 return try memory.change(learner, changed: [mid], fresh: [fast], cause: .consolidate, causeID: nil, actor: actor)
