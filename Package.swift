@@ -10,13 +10,10 @@ let computeSettings: [SwiftSetting] = [.unsafeFlags(["-O"])]
 let package = Package(
     name: "Continuum",
     platforms: [.macOS(.v14)],
+    // Only the executable: the compute targets use unsafeFlags, which SwiftPM
+    // refuses in another package's dependencies, so no library is offered.
     products: [
         .executable(name: "continuum", targets: ["continuum"]),
-        .library(name: "Tensor", targets: ["Tensor"]),
-        .library(name: "Model", targets: ["Model"]),
-        .library(name: "Memory", targets: ["Memory"]),
-        .library(name: "Store", targets: ["Store"]),
-        .library(name: "Service", targets: ["Service"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
