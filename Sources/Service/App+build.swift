@@ -33,7 +33,7 @@ public func buildApplication(configuration: ServiceConfiguration, model: LlamaMo
     let metrics = Metrics()
     let engine = BatchEngine(model: model, maxBatch: configuration.maxBatch, maxQueued: configuration.maxQueued)
     let memory = UserMemory(model: model, levels: levels, store: store, cacheBytes: configuration.cacheBytes)
-    let auditor = try Auditor(memory: memory, store: store, configuration: configuration, logger: logger)
+    let auditor = try Auditor(memory: memory, store: store, configuration: configuration, metrics: metrics, logger: logger)
     let learning = LearningStatus(queue: store, waitSeconds: configuration.learningWaitSeconds)
     let tokenizer = model.tokenizer
     let maxTokenBytes = max(1, (0..<tokenizer.count).lazy.map { tokenizer.bytes(of: $0).count }.max() ?? 1)

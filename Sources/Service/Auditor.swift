@@ -66,8 +66,10 @@ final class Auditor: @unchecked Sendable {
 
     struct MissingResource: Error, CustomStringConvertible { let description: String }
 
-    init(memory: UserMemory, store: any MemoryStore & AuditStore, configuration: ServiceConfiguration, logger: Logger) throws {
+    init(memory: UserMemory, store: any MemoryStore & AuditStore, configuration: ServiceConfiguration, metrics: Metrics,
+         logger: Logger) throws {
         self.memory = memory
+        self.metrics = metrics
         self.store = store
         self.configuration = configuration
         self.logger = logger
@@ -84,6 +86,7 @@ final class Auditor: @unchecked Sendable {
 
     /// Reports, events, settings and the memories they measure.
     let store: any MemoryStore & AuditStore
+    let metrics: Metrics
 
     // MARK: Scheduling
 
@@ -160,7 +163,10 @@ final class Auditor: @unchecked Sendable {
 
     /// The policies' actions: a warn event per flag, freezing, rollback to the last version that passed.
     func act(on flags: [DriftFlag], user: User, version: Int64, actor: String) async throws {
+        metrics.auditsRun.increment()
         guard !flags.isEmpty else { return }
+        metrics.auditsFlagged.increment()
+        for action in Set(flags.map(\.action)) { metrics.policyActions[action]?.increment() }
         let detail = try Self.json(flags)
         try await store.recordAudit(userID: user.id, event: .warn, from: version, to: version, actor: actor,
                                        causeID: flags.map(\.metric.rawValue).joined(separator: ","), detail: "{\"flags\": \(detail)}")

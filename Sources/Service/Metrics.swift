@@ -65,6 +65,10 @@ final class Metrics: @unchecked Sendable {
     /// A learning round, claim to commit; and its compute part (decode, learn, encode).
     let learningRound = Histogram(bounds: latencyBounds)
     let learningCompute = Histogram(bounds: latencyBounds)
+    /// Drift audits run, those with a flag, and the policies' actions taken, by action.
+    let auditsRun = Counter()
+    let auditsFlagged = Counter()
+    let policyActions: [Policy.Action: Counter] = [.warn: Counter(), .freeze: Counter(), .rollback: Counter()]
 
     func record(route: String, status: Int, seconds: Double) {
         lock.lock()
@@ -102,10 +106,16 @@ final class Metrics: @unchecked Sendable {
             ("continuum_learned_tokens_total", "Learnable tokens applied by this replica's workers.", tokensLearned),
             ("continuum_learning_failures_total", "Learning rounds that failed and were retried.", learningFailures),
             ("continuum_learning_jobs_failed_total", "Learning jobs marked failed by this replica's workers (the user's stored memory cannot be read; not retried).", jobsFailed),
+            ("continuum_audits_total", "Drift audits run by this replica (background and on demand).", auditsRun),
+            ("continuum_audits_flagged_total", "Drift audits whose report crossed a policy.", auditsFlagged),
         ]
         for (name, help, c) in counters {
             header(name, "counter", help)
             out += "\(name) \(c.current)\n"
+        }
+        header("continuum_policy_actions_total", "counter", "Policy actions taken on flagged reports, by action.")
+        for (action, c) in policyActions.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
+            out += "continuum_policy_actions_total{action=\"\(action.rawValue)\"} \(c.current)\n"
         }
         header("continuum_learning_lag_seconds", "histogram", "From a learning job's commit to its application.")
         out += learningLag.render(name: "continuum_learning_lag_seconds")

@@ -55,3 +55,24 @@ struct EndpointSpecTests {
         #expect(table == seen, "in the table only: \(table.subtracting(seen).sorted()); in the spec only: \(seen.subtracting(table).sorted())")
     }
 }
+
+@Suite("Grafana dashboard", .serialized)
+struct DashboardTests {
+    @Test("every metric the Grafana dashboard queries is one the service exposes on /metrics")
+    func metricsExist() async throws {
+        let url = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../Deploy/grafana/continuum-dashboard.json")
+        let dashboard = try String(contentsOf: url, encoding: .utf8)
+        let queried = Set(dashboard.matches(of: /continuum_[a-z_]+/).map { String($0.output) })
+        #expect(queried.count > 15)
+        let (db, key) = try await Fixture.database()
+        try await Fixture.app(db).test(.live) { client in
+            _ = try await generate(client, key: key, user: "gus", prompt: "Hello there", maxTokens: 2)
+            let text = try await client.execute(uri: "/metrics", method: .get).body.text
+            let exposed = Set(text.split(separator: "\n").filter { !$0.hasPrefix("#") }.compactMap { line in
+                line.prefix { $0 != "{" && $0 != " " }.description
+            })
+            #expect(queried.subtracting(exposed).isEmpty, "queried but not exposed: \(queried.subtracting(exposed).sorted())")
+        }
+        await db.close()
+    }
+}
