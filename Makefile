@@ -10,7 +10,7 @@ API_VENV := .venv-api
 ## Seconds schemathesis may spend generating requests in `make test`.
 API_FUZZ_SECONDS ?= 180
 
-.PHONY: setup deps build release fetch-model test run bench fixtures clean
+.PHONY: setup deps build release fetch-model test run chat bench fixtures clean
 
 ## Install system packages (Debian) the build and tests need: OpenBLAS,
 ## PostgreSQL's server binaries and psql (the tests and `continuum serve` start
@@ -47,8 +47,18 @@ fetch-model: build
 
 setup: deps fetch-model
 
-## Set up, build optimised, and chat with the default model once.
-run: setup release
+## The product: build the server optimised (only the continuum executable), then
+## start it the zero-config way (a private PostgreSQL in ~/.local/share/continuum,
+## the model fetched and verified if missing); the first start prints an admin
+## key with ready-to-paste curl and openai examples. SERVE_ARGS adds options.
+run: deps
+	$(SWIFT) build -c release --product continuum
+	$(CONTINUUM_RELEASE) serve $(SERVE_ARGS)
+
+## Chat with the default model once from the command line (no server).
+chat: deps
+	$(SWIFT) build -c release --product continuum
+	$(CONTINUUM_RELEASE) fetch-model
 	$(CONTINUUM_RELEASE) generate --chat --prompt "$${PROMPT:-Explain in two sentences why the sky is blue.}" --max-tokens 128
 
 ## Run every test (needs the model: fetched first): the CLI contract checks,

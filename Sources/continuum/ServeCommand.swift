@@ -68,24 +68,49 @@ struct Serve: AsyncParsableCommand {
         // first start's tenant and key come before it serves.
         let db: Database
         do { db = try Database(url: url, running: .byCaller) } catch let e as Database.Failure { throw CLIError(e.description) }
-        let host = cfg.host
+        let host = cfg.host, created = FirstKey()
         let app = try buildApplication(configuration: cfg, model: model, levels: levelConfiguration, store: db,
                                        services: [DatabaseService(db)],
-                                       beforeServing: [{ try await Self.prepare(db) }]) { port in
+                                       beforeServing: [{ created.key = try await Self.prepare(db) }]) { port in
             log("serving on http://\(host):\(port) (docs at /docs)")
+            if let key = created.key { writeOut(Self.firstSteps(base: "http://\(host):\(port)", key: key)) }
         }
         try await app.runService()
     }
 
-    /// Migrates, and on an empty database creates the `dev` tenant and prints its admin key once.
-    static func prepare(_ db: Database) async throws {
+    /// Migrates, and on an empty database creates the `dev` tenant and prints
+    /// its admin key once (standard output). Returns the key when it made one.
+    static func prepare(_ db: Database) async throws -> String? {
         do { try await db.migrate() } catch let e as Database.Failure { throw CLIError(e.description) }
-        guard try await db.tenants().isEmpty else { return }
+        guard try await db.tenants().isEmpty else { return nil }
         // Replicas starting together on an empty database: one creates it, the others see it exists.
-        guard let tenant = try? await db.createTenant(name: "dev") else { return }
+        guard let tenant = try? await db.createTenant(name: "dev") else { return nil }
         let (_, key) = try await db.createKey(tenantID: tenant.id, name: "dev", role: .admin)
         writeOut("API key: \(key)\n")   // unbuffered: a supervisor reading stdout sees it at once
-        log("that is an admin key of tenant dev; for an app's key: continuum keys create --tenant dev --role app")
+        return key
+    }
+
+    /// Ready-to-paste first requests (standard output, beside the key: never into the logs).
+    static func firstSteps(base: String, key: String) -> String {
+        """
+        That is an admin key of tenant "dev", shown this once. Try it:
+          curl -s \(base)/v1/chat/completions -H 'Authorization: Bearer \(key)' -H 'content-type: application/json' \\
+            -d '{"model": "continuum", "user": "alice", "messages": [{"role": "user", "content": "My cat is called Zorblax."}], "wait_for_learning": true}'
+          python3 -c 'import openai; c = openai.OpenAI(base_url="\(base)/v1", api_key="\(key)"); print(c.chat.completions.create(model="continuum", user="alice", messages=[{"role": "user", "content": "What is my cat called?"}]).choices[0].message.content)'
+        Drift reports in a browser: \(base)/signin (sign in with the key). An app's key (no admin operations):
+          continuum keys create --tenant dev --role app
+
+        """
+    }
+}
+
+/// The key the first start made, handed from set-up to the "serving" message.
+final class FirstKey: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value: String?
+    var key: String? {
+        get { lock.withLock { value } }
+        set { lock.withLock { value = newValue } }
     }
 }
 
