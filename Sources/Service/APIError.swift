@@ -37,6 +37,12 @@ public struct APIError: Error, HTTPResponseError, CustomStringConvertible {
     }
     static let unauthorized = APIError(.unauthorized, type: "authentication_error",
                                        message: "a valid API key is required: Authorization: Bearer <key>", code: "invalid_api_key")
+    /// A browser asking for a report page without a session: 303 to the sign-in page.
+    static var signInFirst: APIError {
+        var e = APIError(.seeOther, type: "authentication_error", message: "sign in at /signin first", code: "sign_in")
+        e.headers[.location] = "/signin"
+        return e
+    }
     static func forbidden(_ role: KeyRole) -> APIError {
         APIError(.forbidden, type: "permission_error", message: "this operation needs an API key with the \(role.rawValue) role",
                  code: "insufficient_role")

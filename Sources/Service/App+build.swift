@@ -83,5 +83,6 @@ func buildRouter(configuration: ServiceConfiguration, store: any TenantStore, me
     operations.register(on: router)
     audit.register(on: router)
     memory.register(on: router)
+    SessionController(configuration: configuration, keys: store).register(on: router)
     return router
 }

@@ -15,8 +15,17 @@ enum AuditPage {
         <style>body{font:14px system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}
         td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}
         .flag{color:#b00;font-weight:600}.charts{display:flex;flex-wrap:wrap;gap:1em}svg{background:#fafafa;border:1px solid #ddd}</style>
-        </head><body><h1>\(escape(title))</h1>\(body)</body></html>
+        .nav{display:flex;gap:1em;align-items:center}.nav form{margin:0}
+        </head><body><div class="nav"><a href="/v1/audit?format=html">all users</a>
+        <form method="post" action="/signout"><button type="submit">sign out</button></form></div>
+        <h1>\(escape(title))</h1>\(body)</body></html>
         """
+    }
+
+    /// A user id as one percent-encoded path segment (everything but RFC 3986's unreserved characters encoded).
+    static func pathSegment(_ s: String) -> String {
+        let unreserved = CharacterSet(charactersIn: "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+        return s.addingPercentEncoding(withAllowedCharacters: unreserved) ?? ""
     }
 
     static func number(_ metrics: [String: Any], _ key: String) -> Double? {
@@ -101,7 +110,8 @@ enum AuditPage {
                                      top > 0 ? 120 * max(0, $0) / top : 0) } ?? ""
             let flags = ((try? JSONSerialization.jsonObject(with: Data(r.report.flags.utf8))) as? [[String: Any]] ?? [])
                 .compactMap { $0["metric"] as? String }.joined(separator: ", ")
-            body += "<tr><td>\(offset + i + 1)</td><td class=\"l\">\(escape(r.user))</td><td>\(r.report.version)</td>"
+            let href = "/v1/users/\(pathSegment(r.user))/audit?format=html"
+            body += "<tr><td>\(offset + i + 1)</td><td class=\"l\"><a href=\"\(escape(href))\">\(escape(r.user))</a></td><td>\(r.report.version)</td>"
             body += "<td class=\"l\">\(bar)\(format(v))</td><td class=\"l flag\">\(escape(flags))</td>"
             body += "<td class=\"l\">\(r.frozen ? "frozen" : "learning")</td></tr>"
         }

@@ -25,6 +25,8 @@ enum BodyKind: Sendable, Equatable {
     case json(required: Bool)
     /// Bytes (`application/octet-stream`), up to `max_import_bytes`.
     case binary
+    /// An HTML form (`application/x-www-form-urlencoded`): the sign-in page's.
+    case form
 }
 
 /// One route: its OpenAPI operation id, method and path (`{name}` for a path parameter).
@@ -34,6 +36,9 @@ struct Endpoint: Sendable, Equatable {
     let path: String
     let access: Access
     let body: BodyKind
+    /// A browser session (the sign-in cookie) may stand for the key: only the
+    /// audit's read-only reports, so a cookie can never change anything.
+    var sessions = false
 
     /// Whether the path names a user (`{user}`), which the pipeline decodes and checks.
     var hasUser: Bool { path.contains("{user}") }
@@ -46,6 +51,9 @@ enum Endpoints {
         .init(operation: "metrics", method: .get, path: "/metrics", access: .public, body: .none),
         .init(operation: "spec", method: .get, path: "/openapi.yaml", access: .public, body: .none),
         .init(operation: "docs", method: .get, path: "/docs", access: .public, body: .none),
+        .init(operation: "signInPage", method: .get, path: "/signin", access: .public, body: .none),
+        .init(operation: "signIn", method: .post, path: "/signin", access: .public, body: .form),
+        .init(operation: "signOut", method: .post, path: "/signout", access: .public, body: .none),
 
         .init(operation: "listModels", method: .get, path: "/v1/models", access: .key(.app), body: .none),
         .init(operation: "generate", method: .post, path: "/v1/generate", access: .key(.app), body: .json(required: true)),
@@ -67,13 +75,15 @@ enum Endpoints {
               body: .json(required: false)),
         .init(operation: "exportMemory", method: .get, path: "/v1/users/{user}/memory/export", access: .key(.admin), body: .none),
         .init(operation: "importMemory", method: .post, path: "/v1/users/{user}/memory/import", access: .key(.admin), body: .binary),
-        .init(operation: "getUserAudit", method: .get, path: "/v1/users/{user}/audit", access: .key(.admin), body: .none),
+        .init(operation: "getUserAudit", method: .get, path: "/v1/users/{user}/audit", access: .key(.admin), body: .none,
+              sessions: true),
         .init(operation: "auditUser", method: .post, path: "/v1/users/{user}/audit", access: .key(.admin), body: .none),
         .init(operation: "clearUserAudit", method: .post, path: "/v1/users/{user}/audit/clear", access: .key(.admin), body: .none),
         .init(operation: "listUserAuditEvents", method: .get, path: "/v1/users/{user}/audit/events", access: .key(.admin),
-              body: .none),
-        .init(operation: "tenantAudit", method: .get, path: "/v1/audit", access: .key(.admin), body: .none),
-        .init(operation: "listTenantAuditEvents", method: .get, path: "/v1/audit/events", access: .key(.admin), body: .none),
+              body: .none, sessions: true),
+        .init(operation: "tenantAudit", method: .get, path: "/v1/audit", access: .key(.admin), body: .none, sessions: true),
+        .init(operation: "listTenantAuditEvents", method: .get, path: "/v1/audit/events", access: .key(.admin), body: .none,
+              sessions: true),
         .init(operation: "getAuditPolicies", method: .get, path: "/v1/audit/policies", access: .key(.admin), body: .none),
         .init(operation: "setAuditPolicies", method: .put, path: "/v1/audit/policies", access: .key(.admin),
               body: .json(required: true)),

@@ -160,8 +160,16 @@ struct AccessMiddleware: RouterMiddleware {
         }
         var scope = RequestScope.current
         if case .key(let role) = endpoint.access {
-            guard let header = request.headers[.authorization] else { throw refuse(.unauthorized) }
-            guard let key = Self.bearer(header), let principal = try await keys.authenticate(key: key) else {
+            let principal: Principal
+            if let header = request.headers[.authorization] {
+                guard let key = Self.bearer(header), let p = try await keys.authenticate(key: key) else { throw refuse(.unauthorized) }
+                principal = p
+            } else if endpoint.sessions, let token = request.cookies[SessionController.cookieName]?.value,
+                      let p = try await keys.session(token: token) {
+                principal = p
+            } else if endpoint.sessions, Query(request).string("format") == "html" {
+                throw refuse(.signInFirst)   // a browser without a session: to the sign-in page
+            } else {
                 throw refuse(.unauthorized)
             }
             guard principal.role.permits(role) else { throw refuse(.forbidden(role)) }
@@ -205,6 +213,7 @@ struct AccessMiddleware: RouterMiddleware {
         case .none: return
         case .json: expected = "application/json"
         case .binary: expected = "application/octet-stream"
+        case .form: expected = "application/x-www-form-urlencoded"
         }
         let hasBody = Self.announcesBody(request)
         guard let type = request.headers[.contentType] else {

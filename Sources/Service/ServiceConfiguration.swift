@@ -58,6 +58,10 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
     public var streamWriteTimeoutSeconds = 30.0
     /// How long finished records are kept, and how often they are pruned.
     public var retention = RetentionConfiguration()
+    /// How long a browser session (signing in to the HTML reports with an admin key) lasts.
+    public var sessionHours = 8.0
+    /// Mark the session cookie Secure (set it when the service is reached over HTTPS, e.g. behind a TLS proxy).
+    public var sessionCookieSecure = false
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case host, port, maxImportBytes = "max_import_bytes"
@@ -70,7 +74,7 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
         case maxCorrectionTokens = "max_correction_tokens", maxPolicies = "max_policies"
         case maxConsolidationSteps = "max_consolidation_steps", idleTimeoutSeconds = "idle_timeout_seconds"
         case bodyReadTimeoutSeconds = "body_read_timeout_seconds", streamWriteTimeoutSeconds = "stream_write_timeout_seconds"
-        case retention
+        case retention, sessionHours = "session_hours", sessionCookieSecure = "session_cookie_secure"
     }
 
     public struct Invalid: Error, CustomStringConvertible {
@@ -110,6 +114,8 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
         streamWriteTimeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .streamWriteTimeoutSeconds)
             ?? d.streamWriteTimeoutSeconds
         retention = try c.decodeIfPresent(RetentionConfiguration.self, forKey: .retention) ?? d.retention
+        sessionHours = try c.decodeIfPresent(Double.self, forKey: .sessionHours) ?? d.sessionHours
+        sessionCookieSecure = try c.decodeIfPresent(Bool.self, forKey: .sessionCookieSecure) ?? d.sessionCookieSecure
         try validate()
     }
 
@@ -139,6 +145,7 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
                           ("stream_write_timeout_seconds", streamWriteTimeoutSeconds)] where !(v > 0 && v <= 86400) {
             try fail("\(name) must be in (0, 86400]")
         }
+        if !(sessionHours > 0 && sessionHours <= 24 * 30) { try fail("session_hours must be in (0, 720]") }
         try retention.validate()
     }
 }

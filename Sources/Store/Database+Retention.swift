@@ -66,6 +66,8 @@ extension Database {
                     LIMIT $2)
                 """, before: c)
         }
+        // Expired browser sessions are never of use.
+        try await client.query("DELETE FROM sessions WHERE expires_at <= \(now)", logger: logger)
         if let c = cutoff(retention.auditEvents) {
             counts.auditEvents = try await deleteInBatches("""
                 DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events WHERE created_at < $1 LIMIT $2)

@@ -92,6 +92,38 @@ extension Database {
         return false
     }
 
+    // MARK: Browser sessions
+
+    /// A session token: "cs-" and 43 base-62 characters (256 bits from the system CSPRNG).
+    static func newSessionToken() -> String { "cs-" + newKey().dropFirst(3) }
+
+    public func createSession(for principal: Principal, seconds: Double) async throws -> String {
+        let token = Self.newSessionToken()
+        let expires = Date().addingTimeInterval(seconds)
+        try Self.checkStorable(expires)
+        try await client.query("""
+            INSERT INTO sessions (token_hash, key_id, expires_at) VALUES (\(Self.hash(key: token)), \(principal.keyID), \(expires))
+            """, logger: logger)
+        return token
+    }
+
+    public func session(token: String) async throws -> Principal? {
+        guard token.hasPrefix("cs-"), token.count < 200 else { return nil }
+        let rows = try await client.query("""
+            SELECT k.tenant_id, k.id, k.role FROM sessions s JOIN api_keys k ON k.id = s.key_id
+            WHERE s.token_hash = \(Self.hash(key: token)) AND s.expires_at > now() AND k.revoked_at IS NULL
+            """, logger: logger)
+        for try await (tenant, id, role) in rows.decode((Int64, Int64, String).self) {
+            guard let role = KeyRole(rawValue: role) else { return nil }
+            return Principal(tenantID: tenant, keyID: id, role: role)
+        }
+        return nil
+    }
+
+    public func endSession(token: String) async throws {
+        try await client.query("DELETE FROM sessions WHERE token_hash = \(Self.hash(key: token))", logger: logger)
+    }
+
     /// The tenant and key a presented key belongs to; nil for unknown or revoked keys.
     public func authenticate(key: String) async throws -> Principal? {
         guard key.hasPrefix("ck-"), key.count < 200 else { return nil }

@@ -53,6 +53,8 @@ public final class InMemoryStore: ContinuumStore {
         /// user id → version → report
         var reports: [Int64: [Int64: DriftReport]] = [:]
         var settings: [Int64: (policies: String?, probes: String?)] = [:]
+        /// token hash → (key id, expiry)
+        var sessions: [String: (key: Int64, expires: Date)] = [:]
 
         mutating func id() -> Int64 {
             nextID += 1
@@ -117,6 +119,27 @@ public final class InMemoryStore: ContinuumStore {
             s.keys.values.first { $0.hash == hash && $0.key.revokedAt == nil }
                 .map { Principal(tenantID: $0.key.tenantID, keyID: $0.key.id, role: $0.key.role) }
         }
+    }
+
+    public func createSession(for principal: Principal, seconds: Double) async throws -> String {
+        let token = Database.newSessionToken()
+        state.withLock { $0.sessions[Database.hash(key: token)] = (principal.keyID, Date().addingTimeInterval(seconds)) }
+        return token
+    }
+
+    public func session(token: String) async throws -> Principal? {
+        guard token.hasPrefix("cs-"), token.count < 200 else { return nil }
+        let hash = Database.hash(key: token)
+        return state.withLock { s in
+            guard let session = s.sessions[hash], session.expires > Date(), let k = s.keys[session.key]?.key, k.revokedAt == nil else {
+                return nil
+            }
+            return Principal(tenantID: k.tenantID, keyID: k.id, role: k.role)
+        }
+    }
+
+    public func endSession(token: String) async throws {
+        state.withLock { _ = $0.sessions.removeValue(forKey: Database.hash(key: token)) }
     }
 
     // MARK: Users
@@ -492,6 +515,7 @@ public final class InMemoryStore: ContinuumStore {
                     }
                 }
             }
+            s.sessions = s.sessions.filter { $0.value.expires > now }
             if let c = cutoff(retention.auditEvents) {
                 let before = s.events.count
                 s.events.removeAll { $0.event.createdAt < c }

@@ -25,6 +25,12 @@ public protocol TenantStore: Sendable {
     func revokeKey(id: Int64, tenantID: Int64) async throws -> Bool
     /// The tenant, key and role a presented key belongs to; nil for unknown or revoked keys.
     func authenticate(key: String) async throws -> Principal?
+    /// A new browser session of `principal`'s key, valid for `seconds`: the token (only its hash is kept).
+    func createSession(for principal: Principal, seconds: Double) async throws -> String
+    /// The principal of a live session (its key not revoked, not expired); nil otherwise.
+    func session(token: String) async throws -> Principal?
+    /// Ends a session (nothing when there is none).
+    func endSession(token: String) async throws
 }
 
 /// Users and the versions of their memories.

@@ -39,12 +39,18 @@ struct EndpointSpecTests {
                 case .json(let required):
                     #expect(types == ["application/json"] && (body?["required"] as? Bool ?? false) == required, "\(id): JSON body")
                 case .binary: #expect(types == ["application/octet-stream"], "\(id): binary body")
+                case .form: #expect(types == ["application/x-www-form-urlencoded"], "\(id): form body")
                 }
+                // A session cookie stands for the key exactly where the spec offers the session scheme.
+                let schemes = ((op["security"] as? [[String: Any]]) ?? []).flatMap(\.keys)
+                #expect(schemes.contains("session") == e.sessions, "\(id): session scheme in the spec vs the table")
+                #expect(!e.sessions || e.method == .get, "\(id): a session may only stand for a key on a read")
                 let statuses = Set(((op["responses"] as? [AnyHashable: Any]) ?? [:]).keys.map { "\($0)" })
                 var needed: Set<String> = []
                 if case .key(let r) = e.access {
                     needed.formUnion(["401", "500"])
                     if r == .admin { needed.insert("403") }
+                    if e.sessions { needed.insert("303") }
                 }
                 if e.hasUser { needed.formUnion(["400", "404"]) }
                 if e.body != .none { needed.formUnion(["400", "408", "413", "415"]) }

@@ -104,3 +104,50 @@ struct RoleTests {
         #expect(!text.lowercased().contains("authorization:") && !text.contains("Bearer"), "an Authorization header in the logs")
     }
 }
+
+@Suite("Browser sessions", .serialized)
+struct SessionTests {
+    @Test("sign-in exchanges an admin key for an HttpOnly SameSite cookie that opens the reports and nothing else")
+    func signIn() async throws {
+        let (db, adminKey) = try await Fixture.database()
+        let tenant = try #require(try await db.tenant(named: "acme"))
+        let (_, appKey) = try await db.createKey(tenantID: tenant.id, name: "app", role: .app)
+        try await Fixture.app(db).test(.live) { client in
+            func form(_ key: String) async throws -> TestResponse {
+                try await client.execute(uri: "/signin", method: .post, headers: [.contentType: "application/x-www-form-urlencoded"],
+                                         body: ByteBuffer(string: "key=" + (key.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? "")))
+            }
+            let page = try await client.execute(uri: "/signin", method: .get)
+            #expect(page.status == .ok && page.body.text.contains("<form method=\"post\" action=\"/signin\">"))
+            #expect(try await form("ck-nope").status == .unauthorized)
+            #expect(try await form(appKey).status == .forbidden)
+            let signed = try await form(adminKey)
+            #expect(signed.status == .seeOther && signed.headers[.location] == "/v1/audit?format=html")
+            let cookie = try #require(signed.headers[.setCookie])
+            #expect(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict") && cookie.contains("Path=/"), "\(cookie)")
+            #expect(!cookie.contains(adminKey) && !cookie.contains(String(adminKey.dropFirst(11))))
+            let token = try #require(cookie.split(separator: ";").first?.split(separator: "=", maxSplits: 1).last.map(String.init))
+            let withCookie: HTTPFields = [.cookie: "continuum_session=\(token)"]
+            // The reports open with the cookie…
+            _ = try await generate(client, key: adminKey, user: "alice", prompt: "Hello", maxTokens: 1, learn: false)
+            let ranking = try await client.execute(uri: "/v1/audit?format=html", method: .get, headers: withCookie)
+            #expect(ranking.status == .ok && ranking.headers[.contentType]?.hasPrefix("text/html") == true)
+            let userPage = try await client.execute(uri: "/v1/users/alice/audit?format=html", method: .get, headers: withCookie)
+            #expect(userPage.status == .ok && userPage.body.text.contains("<svg"))
+            // …but the cookie stands for the key on nothing else.
+            let clear = try await client.execute(uri: "/v1/users/alice/audit/clear", method: .post, headers: withCookie)
+            #expect(clear.status == .unauthorized)
+            let memory = try await client.execute(uri: "/v1/users/alice/memory", method: .get, headers: withCookie)
+            #expect(memory.status == .unauthorized)
+            // Without a session, a browser asking for a page goes to the sign-in page; an API client gets 401.
+            let bare = try await client.execute(uri: "/v1/audit?format=html", method: .get)
+            #expect(bare.status == .seeOther && bare.headers[.location] == "/signin")
+            #expect(try await client.execute(uri: "/v1/audit", method: .get).status == .unauthorized)
+            // Signing out ends the session.
+            let out = try await client.execute(uri: "/signout", method: .post, headers: withCookie)
+            #expect(out.status == .seeOther && out.headers[.setCookie]?.contains("Max-Age=0") == true)
+            #expect(try await client.execute(uri: "/v1/audit?format=html", method: .get, headers: withCookie).status == .seeOther)
+        }
+        await db.close()
+    }
+}

@@ -284,6 +284,29 @@ struct StoreContractTests {
     }
 }
 
+extension StoreContractTests {
+    @Test("browser sessions: a token names its key's principal until it expires, is ended, or its key is revoked",
+          arguments: StoreKind.allCases)
+    func sessions(kind: StoreKind) async throws {
+        let (store, acme, _, close) = try await kind.make()
+        let (record, key) = try await store.createKey(tenantID: acme.id, name: "ops", role: .admin)
+        let principal = try #require(try await store.authenticate(key: key))
+        let token = try await store.createSession(for: principal, seconds: 3600)
+        #expect(token.hasPrefix("cs-") && token.count == 46 && token != key)
+        #expect(try await store.session(token: token) == principal)
+        #expect(try await store.session(token: token + "x") == nil)
+        #expect(try await store.session(token: key) == nil)
+        let expired = try await store.createSession(for: principal, seconds: -1)
+        #expect(try await store.session(token: expired) == nil)
+        try await store.endSession(token: token)
+        #expect(try await store.session(token: token) == nil)
+        let other = try await store.createSession(for: principal, seconds: 3600)
+        #expect(try await store.revokeKey(id: record.id, tenantID: acme.id))
+        #expect(try await store.session(token: other) == nil)
+        await close()
+    }
+}
+
 /// Job ids of `failed` callbacks.
 final class FailedJobs: @unchecked Sendable {
     private let lock = NSLock()
