@@ -6,6 +6,8 @@ CONTINUUM_RELEASE := .build/release/continuum
 OPENAI_VERSION := 3.54.0
 ## Schemathesis, the property-based API checker (PyPI, pinned), in its own virtual environment.
 SCHEMATHESIS_VERSION := 4.32.5
+## Selenium, which drives Debian's headless Chromium for the reports' browser check (PyPI, pinned, same venv).
+SELENIUM_VERSION := 4.40.0
 API_VENV := .venv-api
 ## Seconds schemathesis may spend generating requests in `make test`.
 API_FUZZ_SECONDS ?= 180
@@ -30,9 +32,15 @@ deps:
 	if ! python3 -c 'import openai, sys; sys.exit(openai.__version__ != "$(OPENAI_VERSION)")' 2>/dev/null; then \
 		python3 -m pip install -q --break-system-packages 'openai==$(OPENAI_VERSION)'; \
 	fi; \
+	if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; \
+	fi; \
 	if ! $(API_VENV)/bin/schemathesis --version 2>/dev/null | grep -q ' $(SCHEMATHESIS_VERSION)$$'; then \
 		python3 -m venv $(API_VENV) 2>/dev/null || { $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q python3-venv && rm -rf $(API_VENV) && python3 -m venv $(API_VENV); }; \
 		$(API_VENV)/bin/pip install -q 'schemathesis==$(SCHEMATHESIS_VERSION)'; \
+	fi; \
+	if ! $(API_VENV)/bin/python -c 'import selenium, sys; sys.exit(selenium.__version__ != "$(SELENIUM_VERSION)")' 2>/dev/null; then \
+		$(API_VENV)/bin/pip install -q 'selenium==$(SELENIUM_VERSION)'; \
 	fi
 
 build: deps
@@ -65,15 +73,17 @@ chat: deps
 ## swift test (suites one after another: the service tests run real learning
 ## and audits, and on two cores parallel suites would starve each other),
 ## two server processes on one database (exactly-once learning, kill -9), the
-## official openai client against `continuum serve`, and schemathesis
+## official openai client against `continuum serve`, schemathesis
 ## generating requests from openapi.yaml against it (no 5xx, every status
-## and schema as documented, the server alive afterwards, no key in its log).
+## and schema as documented, the server alive afterwards, no key in its log),
+## and headless Chromium signing in to the drift reports.
 test: setup
 	scripts/cli-smoke.sh $(CONTINUUM_DEBUG)
 	$(SWIFT) test --no-parallel
 	scripts/service-durability.py $(CONTINUUM_DEBUG)
 	scripts/openai-client-check.py $(CONTINUUM_DEBUG)
 	scripts/api-fuzz.py $(CONTINUUM_DEBUG) --max-time $(API_FUZZ_SECONDS)
+	$(API_VENV)/bin/python scripts/report-browser-check.py $(CONTINUUM_DEBUG)
 
 ## Engine vs llama.cpp (needs `pip install llama-cpp-python`).
 bench: setup release

@@ -27,13 +27,14 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from continuum_serve import ZeroConfigServer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conformance", "response_headers_conformance",
@@ -53,8 +54,6 @@ def main():
     ap.add_argument("--max-time", type=int, default=180, help="schemathesis' time budget in seconds")
     ap.add_argument("--schemathesis", default=os.path.join(ROOT, ".venv-api", "bin", "schemathesis"))
     args = ap.parse_args()
-    binary = os.path.abspath(args.binary)
-    workdir = tempfile.mkdtemp(prefix="continuum-api-fuzz-")
     failures = []
 
     def check(name, ok, detail=""):
@@ -62,34 +61,16 @@ def main():
         if not ok:
             failures.append(name)
 
-    with open(os.path.join(workdir, "levels.json"), "w") as f:
+    settings = tempfile.mkdtemp(prefix="continuum-api-fuzz-settings-")
+    with open(os.path.join(settings, "levels.json"), "w") as f:
         json.dump(LEVELS, f)
-    with open(os.path.join(workdir, "service.json"), "w") as f:
+    with open(os.path.join(settings, "service.json"), "w") as f:
         json.dump(CONFIG, f)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out_path, log_path = os.path.join(workdir, "serve.out"), os.path.join(workdir, "serve.log")
-    out = open(out_path, "w+")
-    server = subprocess.Popen([binary, "serve", "--port", str(port), "--data-dir", workdir + "/data",
-                               "--levels", workdir + "/levels.json", "--config", workdir + "/service.json",
-                               "--log-level", "debug"],
-                              stdout=out, stderr=open(log_path, "w"))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline, key = time.time() + 300, None
-        while time.time() < deadline and key is None:
-            if server.poll() is not None:
-                raise SystemExit(f"continuum serve exited with {server.returncode}; see {log_path}")
-            out.seek(0)
-            key = next((l.split(": ", 1)[1].strip() for l in out if l.startswith("API key: ")), None)
-            time.sleep(0.2)
-        while time.time() < deadline:
-            try:
-                if urllib.request.urlopen(base + "/readyz", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
+    server = ZeroConfigServer(args.binary, ["--levels", settings + "/levels.json", "--config", settings + "/service.json",
+                                            "--log-level", "debug"], prefix="continuum-api-fuzz-")
+    with server:
+        server.keep = True   # until every check has passed
+        key, base = server.key, server.base
         check("zero-config serve printed an admin key", key is not None and key.startswith("ck-"), key)
         # A user with some history, so that stateful and example requests find something.
         req = urllib.request.Request(base + "/v1/generate", method="POST",
@@ -105,35 +86,30 @@ def main():
                "--suppress-health-check", "all", "--seed", "20261201"]
         print("schemathesis run … --checks " + ",".join(CHECKS) + f" --max-time {args.max_time}", flush=True)
         # In the scratch directory: schemathesis keeps a cache of its findings in the working directory.
-        run = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
+        run = subprocess.run(cmd, capture_output=True, text=True, cwd=server.workdir, env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
         # Never print the key: it is in the command line schemathesis echoes in reproduction commands.
         report = (run.stdout + run.stderr).replace(key, "ck-…")
-        with open(os.path.join(workdir, "schemathesis.txt"), "w") as f:
+        with open(os.path.join(server.workdir, "schemathesis.txt"), "w") as f:
             f.write(report)
         print(report[-6000:], flush=True)
         summary = [l for l in report.splitlines() if re.search(r"\d+ (passed|failed)", l) or "test cases" in l]
         print("schemathesis summary: " + (summary[-1].strip() if summary else "(none)"), f"({time.time() - started:.0f} s)")
-        check("schemathesis: no failures", run.returncode == 0, f"exit {run.returncode}; full report in {workdir}/schemathesis.txt")
-        check("the server is still running", server.poll() is None)
+        check("schemathesis: no failures", run.returncode == 0,
+              f"exit {run.returncode}; full report in {server.workdir}/schemathesis.txt")
+        check("the server is still running", server.alive())
         try:
             health = urllib.request.urlopen(base + "/healthz", timeout=10).status
         except OSError as e:
             health = e
         check("/healthz answers after the run", health == 200, health)
-    finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
-    log = open(log_path).read() + open(out_path).read().replace(f"API key: {key}", "")
-    secret = key[11:] if key else None
-    check("the server's log holds no key material", secret is not None and secret not in log and "Bearer" not in log)
-    check("the server's log is not empty (debug level)", len(log) > 0)
+        server.stop()
+        log = server.logs()
+        check("the server's log holds no key material", key[11:] not in log and "Bearer" not in log)
+        check("the server's log is not empty (debug level)", len(log) > 0)
+        if not failures:
+            server.keep = False
+    shutil.rmtree(settings, ignore_errors=True)
     print("api fuzz:", "0 failures" if not failures else f"{len(failures)} failures: {failures}")
-    if not failures:
-        shutil.rmtree(workdir, ignore_errors=True)
     sys.exit(1 if failures else 0)
 
 
