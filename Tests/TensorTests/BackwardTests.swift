@@ -6,20 +6,22 @@ import TestSupport
 
 @Suite("Backward kernels")
 struct BackwardTests {
-    @Test("weight-matrix backward dx = dy · W for every format", arguments: allTypes)
-    func weightMatrix(type: WeightType) {
-        let rows = 3000, cols = 512, n = 3   // two dequantisation chunks of 2,048 rows
+    @Test("weight-matrix backward dx = dy · W for every format, path and batch size", arguments: allTypes, [1, 3, 13, 50])
+    func weightMatrix(type: WeightType, n: Int) {
+        let rows = 3000, cols = 512   // two dequantisation chunks of 2,048 rows; twelve transposed stretches of 256
         let w = RandomWeights(type, rows: rows, cols: cols, seed: 4)
         var rng = TestRNG(state: 24)
         let dy = (0..<(n * rows)).map { _ in rng.float() }
         let weights = Reference.dequantize(type, w.matrix.data, count: rows * cols)
         var expected = [Double](repeating: 0, count: n * cols)
         for j in 0..<n { for r in 0..<rows { for c in 0..<cols { expected[j * cols + c] += Double(dy[j * rows + r]) * Double(weights[r * cols + c]) } } }
-        var dx = [Float](repeating: 1, count: n * cols)
-        w.matrix.matmulBackward(dy, count: n, into: &dx, accumulate: true)
-        #expect(maxRelativeError(dx, expected.map { $0 + 1 }) < 1e-5)
-        w.matrix.matmulBackward(dy, count: n, into: &dx)
-        #expect(maxRelativeError(dx, expected) < 1e-5)
+        for path in KernelPath.allCases {
+            var dx = [Float](repeating: 1, count: n * cols)
+            w.matrix.matmulBackward(dy, count: n, into: &dx, accumulate: true, kernels: path)
+            #expect(maxRelativeError(dx, expected.map { $0 + 1 }) < 1e-5, "\(type) \(path) n \(n), accumulated")
+            w.matrix.matmulBackward(dy, count: n, into: &dx, kernels: path)
+            #expect(maxRelativeError(dx, expected) < 1e-5, "\(type) \(path) n \(n)")
+        }
     }
 
     @Test("causal attention: dq, dk, dv")
