@@ -509,6 +509,160 @@ CK_TARGET512 static void dot_vnni2(int type, const uint8_t *row, const uint8_t *
     vnni_row(type, row, buf, buf2, cols, out, 1);
 }
 
+// ---------------------------------------------------------------------------
+// Transposed products (the backward pass's dL/dx = dL/dy · W) for the
+// 32-blocks: each weight block is unpacked in registers, to exactly the
+// values dequant_avx2 writes, and multiplied with a group of vectors whose
+// accumulators stay in registers over a stretch of rows; nothing is written
+// out but dX. AVX-512 keeps a whole block (2 zmm) for up to 8 vectors,
+// AVX2 half a block (2 ymm) for up to 4.
+#define T_ROWS 256
+
+CK_TARGET512 static inline __attribute__((always_inline))
+void unpack_block512(int type, const uint8_t *blk, __m512 *w0, __m512 *w1) {
+    const __m128i m4 = _mm_set1_epi8(15);
+    if (type == CK_Q8_0) {
+        __m512 d = _mm512_set1_ps(_cvtsh_ss(load_u16(blk)));
+        *w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2)))), d);
+        *w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18)))), d);
+    } else if (type == CK_Q4_1) {
+        __m512 d = _mm512_set1_ps(_cvtsh_ss(load_u16(blk)));
+        __m512 m = _mm512_set1_ps(_cvtsh_ss(load_u16(blk + 2)));
+        __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
+        __m128i lo = _mm_and_si128(q, m4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
+        *w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), d, m);
+        *w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), d, m);
+    } else {   // Q4_0
+        __m512 d = _mm512_set1_ps(_cvtsh_ss(load_u16(blk)));
+        const __m512i eight = _mm512_set1_epi32(8);
+        __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
+        __m128i lo = _mm_and_si128(q, m4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
+        *w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(lo), eight)), d);
+        *w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(hi), eight)), d);
+    }
+}
+
+/// dX[j, 32b..32b+32) += Σ_r dY[j, r] · W[r, 32b..32b+32) for J vectors and rows [r0, r1).
+CK_TARGET512 static inline __attribute__((always_inline))
+void tgroup512(int type, const uint8_t *base, size_t rb, size_t bs, size_t b, size_t r0, size_t r1,
+               const float *dY, size_t ldy, float *dX, size_t ldx, const int J, size_t prefetch) {
+    __m512 acc[16];
+    for (int j = 0; j < J; j++) {
+        acc[2 * j] = _mm512_loadu_ps(dX + j * ldx + 32 * b);
+        acc[2 * j + 1] = _mm512_loadu_ps(dX + j * ldx + 32 * b + 16);
+    }
+    for (size_t r = r0; r < r1; r++) {
+        __m512 w0, w1;
+        // The first pass over a stretch fetches its rows' columns ahead
+        // (the hardware prefetcher does not follow this stride across pages).
+        for (size_t o = 0; o < prefetch; o += 64) _mm_prefetch((const char *)(base + (r + 8) * rb + b * bs + o), _MM_HINT_T0);
+        unpack_block512(type, base + r * rb + b * bs, &w0, &w1);
+        for (int j = 0; j < J; j++) {
+            __m512 s = _mm512_set1_ps(dY[j * ldy + r]);
+            acc[2 * j] = _mm512_fmadd_ps(s, w0, acc[2 * j]);
+            acc[2 * j + 1] = _mm512_fmadd_ps(s, w1, acc[2 * j + 1]);
+        }
+    }
+    for (int j = 0; j < J; j++) {
+        _mm512_storeu_ps(dX + j * ldx + 32 * b, acc[2 * j]);
+        _mm512_storeu_ps(dX + j * ldx + 32 * b + 16, acc[2 * j + 1]);
+    }
+}
+
+CK_TARGET512 static void tmatmul512(int type, const uint8_t *base, size_t rb, size_t bs, size_t b0, size_t b1,
+                                    size_t rows, const float *dY, size_t ldy, size_t n, float *dX, size_t ldx) {
+    // Software prefetch only for a matrix beyond the caches (the LM head):
+    // smaller ones stay in L2 from one call to the next.
+    int big = rows * rb > ((size_t)8 << 20);
+    for (size_t r0 = 0; r0 < rows; r0 += T_ROWS) {
+        size_t r1 = r0 + T_ROWS < rows ? r0 + T_ROWS : rows;
+        for (size_t b = b0; b < b1; b++) {
+            for (size_t j0 = 0; j0 < n; j0 += 8) {
+                size_t pf = big && b == b0 && j0 == 0 && r1 + 8 <= rows ? (b1 - b0) * bs : 0;
+                const float *y = dY + j0 * ldy;
+                float *x = dX + j0 * ldx;
+                switch (n - j0 < 8 ? n - j0 : 8) {
+#define T512(J) case J: tgroup512(type, base, rb, bs, b, r0, r1, y, ldy, x, ldx, J, pf); break;
+                T512(1) T512(2) T512(3) T512(4) T512(5) T512(6) T512(7) T512(8)
+#undef T512
+                }
+            }
+        }
+    }
+}
+
+/// Half `h` of a block (16 values) as two ymm, as dequant_avx2 computes them.
+CK_TARGET static inline __attribute__((always_inline))
+void unpack_half256(int type, const uint8_t *blk, int h, __m256 *w0, __m256 *w1) {
+    const __m128i m4 = _mm_set1_epi8(15);
+    __m256 d = _mm256_set1_ps(_cvtsh_ss(load_u16(blk)));
+    if (type == CK_Q8_0) {
+        *w0 = _mm256_mul_ps(i8x8_to_ps(_mm_loadl_epi64((const __m128i *)(blk + 2 + 16 * h))), d);
+        *w1 = _mm256_mul_ps(i8x8_to_ps(_mm_loadl_epi64((const __m128i *)(blk + 10 + 16 * h))), d);
+        return;
+    }
+    __m128i q = _mm_loadu_si128((const __m128i *)(blk + (type == CK_Q4_1 ? 4 : 2)));
+    __m128i nib = h ? _mm_and_si128(_mm_srli_epi16(q, 4), m4) : _mm_and_si128(q, m4);
+    if (type == CK_Q4_1) {
+        __m256 m = _mm256_set1_ps(_cvtsh_ss(load_u16(blk + 2)));
+        *w0 = _mm256_fmadd_ps(u8x8_to_ps(nib), d, m);
+        *w1 = _mm256_fmadd_ps(u8x8_to_ps(_mm_srli_si128(nib, 8)), d, m);
+    } else {   // Q4_0
+        const __m256i eight = _mm256_set1_epi32(8);
+        *w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(nib), eight)), d);
+        *w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(nib, 8)), eight)), d);
+    }
+}
+
+CK_TARGET static inline __attribute__((always_inline))
+void tgroup256(int type, const uint8_t *base, size_t rb, size_t bs, size_t b, int h, size_t r0, size_t r1,
+               const float *dY, size_t ldy, float *dX, size_t ldx, const int J, size_t prefetch) {
+    __m256 acc[8];
+    size_t c = 32 * b + 16 * h;
+    for (int j = 0; j < J; j++) {
+        acc[2 * j] = _mm256_loadu_ps(dX + j * ldx + c);
+        acc[2 * j + 1] = _mm256_loadu_ps(dX + j * ldx + c + 8);
+    }
+    for (size_t r = r0; r < r1; r++) {
+        __m256 w0, w1;
+        for (size_t o = 0; o < prefetch; o += 64) _mm_prefetch((const char *)(base + (r + 8) * rb + b * bs + o), _MM_HINT_T0);
+        unpack_half256(type, base + r * rb + b * bs, h, &w0, &w1);
+        for (int j = 0; j < J; j++) {
+            __m256 s = _mm256_set1_ps(dY[j * ldy + r]);
+            acc[2 * j] = _mm256_fmadd_ps(s, w0, acc[2 * j]);
+            acc[2 * j + 1] = _mm256_fmadd_ps(s, w1, acc[2 * j + 1]);
+        }
+    }
+    for (int j = 0; j < J; j++) {
+        _mm256_storeu_ps(dX + j * ldx + c, acc[2 * j]);
+        _mm256_storeu_ps(dX + j * ldx + c + 8, acc[2 * j + 1]);
+    }
+}
+
+CK_TARGET static void tmatmul256(int type, const uint8_t *base, size_t rb, size_t bs, size_t b0, size_t b1,
+                                 size_t rows, const float *dY, size_t ldy, size_t n, float *dX, size_t ldx) {
+    // Software prefetch only for a matrix beyond the caches (the LM head):
+    // smaller ones stay in L2 from one call to the next.
+    int big = rows * rb > ((size_t)8 << 20);
+    for (size_t r0 = 0; r0 < rows; r0 += T_ROWS) {
+        size_t r1 = r0 + T_ROWS < rows ? r0 + T_ROWS : rows;
+        for (size_t b = b0; b < b1; b++) {
+            for (int h = 0; h < 2; h++) {
+                for (size_t j0 = 0; j0 < n; j0 += 4) {
+                    size_t pf = big && b == b0 && h == 0 && j0 == 0 && r1 + 8 <= rows ? (b1 - b0) * bs : 0;
+                    const float *y = dY + j0 * ldy;
+                    float *x = dX + j0 * ldx;
+                    switch (n - j0 < 4 ? n - j0 : 4) {
+#define T256(J) case J: tgroup256(type, base, rb, bs, b, h, r0, r1, y, ldy, x, ldx, J, pf); break;
+                    T256(1) T256(2) T256(3) T256(4)
+#undef T256
+                    }
+                }
+            }
+        }
+    }
+}
+
 static int detect_avx512vnni(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
@@ -637,6 +791,37 @@ void ck_dequantize_rows(int type, const void *W, size_t cols,
 #endif
         dequant_scalar(type, base + r * rb, cols, o);
     }
+}
+
+void ck_matmul_t(int type, const void *W, size_t cols, size_t rows, size_t col_begin, size_t col_end,
+                 const float *dY, size_t ldy, size_t n, float *dX, size_t ldx, int cap) {
+    size_t rb = row_bytes(type, cols);
+    const uint8_t *base = (const uint8_t *)W;
+    int level = cap < ck_simd_level() ? cap : ck_simd_level();
+#ifdef CK_X86
+    if (level >= 1 && is_block_type(type)) {
+        size_t bs = row_bytes(type, 32);
+        if (level == 2) tmatmul512(type, base, rb, bs, col_begin / 32, col_end / 32, rows, dY, ldy, n, dX, ldx);
+        else tmatmul256(type, base, rb, bs, col_begin / 32, col_end / 32, rows, dY, ldy, n, dX, ldx);
+        return;
+    }
+#endif
+    // Any other type or level: dequantise the row's columns, then one axpy per vector.
+    size_t width = col_end - col_begin, offset = row_bytes(type, col_begin);
+    float *w = (float *)malloc((width ? width : 1) * sizeof(float));
+    for (size_t r = 0; r < rows; r++) {
+#ifdef CK_X86
+        if (level >= 1) dequant_avx2(type, base + r * rb + offset, width, w);
+        else
+#endif
+            dequant_scalar(type, base + r * rb + offset, width, w);
+        for (size_t j = 0; j < n; j++) {
+            float s = dY[j * ldy + r];
+            float *x = dX + j * ldx + col_begin;
+            for (size_t c = 0; c < width; c++) x[c] += s * w[c];
+        }
+    }
+    free(w);
 }
 
 // ---------------------------------------------------------------------------

@@ -5,6 +5,43 @@
 // counter crosses a multiple of chunk_size it applies the summed gradient
 // once (clipped, checked for NaN/Inf and the norm bound, then decayed by the
 // level's retention) and restarts the accumulator.
+//
+// Learning semantics (streaming; ARCHITECTURE.md §1 "Learning semantics and
+// cost"). A request's tokens are processed once, in order, as streaming
+// inference processes them. Its targets are the tokens i ≥ 1 with
+// learnable[i] (token 0 is never a target; row i − 1 predicts token i). They
+// are cut into pieces at every level's chunk boundary. A piece is the rows
+// from where the previous piece stopped up to its last target's row (rows
+// after the request's last target are never run). It runs forward with the
+// levels' weights as they are at its start — so within a chunk every
+// gradient is taken at the chunk-start weights — attending to the KV cache
+// of the request's earlier pieces, whose keys and values stay as they were
+// computed when those pieces ran (with the weights then current). Its loss is
+// the NLL of its targets (the surprise gate zeroes the gradient of targets
+// already predicted within min_surprise nats); the backward runs through the
+// piece's own rows only, from the loss down to the lowest adapted layer, and
+// stops at the cached keys and values: they are constants, so no gradient
+// reaches an earlier piece's rows. The piece's gradient, summed over its
+// targets, joins each level's accumulator; a level whose counter reaches its
+// chunk boundary applies its update before the next piece runs. The frozen
+// layers below the lowest adapted layer do not depend on the levels: they
+// run once per token, batched, when the request starts. Every request starts
+// with an empty cache (an earlier request is not attended to). A piece from
+// position 0 — all of a request shorter than the nearest chunk boundary —
+// gets exactly the full-sequence gradient of LevelTrainer's
+// lossAndGradients(tokens:…), which the PyTorch fixture checks.
+//
+// Bounds. A request longer than `contextWindow` tokens (default and at most
+// the model's positions) is learned in windows of that many tokens, each
+// starting at the previous window's last token with an empty cache (the
+// windows `perplexity` scores), so each target is learned once. Rows of a
+// piece that lie more than `gradientContext` (512) rows before its first
+// target's row run forward only, into the cache, like an earlier piece's:
+// that bounds the activations a piece keeps for its backward.
+//
+// Cost: one forward per token through every layer, plus the LM head and an
+// activation-gradient backward through the adapted layers for the learnable
+// rows (`continuum bench learn-cost`, BENCHMARKS.md).
 import Foundation
 import Model
 
@@ -38,14 +75,31 @@ public final class LevelLearner {
     /// in all): the contexts consolidation distils on.
     public private(set) var recentTokens: [[Int]] = []
     public static let recentLimit = 2048
-    /// Tokens of context kept before each piece of a request when learning
-    /// (a request is learned piece by piece between chunk boundaries, each
-    /// piece with the weights current at its start).
-    public var contextWindow = 512
+    /// How a request is cut into pieces and what each piece's gradient is.
+    public enum Semantics: Sendable, Equatable {
+        /// Each token once, in order; a piece attends to the cache of the
+        /// request's earlier pieces, whose keys and values are constants
+        /// (the file header). The default.
+        case streaming
+        /// The rule before streaming (issue 3), kept for benchmarks: each
+        /// piece re-runs up to `context` tokens before its first target from
+        /// scratch, with gradients through all of them — work that grows as
+        /// tokens × context ÷ chunk.
+        case recomputedPrefix(context: Int)
+    }
+    public var semantics = Semantics.streaming
+    /// Longest stretch of a request learned with one cache (streaming): a
+    /// longer request is learned in windows of this many tokens, each starting
+    /// at the previous window's last token. At most the model's positions.
+    public var contextWindow: Int
+    /// Rows before a piece's first target row that take gradients (streaming);
+    /// earlier unprocessed rows of the piece run forward only, as cache.
+    public var gradientContext = 512
 
     public init(state: LevelState, model: LlamaModel) throws {
         self.state = state
         trainer = LevelTrainer(model: model)
+        contextWindow = model.configuration.maxPositionEmbeddings
         let n = state.configuration.levels.count
         tokenCounters = [Int](repeating: 0, count: n)
         accumulatedTokens = tokenCounters
@@ -65,11 +119,50 @@ public final class LevelLearner {
     /// level's chunk boundary; each piece is run with the weights current at
     /// its start, so a level's gradient within a chunk is always taken at its
     /// chunk-start weights, and a request that spans several boundaries
-    /// applies several updates.
+    /// applies several updates. What a piece's gradient is: `semantics`.
     public func learn(tokens: [Int], learnable: [Bool]) throws {
         precondition(learnable.count == tokens.count)
         remember(tokens)
-        let targets = (1..<max(1, tokens.count)).filter { learnable[$0] }
+        switch semantics {
+        case .streaming:
+            let limit = trainer.model.configuration.maxPositionEmbeddings
+            let window = max(2, min(contextWindow, limit))
+            var start = 0
+            while start < tokens.count - 1 {   // windows sharing one token
+                let end = min(start + window, tokens.count)
+                try learnStreaming(Array(tokens[start..<end]), learnable: Array(learnable[start..<end]))
+                start = end - 1
+            }
+        case .recomputedPrefix(let context):
+            let targets = (1..<max(1, tokens.count)).filter { learnable[$0] }
+            try learn(targets: targets) { piece in
+                // The tokens up to the piece's last target, and at most
+                // `context` tokens of context before its first, from scratch.
+                let from = max(0, piece[0] - context), to = piece[piece.count - 1] + 1
+                var mask = [Bool](repeating: false, count: to - from)
+                for i in piece { mask[i - from] = true }
+                return try trainer.lossAndGradients(tokens: Array(tokens[from..<to]), learnable: mask, state: state,
+                                                    minSurprise: state.configuration.minSurprise)
+            }
+        }
+    }
+
+    /// One window of a request as a stream (its token 0 is not a target).
+    private func learnStreaming(_ tokens: [Int], learnable: [Bool]) throws {
+        let targets = (1..<tokens.count).filter { learnable[$0] }
+        guard let last = targets.last else { return }
+        let stream = try trainer.stream(tokens: tokens, rows: last, state: state)
+        try learn(targets: targets) { piece in
+            try trainer.lossAndGradients(stream, through: piece[piece.count - 1], targets: piece, state: state,
+                                         minSurprise: state.configuration.minSurprise, gradientContext: gradientContext)
+        }
+    }
+
+    /// The CMS rule over a request's targets (token indices, in order): cut
+    /// at the nearest boundary of any level, each piece's gradient from
+    /// `piece` (the mean over its targets), summed into every level's
+    /// accumulator, each level's update applied at its boundary.
+    private func learn(targets: [Int], piece: ([Int]) throws -> LevelTrainer.Result) throws {
         var next = 0
         while next < targets.count {
             // Tokens until the nearest boundary of any level.
@@ -77,28 +170,46 @@ public final class LevelLearner {
                 let c = state.configuration.levels[l].chunkSize
                 return c - tokenCounters[l] % c
             }.min()!
-            let piece = Array(targets[next..<min(targets.count, next + room)])
-            // Causality: the piece needs the tokens up to its last target,
-            // and at most `contextWindow` tokens of context before its first.
-            let from = max(0, piece[0] - contextWindow), to = piece[piece.count - 1] + 1
-            var mask = [Bool](repeating: false, count: to - from)
-            for i in piece { mask[i - from] = true }
-            let result = try trainer.lossAndGradients(tokens: Array(tokens[from..<to]), learnable: mask, state: state,
-                                                      minSurprise: state.configuration.minSurprise)
+            let targetsOfPiece = Array(targets[next..<min(targets.count, next + room)])
+            let result = try piece(targetsOfPiece)
             let scale = Float(result.count)   // mean → sum over the piece's tokens
             for l in accumulators.indices {
-                let sum = accumulators[l].indices.map { b in
-                    LevelState.Block(tensors: zip(accumulators[l][b].tensors, result.gradients[l][b].tensors)
-                        .map { acc, g in zip(acc, g).map { $0 + scale * $1 } })
-                }
                 // A non-finite gradient dooms the chunk's update; it is not kept.
-                if sum.allSatisfy(\.isFinite) { accumulators[l] = sum } else { nonFiniteChunk[l] = true }
-                tokenCounters[l] += piece.count
-                accumulatedTokens[l] += piece.count
+                if let sum = Self.sum(accumulators[l], result.gradients[l], scale: scale) {
+                    accumulators[l] = sum
+                } else {
+                    nonFiniteChunk[l] = true
+                }
+                tokenCounters[l] += targetsOfPiece.count
+                accumulatedTokens[l] += targetsOfPiece.count
                 if tokenCounters[l] % state.configuration.levels[l].chunkSize == 0 { applyUpdate(level: l) }
             }
-            next += piece.count
+            next += targetsOfPiece.count
         }
+    }
+
+    /// acc + scale · g, tensor by tensor, or nil when any sum is not finite.
+    static func sum(_ acc: [LevelState.Block], _ g: [LevelState.Block], scale: Float) -> [LevelState.Block]? {
+        var finite = true
+        let out = zip(acc, g).map { a, b in
+            LevelState.Block(tensors: zip(a.tensors, b.tensors).map { x, y in
+                [Float](unsafeUninitializedCapacity: x.count) { buf, n in
+                    x.withUnsafeBufferPointer { xs in
+                        y.withUnsafeBufferPointer { ys in
+                            var bad = false
+                            for i in 0..<xs.count {
+                                let s = xs[i] + scale * ys[i]
+                                buf[i] = s
+                                bad = bad || !s.isFinite
+                            }
+                            if bad { finite = false }
+                        }
+                    }
+                    n = x.count
+                }
+            })
+        }
+        return finite ? out : nil
     }
 
     /// Applies level l's accumulated gradient (mean over its chunk), or
@@ -114,7 +225,11 @@ public final class LevelLearner {
         guard !nonFiniteChunk[l] else { return reject(l, nonFinite: true) }
         let n = Float(max(1, accumulatedTokens[l]))
         var grads = accumulators[l].map { b in b.tensors.map { t in t.map { $0 / n } } }
-        let norm = grads.joined().joined().reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()
+        let norm = grads.reduce(0.0) { total, block in
+            block.reduce(total) { t, tensor in
+                tensor.withUnsafeBufferPointer { b in b.reduce(t) { $0 + Double($1) * Double($1) } }
+            }
+        }.squareRoot()
         guard norm.isFinite else { return reject(l, nonFinite: true) }
         if cfg.gradientClip > 0 && norm > cfg.gradientClip {
             let s = Float(cfg.gradientClip / norm)

@@ -48,11 +48,20 @@ extension LevelConfiguration.Optimizer {
         switch kind {
         case .adamw:
             let c1 = 1 - powf(b1, Float(moments.steps)), c2 = 1 - powf(b2, Float(moments.steps))
-            for i in out.indices {
-                moments.first[i] = b1 * moments.first[i] + (1 - b1) * g[i]
-                moments.second[i] = b2 * moments.second[i] + (1 - b2) * g[i] * g[i]
-                let mHat = moments.first[i] / c1, vHat = moments.second[i] / c2
-                out[i] -= lr * (mHat / (vHat.squareRoot() + eps) + wd * params[i])
+            // Over raw buffers: the same arithmetic without per-element checks.
+            out.withUnsafeMutableBufferPointer { o in
+                moments.first.withUnsafeMutableBufferPointer { m1 in
+                    moments.second.withUnsafeMutableBufferPointer { m2 in
+                        g.withUnsafeBufferPointer { g in
+                            for i in 0..<o.count {
+                                m1[i] = b1 * m1[i] + (1 - b1) * g[i]
+                                m2[i] = b2 * m2[i] + (1 - b2) * g[i] * g[i]
+                                let mHat = m1[i] / c1, vHat = m2[i] / c2
+                                o[i] -= lr * (mHat / (vHat.squareRoot() + eps) + wd * o[i])
+                            }
+                        }
+                    }
+                }
             }
         case .sgd:
             for i in out.indices {

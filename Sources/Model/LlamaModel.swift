@@ -69,9 +69,7 @@ public protocol LayerAdapter {
 public struct LayerActivations {
     public var xIn: [Float] = []       // [T, D] residual stream entering the layer
     public var xn1: [Float] = []       // [T, D] attention RMSNorm output
-    public var q: [Float] = []         // [T, H*HS] after RoPE
-    public var k: [Float] = []         // [T, KVH*HS] after RoPE
-    public var v: [Float] = []         // [T, KVH*HS]
+    public var q: [Float] = []         // [T, H*HS] after RoPE (keys and values are in the tape's cache)
     public var att: [Float] = []       // [T, H*HS] attention output before W_o
     public var xMid: [Float] = []      // [T, D] after the attention residual
     public var xn2: [Float] = []       // [T, D] MLP RMSNorm output
@@ -80,13 +78,21 @@ public struct LayerActivations {
     public var xPostMLP: [Float] = []  // [T, D] after the MLP residual, before any adapter
 }
 
-/// What a forward pass records for backpropagation down to `fromLayer`.
+/// What a forward pass records for backpropagation down to layer
+/// `fromLayer`'s adapter (the lowest layer whose blocks take gradients: of
+/// that layer only the post-MLP stream is kept), for one sequence's new rows
+/// at `positions` (from `start`, after the `start` rows already in `cache`).
 public final class ActivationTape {
     public let fromLayer: Int
     public var layers: [Int: LayerActivations] = [:]
     /// [T, D] the residual stream before the final norm.
     public var finalHidden: [Float] = []
     public var positions: [Int] = []
+    /// The sequence's cache after the forward: keys and values of positions
+    /// 0..<start (earlier rows, constants for the backward) and of the new
+    /// rows (positions start..<start+T).
+    public internal(set) var cache: KVCache?
+    public var start: Int { positions.first ?? 0 }
 
     public init(fromLayer: Int) {
         self.fromLayer = fromLayer
@@ -132,8 +138,13 @@ public final class LlamaModel: Sendable {
 
     /// A fresh, empty cache for one sequence.
     public func makeCache() -> KVCache {
-        KVCache(layers: configuration.numHiddenLayers, kvDim: configuration.keyValueDim,
-                maxLength: configuration.maxPositionEmbeddings)
+        makeCache(layers: 0..<configuration.numHiddenLayers)
+    }
+
+    /// A fresh cache holding only `layers` (for a pass that runs just those).
+    public func makeCache(layers: Range<Int>) -> KVCache {
+        KVCache(layers: layers.upperBound, kvDim: configuration.keyValueDim,
+                maxLength: configuration.maxPositionEmbeddings, firstLayer: layers.lowerBound)
     }
 
     /// One sequence's part of a batched step.
@@ -158,32 +169,51 @@ public final class LlamaModel: Sendable {
     }
 
     /// `hiddenStates`, recording into `tape` what the backward pass needs
-    /// for layers from `tape.fromLayer` up (one sequence, from position 0).
+    /// for layers from `tape.fromLayer` up (one sequence; its cache may hold
+    /// earlier rows, which the tape's rows attend to).
     public func hiddenStates(_ steps: [Step], tape: ActivationTape?) throws -> [Float] {
-        if tape != nil {
-            precondition(steps.count == 1 && steps[0].cache.count == 0, "a tape records one sequence from its start")
-        }
-        let c = configuration
-        let d = c.hiddenSize, qDim = c.queryDim, kvDim = c.keyValueDim, f = c.intermediateSize
+        var x = try embed(steps)
+        try run(steps, x: &x, layers: 0..<configuration.numHiddenLayers, tape: tape)
+        return finalNorm(x)
+    }
+
+    /// The residual stream entering layer `layer` for one sequence's new
+    /// tokens (after layers 0..<layer; the embeddings when `layer` is 0),
+    /// appending those layers' keys and values to `cache`, which then
+    /// advances by the tokens: [T, D]. `hiddenStates(from:…)` continues it.
+    public func residualStream(tokens: [Int], cache: KVCache, below layer: Int) throws -> [Float] {
+        let steps = [Step(tokens: tokens, cache: cache)]
+        var x = try embed(steps)
+        try run(steps, x: &x, layers: 0..<layer, tape: nil)
+        return x
+    }
+
+    /// Runs layers `layer`… of one sequence from the residual stream
+    /// entering `layer` ([T, D], for `step.tokens`), appending those layers'
+    /// keys and values to `step.cache` (which must hold them, and advances
+    /// by the tokens), recording into `tape` if given; returns the
+    /// final-norm hidden states [T, D]. With `residualStream(…, below:
+    /// layer)` it computes exactly what `hiddenStates` does in one pass.
+    public func hiddenStates(from layer: Int, residuals: [Float], _ step: Step, tape: ActivationTape?) throws -> [Float] {
+        let d = configuration.hiddenSize
+        precondition(residuals.count == step.tokens.count * d, "one residual row per token")
+        precondition(tape.map { $0.fromLayer >= layer } ?? true, "the tape's layers must be run")
+        var x = residuals
+        try run([step], x: &x, layers: layer..<configuration.numHiddenLayers, tape: tape)
+        return finalNorm(x)
+    }
+
+    /// Checks the steps' tokens and returns their embeddings [T, D].
+    private func embed(_ steps: [Step]) throws -> [Float] {
+        let c = configuration, d = c.hiddenSize
         let t = steps.reduce(0) { $0 + $1.tokens.count }
         guard t > 0 else { throw ModelInputError.empty }
-        var positions: [Int] = []
-        positions.reserveCapacity(t)
         for s in steps {
             for tok in s.tokens where tok < 0 || tok >= c.vocabSize {
                 throw ModelInputError.tokenOutOfRange(tok, vocabulary: c.vocabSize)
             }
-            let needed = s.cache.count + s.tokens.count
-            guard needed <= s.cache.maxLength else { throw ModelInputError.contextOverflow(needed: needed, limit: s.cache.maxLength) }
-            positions += (s.cache.count..<needed)
         }
-        // Activations: x [T, D] residual stream; xn [T, D]; q [T, H*HS];
-        // k, v [T, KVH*HS]; att [T, H*HS]; gate, up [T, F]; proj [T, D].
         var x = [Float](repeating: 0, count: t * d)
-        var xn = x, proj = x
-        var q = [Float](repeating: 0, count: t * qDim), att = q
-        var k = [Float](repeating: 0, count: t * kvDim), v = k
-        var gate = [Float](repeating: 0, count: t * f), up = gate
         x.withUnsafeMutableBufferPointer { xb in
             var row = 0
             for s in steps {
@@ -193,14 +223,52 @@ public final class LlamaModel: Sendable {
                 }
             }
         }
+        return x
+    }
+
+    /// Final RMSNorm of the residual stream: [T, D] → [T, D].
+    private func finalNorm(_ x: [Float]) -> [Float] {
+        let d = configuration.hiddenSize
+        var xn = [Float](repeating: 0, count: x.count)
+        Ops.rmsNorm(x, weight: weights.outputNorm, eps: configuration.rmsNormEps, rows: x.count / d, dim: d, out: &xn)
+        return xn
+    }
+
+    /// Runs `layers` over every step's new rows (the residual stream x,
+    /// [T, D], in place), appends their keys and values to the caches at
+    /// each cache's count, then advances the caches.
+    private func run(_ steps: [Step], x: inout [Float], layers: Range<Int>, tape: ActivationTape?) throws {
+        if tape != nil { precondition(steps.count == 1, "a tape records one sequence") }
+        let c = configuration
+        let d = c.hiddenSize, qDim = c.queryDim, kvDim = c.keyValueDim, f = c.intermediateSize
+        let t = steps.reduce(0) { $0 + $1.tokens.count }
+        guard t > 0 else { throw ModelInputError.empty }
+        precondition(x.count == t * d)
+        var positions: [Int] = []
+        positions.reserveCapacity(t)
+        for s in steps {
+            let needed = s.cache.count + s.tokens.count
+            guard needed <= s.cache.maxLength else { throw ModelInputError.contextOverflow(needed: needed, limit: s.cache.maxLength) }
+            positions += (s.cache.count..<needed)
+        }
+        // Activations: x [T, D] residual stream; xn [T, D]; q [T, H*HS];
+        // k, v [T, KVH*HS]; att [T, H*HS]; gate, up [T, F]; proj [T, D].
+        var xn = [Float](repeating: 0, count: t * d), proj = xn
+        var q = [Float](repeating: 0, count: t * qDim), att = q
+        var k = [Float](repeating: 0, count: t * kvDim), v = k
+        var gate = [Float](repeating: 0, count: t * f), up = gate
         for s in steps { s.cache.reserve(s.tokens.count) }
-        for (l, w) in weights.layers.enumerated() {
+        for l in layers {
+            let w = weights.layers[l]
             let record = tape.map { l >= $0.fromLayer } ?? false
+            // The lowest taped layer's backward stops at its adapter: only its
+            // post-MLP stream is needed.
+            let full = record && l > tape!.fromLayer
             var acts = LayerActivations()
-            if record { acts.xIn = x }
+            if full { acts.xIn = x }
             // Attention block.
             Ops.rmsNorm(x, weight: w.attentionNorm, eps: c.rmsNormEps, rows: t, dim: d, out: &xn)
-            if record { acts.xn1 = xn }
+            if full { acts.xn1 = xn }
             q.withUnsafeMutableBufferPointer { qb in
                 k.withUnsafeMutableBufferPointer { kb in
                     v.withUnsafeMutableBufferPointer { vb in
@@ -210,11 +278,7 @@ public final class LlamaModel: Sendable {
             }
             q.withUnsafeMutableBufferPointer { rope.apply($0.baseAddress!, positions: positions, heads: c.numAttentionHeads) }
             k.withUnsafeMutableBufferPointer { rope.apply($0.baseAddress!, positions: positions, heads: c.numKeyValueHeads) }
-            if record {
-                acts.q = q
-                acts.k = k
-                acts.v = v
-            }
+            if full { acts.q = q }
             var row = 0
             for s in steps {
                 let n = s.tokens.count, start = s.cache.count
@@ -232,7 +296,7 @@ public final class LlamaModel: Sendable {
             }
             w.wo.matmul(att, count: t, into: &proj)
             Ops.add(proj, into: &x, t * d)
-            if record {
+            if full {
                 acts.att = att
                 acts.xMid = x
             }
@@ -243,7 +307,7 @@ public final class LlamaModel: Sendable {
                     WeightMatrix.matmul([w.wGate, w.wUp], xn, count: t, into: [gb.baseAddress!, ub.baseAddress!])
                 }
             }
-            if record {
+            if full {
                 acts.xn2 = xn
                 acts.gate = gate
                 acts.up = up
@@ -268,9 +332,8 @@ public final class LlamaModel: Sendable {
         if let tape {
             tape.finalHidden = x
             tape.positions = positions
+            tape.cache = steps[0].cache
         }
-        Ops.rmsNorm(x, weight: weights.outputNorm, eps: c.rmsNormEps, rows: t, dim: d, out: &xn)
-        return xn
     }
 
     /// Logits for rows of final hidden states.

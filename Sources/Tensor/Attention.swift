@@ -107,6 +107,58 @@ public enum Attention {
         }
     }
 
+    /// Backward of `causal` for T new rows after `start` cached positions
+    /// (a piece of a stream): given dL/d(out) of the new rows, dL/dq of the
+    /// new queries and dL/dk, dL/dv of the new rows' keys and values only.
+    /// The cached keys and values (positions 0..<start) are constants: the
+    /// new rows attend to them, and they receive no gradient. With start 0
+    /// this is `causalBackward`. Probabilities are recomputed per head.
+    ///   q, dq: [T, H*HS]   k, v: [L, KVH*HS], L = start + T (the cache,
+    ///   the new rows last)   dOut: [T, H*HS]   dk, dv: [T, KVH*HS]
+    ///   dq is overwritten; dk and dv are accumulated.
+    public static func cachedBackward(q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>,
+                                      dOut: UnsafePointer<Float>, tokens t: Int, start: Int, heads: Int, kvHeads: Int,
+                                      headSize hs: Int, dq: UnsafeMutablePointer<Float>,
+                                      dk: UnsafeMutablePointer<Float>, dv: UnsafeMutablePointer<Float>) {
+        let l = start + t
+        let qDim = heads * hs, kvDim = kvHeads * hs, group = heads / kvHeads
+        let scale = 1 / Float(hs).squareRoot()
+        let p = UnsafeMutablePointer<Float>.allocate(capacity: t * l)    // [T, L] probabilities
+        let dp = UnsafeMutablePointer<Float>.allocate(capacity: t * l)   // [T, L]
+        defer {
+            p.deallocate()
+            dp.deallocate()
+        }
+        for h in 0..<heads {
+            let kvh = h / group
+            let qh = q + h * hs, kh = k + kvh * hs, vh = v + kvh * hs, doh = dOut + h * hs
+            // S = scale · Q Kᵀ over every position; row r sees start + r + 1 of them.
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(t), Int32(l), Int32(hs),
+                        scale, qh, Int32(qDim), kh, Int32(kvDim), 0, p, Int32(l))
+            for r in 0..<t {
+                let visible = start + r + 1
+                Ops.softmax(p + r * l, visible)
+                for j in visible..<l { p[r * l + j] = 0 }
+            }
+            // dP = dO · Vᵀ;  dV_new += P[:, start...]ᵀ · dO
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(t), Int32(l), Int32(hs),
+                        1, doh, Int32(qDim), vh, Int32(kvDim), 0, dp, Int32(l))
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(t), Int32(hs), Int32(t),
+                        1, p + start, Int32(l), doh, Int32(qDim), 1, dv + kvh * hs, Int32(kvDim))
+            // dS = P ⊙ (dP − Σ_j P⊙dP), in place in dp
+            for r in 0..<t {
+                let pr = p + r * l, dr = dp + r * l
+                let s = Ops.dot(pr, dr, start + r + 1)
+                for j in 0..<l { dr[j] = pr[j] * (dr[j] - s) }
+            }
+            // dQ = dS · K · scale;  dK_new += dS[:, start...]ᵀ · Q · scale
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(t), Int32(hs), Int32(l),
+                        scale, dp, Int32(l), kh, Int32(kvDim), 0, dq + h * hs, Int32(qDim))
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(t), Int32(hs), Int32(t),
+                        scale, dp + start, Int32(l), qh, Int32(qDim), 1, dk + kvh * hs, Int32(kvDim))
+        }
+    }
+
     /// The textbook definition, in Double, for tests.
     public static func reference(q: [Float], k: [Float], v: [Float], tokens t: Int, start: Int,
                                  heads: Int, kvHeads: Int, headSize hs: Int) -> [Float] {

@@ -1,6 +1,7 @@
 // Reference: the naive, obviously-correct dequantisation of every block
 // format, straight from ggml's definitions. Tests check the fast kernels
 // against it; nothing on a hot path uses it.
+import Foundation
 
 public enum Reference {
     /// IEEE half → Float, bit by bit.
@@ -105,5 +106,58 @@ extension Reference {
         var out = [Double](repeating: 0, count: rows * cols)
         for i in 0..<rows { for j in 0..<cols { out[i * cols + j] = wide ? x[i][j] : x[j][i] } }
         return out
+    }
+}
+
+extension Reference {
+    /// The gradients of causal grouped-query attention for T new rows after
+    /// `start` cached positions, in Double with plain loops (the reference
+    /// for `Attention.cachedBackward`): with out as `Attention.causal`
+    /// computes it and dOut = dL/d(out), dL/dq of the new queries and dL/dk,
+    /// dL/dv of the new rows' keys and values; the cached positions' keys and
+    /// values are constants.
+    ///   q, dOut: [T, H*HS]   k, v: [start + T, KVH*HS]
+    ///   → dq [T, H*HS], dk and dv [T, KVH*HS]
+    public static func attentionBackward(q: [Float], k: [Float], v: [Float], dOut: [Float], tokens t: Int, start: Int,
+                                         heads: Int, kvHeads: Int, headSize hs: Int)
+        -> (dq: [Double], dk: [Double], dv: [Double]) {
+        let qDim = heads * hs, kvDim = kvHeads * hs, scale = 1 / Double(hs).squareRoot()
+        var dq = [Double](repeating: 0, count: t * qDim)
+        var dk = [Double](repeating: 0, count: t * kvDim), dv = dk
+        for r in 0..<t {
+            for h in 0..<heads {
+                let kvh = h / (heads / kvHeads), visible = start + r + 1
+                func qv(_ i: Int) -> Double { Double(q[r * qDim + h * hs + i]) }
+                func kv(_ j: Int, _ i: Int) -> Double { Double(k[j * kvDim + kvh * hs + i]) }
+                func vv(_ j: Int, _ i: Int) -> Double { Double(v[j * kvDim + kvh * hs + i]) }
+                func dov(_ i: Int) -> Double { Double(dOut[r * qDim + h * hs + i]) }
+                // Probabilities over the visible positions.
+                var s = [Double](repeating: 0, count: visible)
+                for j in 0..<visible {
+                    for i in 0..<hs { s[j] += qv(i) * kv(j, i) }
+                    s[j] *= scale
+                }
+                let m = s.max()!
+                let e = s.map { exp($0 - m) }, z = e.reduce(0, +)
+                let p = e.map { $0 / z }
+                // dP_j = dO · v_j; dS_j = P_j (dP_j − Σ P dP).
+                var dp = [Double](repeating: 0, count: visible)
+                for j in 0..<visible { for i in 0..<hs { dp[j] += dov(i) * vv(j, i) } }
+                var pdp = 0.0
+                for j in 0..<visible { pdp += p[j] * dp[j] }
+                for j in 0..<visible {
+                    let ds = p[j] * (dp[j] - pdp)
+                    for i in 0..<hs { dq[r * qDim + h * hs + i] += ds * kv(j, i) * scale }
+                    // Only the new rows' keys and values take gradients.
+                    guard j >= start else { continue }
+                    let row = j - start
+                    for i in 0..<hs {
+                        dk[row * kvDim + kvh * hs + i] += ds * qv(i) * scale
+                        dv[row * kvDim + kvh * hs + i] += p[j] * dov(i)
+                    }
+                }
+            }
+        }
+        return (dq, dk, dv)
     }
 }

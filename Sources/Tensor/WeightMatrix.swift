@@ -89,11 +89,48 @@ public struct WeightMatrix: @unchecked Sendable {
         }
     }
 
+    /// Backward batches of at most this many rows take the transposed
+    /// product of the block formats with the weights unpacked in registers
+    /// (`ck_matmul_t`); larger ones dequantise row blocks for sgemm. On the
+    /// benchmark machine (BENCHMARKS.md, "Learning cost") the AVX-512 kernel
+    /// took 0.3–0.65× the time of dequantise + sgemm from 4 to 256 rows at
+    /// one thread (about 1× at 128–256 rows with two); the AVX2 kernel wins
+    /// only below about 12 rows.
+    public static let transposedThreshold = KernelPath.available >= 2 ? 128 : 8
+
     /// Backward of `matmul` with respect to its input (the weights are
-    /// frozen): dx (+)= dy · W, dequantising row blocks for sgemm.
+    /// frozen): dx (+)= dy · W. Small batches of the block formats read each
+    /// weight block once per group of rows, unpacked in registers (the
+    /// threads split W's columns); larger batches and the other formats
+    /// dequantise row blocks for sgemm (F32 weights are used in place).
     ///   dy: [n, rows]   dx: [n, cols] (overwritten unless accumulate)
+    ///   kernels: `.best` chooses by batch size; a lower path forces the
+    ///   transposed kernel at that SIMD level (tests compare them all)
     public func matmulBackward(_ dy: UnsafePointer<Float>, count n: Int, into dx: UnsafeMutablePointer<Float>,
-                               accumulate: Bool = false) {
+                               accumulate: Bool = false, kernels: KernelPath = .best) {
+        let blocks = [.q4_0, .q4_1, .q8_0].contains(type)
+        if kernels != .best || (blocks && n <= Self.transposedThreshold) {
+            transposedProduct(dy, count: n, into: dx, accumulate: accumulate, kernels: kernels)
+        } else {
+            dequantizedBackward(dy, count: n, into: dx, accumulate: accumulate)
+        }
+    }
+
+    /// `matmulBackward` through `ck_matmul_t`.
+    func transposedProduct(_ dy: UnsafePointer<Float>, count n: Int, into dx: UnsafeMutablePointer<Float>,
+                           accumulate: Bool, kernels: KernelPath) {
+        if !accumulate { dx.update(repeating: 0, count: n * cols) }
+        // Threads take whole 32-column blocks (any column for the element formats).
+        let unit = cols % 32 == 0 ? 32 : 1
+        let t = Int32(type.rawValue), level = kernels.level
+        Parallel.forEachChunk(cols / unit, minChunk: max(1, 64 / unit)) { r in
+            ck_matmul_t(t, data, cols, rows, r.lowerBound * unit, r.upperBound * unit, dy, rows, n, dx, cols, level)
+        }
+    }
+
+    /// `matmulBackward` by dequantised row blocks and sgemm.
+    func dequantizedBackward(_ dy: UnsafePointer<Float>, count n: Int, into dx: UnsafeMutablePointer<Float>,
+                             accumulate: Bool) {
         forEachFloatChunk { start, count, w in
             // dx[n, cols] (+)= dy[:, start..<start+count] · W[start..<start+count, :]
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(n), Int32(cols), Int32(count),

@@ -8,8 +8,8 @@ import Tensor
 /// personalisation benchmark.
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Benchmarks: engine throughput (default) and personalisation (`bench learn`).",
-        subcommands: [BenchEngine.self, BenchLearn.self, BenchAudit.self], defaultSubcommand: BenchEngine.self)
+        abstract: "Benchmarks: engine throughput (default), personalisation (`bench learn`) and learning cost (`bench learn-cost`).",
+        subcommands: [BenchEngine.self, BenchLearn.self, BenchLearnCost.self, BenchAudit.self], defaultSubcommand: BenchEngine.self)
 }
 
 struct BenchEngine: ParsableCommand {

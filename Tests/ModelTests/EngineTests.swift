@@ -53,6 +53,25 @@ struct EngineTests {
         #expect(Sampler.argmax(whole) == Sampler.argmax(last))
     }
 
+    @Test("a stream split at a layer (frozen layers batched once, the rest in pieces over a cache) equals one pass")
+    func splitStream() throws {
+        let model = try SharedModel.get()
+        let ids = model.tokenizer.encode("A quick brown fox jumps over the lazy dog and keeps running until the sun sets")
+        let whole = try model.hiddenStates([LlamaModel.Step(tokens: ids, cache: model.makeCache())])
+        let split = 15, d = model.configuration.hiddenSize, layers = model.configuration.numHiddenLayers
+        let lower = model.makeCache(layers: 0..<split), upper = model.makeCache(layers: split..<layers)
+        let residuals = try model.residualStream(tokens: ids, cache: lower, below: split)
+        #expect(lower.count == ids.count)
+        var pieces: [Float] = []
+        for (from, to) in [(0, 5), (5, 6), (6, ids.count)] {
+            pieces += try model.hiddenStates(from: split, residuals: Array(residuals[(from * d)..<(to * d)]),
+                                             LlamaModel.Step(tokens: Array(ids[from..<to]), cache: upper), tape: nil)
+            #expect(upper.count == to)
+        }
+        let scale = whole.map(abs).max()!
+        #expect(maxAbsDiff(pieces[...], whole[...]) <= 1e-4 * scale)
+    }
+
     @Test("bad input is rejected with a clear error")
     func badInput() throws {
         let model = try SharedModel.get()

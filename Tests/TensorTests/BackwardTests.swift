@@ -6,20 +6,22 @@ import TestSupport
 
 @Suite("Backward kernels")
 struct BackwardTests {
-    @Test("weight-matrix backward dx = dy · W for every format", arguments: allTypes)
-    func weightMatrix(type: WeightType) {
-        let rows = 3000, cols = 512, n = 3   // two dequantisation chunks of 2,048 rows
+    @Test("weight-matrix backward dx = dy · W for every format, path and batch size", arguments: allTypes, [1, 3, 13, 50])
+    func weightMatrix(type: WeightType, n: Int) {
+        let rows = 3000, cols = 512   // two dequantisation chunks of 2,048 rows; twelve transposed stretches of 256
         let w = RandomWeights(type, rows: rows, cols: cols, seed: 4)
         var rng = TestRNG(state: 24)
         let dy = (0..<(n * rows)).map { _ in rng.float() }
         let weights = Reference.dequantize(type, w.matrix.data, count: rows * cols)
         var expected = [Double](repeating: 0, count: n * cols)
         for j in 0..<n { for r in 0..<rows { for c in 0..<cols { expected[j * cols + c] += Double(dy[j * rows + r]) * Double(weights[r * cols + c]) } } }
-        var dx = [Float](repeating: 1, count: n * cols)
-        w.matrix.matmulBackward(dy, count: n, into: &dx, accumulate: true)
-        #expect(maxRelativeError(dx, expected.map { $0 + 1 }) < 1e-5)
-        w.matrix.matmulBackward(dy, count: n, into: &dx)
-        #expect(maxRelativeError(dx, expected) < 1e-5)
+        for path in KernelPath.allCases {
+            var dx = [Float](repeating: 1, count: n * cols)
+            w.matrix.matmulBackward(dy, count: n, into: &dx, accumulate: true, kernels: path)
+            #expect(maxRelativeError(dx, expected.map { $0 + 1 }) < 1e-5, "\(type) \(path) n \(n), accumulated")
+            w.matrix.matmulBackward(dy, count: n, into: &dx, kernels: path)
+            #expect(maxRelativeError(dx, expected) < 1e-5, "\(type) \(path) n \(n)")
+        }
     }
 
     @Test("causal attention: dq, dk, dv")
@@ -50,6 +52,63 @@ struct BackwardTests {
         #expect(maxRelativeError(dq, numeric(q) { loss($0, k, v) }) < 1e-3)
         #expect(maxRelativeError(dk, numeric(k) { loss(q, $0, v) }) < 1e-3)
         #expect(maxRelativeError(dv, numeric(v) { loss(q, k, $0) }) < 1e-3)
+    }
+
+    @Test("attention of new rows over a cache: dq and the new rows' dk, dv against finite differences and the reference",
+          arguments: [(0, 5), (3, 4), (7, 1), (20, 17)])
+    func cachedAttention(start: Int, t: Int) {
+        let heads = 4, kvHeads = 2, hs = 4, l = start + t
+        var rng = TestRNG(state: UInt64(26 + start))
+        let q = (0..<(t * heads * hs)).map { _ in rng.float() }
+        let k = (0..<(l * kvHeads * hs)).map { _ in rng.float() }
+        let v = (0..<(l * kvHeads * hs)).map { _ in rng.float() }
+        let c = (0..<(t * heads * hs)).map { _ in rng.float() }   // loss = Σ c ⊙ out
+        var dq = [Float](repeating: 0, count: q.count)
+        var dk = [Float](repeating: 0, count: t * kvHeads * hs), dv = dk
+        Attention.cachedBackward(q: q, k: k, v: v, dOut: c, tokens: t, start: start, heads: heads, kvHeads: kvHeads,
+                                 headSize: hs, dq: &dq, dk: &dk, dv: &dv)
+        let reference = Reference.attentionBackward(q: q, k: k, v: v, dOut: c, tokens: t, start: start, heads: heads,
+                                                    kvHeads: kvHeads, headSize: hs)
+        #expect(maxRelativeError(dq, reference.dq) < 1e-5)
+        #expect(maxRelativeError(dk, reference.dk) < 1e-5)
+        #expect(maxRelativeError(dv, reference.dv) < 1e-5)
+        // Finite differences of the forward with the cached rows held fixed:
+        // only the new rows' keys and values (the last t rows) move.
+        func loss(_ q: [Float], _ k: [Float], _ v: [Float]) -> Double {
+            let out = Attention.reference(q: q, k: k, v: v, tokens: t, start: start, heads: heads, kvHeads: kvHeads, headSize: hs)
+            return zip(out, c).reduce(0.0) { $0 + Double($1.0) * Double($1.1) }
+        }
+        let h = 1.0 / 128, cached = start * kvHeads * hs
+        func numeric(_ x: [Float], from: Int = 0, _ f: ([Float]) -> Double) -> [Double] {
+            (from..<x.count).map { i in
+                var p = x, m = x
+                p[i] += Float(h)
+                m[i] -= Float(h)
+                return (f(p) - f(m)) / (2 * h)
+            }
+        }
+        #expect(maxRelativeError(dq, numeric(q) { loss($0, k, v) }) < 1e-3)
+        #expect(maxRelativeError(dk, numeric(k, from: cached) { loss(q, $0, v) }) < 1e-3)
+        #expect(maxRelativeError(dv, numeric(v, from: cached) { loss(q, k, $0) }) < 1e-3)
+    }
+
+    @Test("attention backward over an empty cache is causalBackward")
+    func cachedAttentionWithoutCache() {
+        let t = 21, heads = 6, kvHeads = 2, hs = 8
+        var rng = TestRNG(state: 27)
+        let q = (0..<(t * heads * hs)).map { _ in rng.float() }
+        let k = (0..<(t * kvHeads * hs)).map { _ in rng.float() }
+        let v = (0..<(t * kvHeads * hs)).map { _ in rng.float() }
+        let c = (0..<(t * heads * hs)).map { _ in rng.float() }
+        var dq = [Float](repeating: 0, count: q.count), dk = [Float](repeating: 0.5, count: k.count), dv = dk
+        var dq2 = dq, dk2 = dk, dv2 = dv
+        Attention.causalBackward(q: q, k: k, v: v, dOut: c, tokens: t, heads: heads, kvHeads: kvHeads, headSize: hs,
+                                 dq: &dq, dk: &dk, dv: &dv)
+        Attention.cachedBackward(q: q, k: k, v: v, dOut: c, tokens: t, start: 0, heads: heads, kvHeads: kvHeads,
+                                 headSize: hs, dq: &dq2, dk: &dk2, dv: &dv2)
+        for (a, b) in [(dq, dq2), (dk, dk2), (dv, dv2)] {
+            #expect(maxRelativeError(b, a.map(Double.init)) < 1e-6)
+        }
     }
 
     @Test("linear: dx and dW")

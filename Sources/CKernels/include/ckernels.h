@@ -1,9 +1,9 @@
 // CKernels: the hot inner loops of Continuum's quantised matrix products.
 //
-// What this is: dot products and row dequantisation for the GGUF block
-// formats (Q4_0, Q4_1, Q8_0, F16, BF16) against fp32 activations, with
-// AVX-512 VNNI and AVX2/FMA/F16C paths chosen at run time and a portable
-// scalar fallback.
+// What this is: dot products, transposed products (for the backward pass)
+// and row dequantisation for the GGUF block formats (Q4_0, Q4_1, Q8_0, F16,
+// BF16) against fp32 activations, with AVX-512 VNNI and AVX2/FMA/F16C paths
+// chosen at run time and a portable scalar fallback.
 // What this is not: a BLAS. Only the Tensor module imports this; the naive
 // Swift reference kernels in Tensor/Reference.swift are what tests check these
 // against.
@@ -60,6 +60,17 @@ void ck_matmul_rows(int type, const void *W, size_t cols,
 /// out (row_end-row_begin) x cols fp32, row-major.
 void ck_dequantize_rows(int type, const void *W, size_t cols,
                         size_t row_begin, size_t row_end, float *out, int cap);
+
+/// dX[j, c] += Σ_r dY[j, r] · W[r, c] for c in [col_begin, col_end), every row
+/// r in [0, rows) and vectors j in [0, n): the product with the transposed
+/// weights, as a backward pass needs it (dL/dx = dL/dy · W). Q4_0/Q4_1/Q8_0
+/// blocks are unpacked in registers to exactly the values
+/// ck_dequantize_rows gives and never written out; other types, and level
+/// 0, dequantise one row at a time.
+///   W: rows x cols of `type`   dY: n x rows (stride ldy)   dX: n x cols (stride ldx)
+/// For the 32-block types col_begin and col_end are multiples of 32.
+void ck_matmul_t(int type, const void *W, size_t cols, size_t rows, size_t col_begin, size_t col_end,
+                 const float *dY, size_t ldy, size_t n, float *dX, size_t ldx, int cap);
 
 /// Attention of one token's query heads that share a key/value head:
 /// scores = softmax(scale · q·Kᵀ) over `visible` positions, out = scores·V.
