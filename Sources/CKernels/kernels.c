@@ -1,7 +1,8 @@
 // Quantised dot products and dequantisation for Continuum (see ckernels.h).
-// Three implementations of each product, chosen at run time: scalar fp32
-// (portable, the fallback), AVX2 (two-part int16 activations) and AVX-512
-// VNNI (21-bit activations as int8 digits).
+// Row-by-row products on the GGUF layout: scalar fp32 for every format (the
+// portable fallback and the reference the SIMD kernels are tested against)
+// and AVX2/FMA/F16C for F16, BF16 and F32. The SIMD products of the 32-block
+// formats run on repacked weights (packed.c).
 //
 // Block layouts (ggml):
 //   Q4_0: f16 d; u8 qs[16]          w[j] = d*((qs[j]&15)-8), w[j+16] = d*((qs[j]>>4)-8)
@@ -9,58 +10,23 @@
 //   Q8_0: f16 d; i8 qs[32]          w[j] = d*qs[j]
 // Dot products use sum_j w[j] x[j] = d * sum_j q[j] x[j] (+ m * sum_j x[j]),
 // with the per-block sums of x computed once per vector, not once per row.
-// The SIMD paths for the 32-blocks turn x into integers per block first (see
-// dot_i16_avx2 and dot_vnni); the scalar path and the F16/BF16/F32 kernels
-// stay in fp32.
+// The scalar path and the F16/BF16/F32 kernels stay in fp32.
 #include "ckernels.h"
+#include "internal.h"
 
-#include <math.h>
 #include <stdlib.h>
-#include <string.h>
-
-#if defined(__x86_64__) || defined(_M_X64)
-#define CK_X86 1
-#include <immintrin.h>
-#endif
 
 // ---------------------------------------------------------------------------
 // Scalar helpers
 
-static inline float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-    uint32_t exp = (h >> 10) & 0x1F;
-    uint32_t man = h & 0x3FF;
-    uint32_t bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else { // subnormal: normalise
-            int e = -1;
-            do { e++; man <<= 1; } while ((man & 0x400) == 0);
-            man &= 0x3FF;
-            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | (man << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7F800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
+#define f16_to_f32 ck_f16_to_f32
+#define load_u16 ck_load_u16
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
     float f;
     memcpy(&f, &bits, 4);
     return f;
-}
-
-static inline uint16_t load_u16(const uint8_t *p) {
-    uint16_t v;
-    memcpy(&v, p, 2);
-    return v;
 }
 
 static size_t row_bytes(int type, size_t cols) {
@@ -72,18 +38,6 @@ static size_t row_bytes(int type, size_t cols) {
     case CK_Q8_0: return cols / 32 * 34;
     default: return 0;
     }
-}
-
-/// Largest |x| of a 32-block; its exact sum goes to *sum.
-static float block_stats(const float *xb, float *sum) {
-    float amax = 0, s = 0;
-    for (int j = 0; j < 32; j++) {
-        float a = fabsf(xb[j]);
-        if (a > amax) amax = a;
-        s += xb[j];
-    }
-    *sum = s;
-    return amax;
 }
 
 // ---------------------------------------------------------------------------
@@ -191,7 +145,6 @@ static void dequant_scalar(int type, const uint8_t *row, size_t cols, float *out
 // AVX2 + FMA + F16C path
 
 #ifdef CK_X86
-#define CK_TARGET __attribute__((target("avx2,fma,f16c")))
 
 CK_TARGET static inline float hsum256(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v);
@@ -210,82 +163,6 @@ CK_TARGET static inline __m256 u8x8_to_ps(__m128i v) {
 
 CK_TARGET static inline __m256 i8x8_to_ps(__m128i v) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-}
-
-// Decode path for the 32-blocks: activations split per block into two int16
-// parts, x ≈ s1·q1 + s2·q2 with s2 = s1/65534 (error ≤ max|x_block|·2^-32,
-// below fp32 rounding), multiplied with the weights' small integers exactly in
-// 32-bit integer lanes (vpmaddwd), then scaled once per block.
-typedef struct {
-    float scale_hi;   // s1
-    float scale_lo;   // s2
-    float sum;        // exact Σ x[j] (for Q4_1's offsets)
-    float pad;
-    int16_t hi[32];   // q1
-    int16_t lo[32];   // q2
-} xblock;
-
-static void quantize_x(const float *x, size_t nb, xblock *out) {
-    for (size_t b = 0; b < nb; b++) {
-        const float *xb = x + b * 32;
-        float sum;
-        float amax = block_stats(xb, &sum);
-        float s1 = amax / 32767.0f, s2 = s1 / 65534.0f;
-        for (int j = 0; j < 32; j++) {
-            float q1 = s1 > 0 ? rintf(xb[j] / s1) : 0;
-            float r = xb[j] - q1 * s1;
-            float q2 = s2 > 0 ? rintf(r / s2) : 0;
-            out[b].hi[j] = (int16_t)q1;
-            out[b].lo[j] = (int16_t)(q2 > 32767 ? 32767 : q2 < -32767 ? -32767 : q2);
-        }
-        out[b].scale_hi = s1;
-        out[b].scale_lo = s2;
-        out[b].sum = sum;
-    }
-}
-
-CK_TARGET static float dot_i16_avx2(int type, const uint8_t *row, const xblock *xq, size_t nb) {
-    const __m128i m4 = _mm_set1_epi8(15);
-    const __m128i eight = _mm_set1_epi8(8);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    __m128 tail = _mm_setzero_ps();   // lane 2 accumulates m·Σx (Q4_1)
-    for (size_t b = 0; b < nb; b++) {
-        const xblock *xb = xq + b;
-        __m256i w0, w1;
-        __m128 dm;   // [d, d, m, 0]
-        if (type == CK_Q8_0) {
-            const uint8_t *blk = row + b * 34;
-            dm = _mm_cvtph_ps(_mm_cvtsi32_si128(load_u16(blk)));            // [d, 0, 0, 0]
-            w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
-            w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
-        } else if (type == CK_Q4_1) {
-            const uint8_t *blk = row + b * 20;
-            uint32_t dmBits;
-            memcpy(&dmBits, blk, 4);
-            dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dmBits));              // [d, m, 0, 0]
-            __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
-            w0 = _mm256_cvtepu8_epi16(_mm_and_si128(q, m4));
-            w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), m4));
-        } else { // CK_Q4_0: the -8 is applied to the integers
-            const uint8_t *blk = row + b * 18;
-            dm = _mm_cvtph_ps(_mm_cvtsi32_si128(load_u16(blk)));            // [d, 0, 0, 0]
-            __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
-            w0 = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(q, m4), eight));
-            w1 = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m4), eight));
-        }
-        dm = _mm_shuffle_ps(dm, dm, _MM_SHUFFLE(3, 1, 0, 0));               // [d, d, m, 0]
-        __m128 prod = _mm_mul_ps(dm, _mm_loadu_ps(&xb->scale_hi));          // [d·s1, d·s2, m·Σx, 0]
-        tail = _mm_add_ps(tail, prod);
-        __m256i ph = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xb->hi)),
-                                      _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xb->hi + 16))));
-        __m256i pl = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xb->lo)),
-                                      _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xb->lo + 16))));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ph), _mm256_broadcastss_ps(prod), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pl), _mm256_broadcastss_ps(_mm_movehdup_ps(prod)), acc1);
-    }
-    float lanes[4];
-    _mm_storeu_ps(lanes, tail);
-    return hsum256(_mm256_add_ps(acc0, acc1)) + lanes[2];
 }
 
 /// fp32 dot products for the unquantised formats (F16, BF16, F32).
@@ -367,152 +244,10 @@ CK_TARGET static void dequant_avx2(int type, const uint8_t *row, size_t cols, fl
 }
 
 
-// AVX-512 VNNI path for the 32-blocks. Activations become integers per block,
-// X = round(x / s) with |X| < 2^20 (s = max|x_block| / (2^20 - 1), error
-// ≤ s/2, about 2^-21 of the block's largest |x|), written as three balanced
-// base-128 int8 digits X = q1·2^14 + q2·2^7 + q3. vpdpbusd multiplies 64
-// weights (as u8) with each digit plane exactly in int32 lanes; Horner steps
-// combine the planes. Q8_0 weights are offset to u8 by +128 and corrected
-// with 128·ΣX per lane. Plane order per pair of blocks A, B (64 values):
-//   Q4_*: [A0..15, B0..15, A16..31, B16..31] (how their nibbles unpack)
-//   Q8_0: [A0..31, B0..31]
-#define XQ_MAX 1048575
-
-static int q4_position(size_t b, int j) {
-    size_t k = b / 2;
-    int chunk = (j < 16 ? 0 : 2) + (int)(b & 1);
-    return (int)(k * 64 + chunk * 16 + (j & 15));
-}
-
-/// Prepared activations for one vector: 3 planes of cols int8, then per block
-/// (scale, exact sum) float pairs, then (nb/2)*16 int32 corrections.
-static size_t xq8_bytes(size_t cols) {
-    size_t nb = cols / 32;
-    return 3 * cols + nb * 4 * 2 + (nb / 2) * 16 * 4;
-}
-
-static void quantize_x8(int type, const float *x, size_t cols, uint8_t *buf) {
-    size_t nb = cols / 32;
-    int8_t *p1 = (int8_t *)buf, *p2 = p1 + cols, *p3 = p2 + cols;
-    float *ss = (float *)(buf + 3 * cols);
-    int32_t *corr = (int32_t *)(ss + 2 * nb);
-    int32_t Xs[32];
-    for (size_t b = 0; b < nb; b++) {
-        const float *xb = x + b * 32;
-        float s;
-        float amax = block_stats(xb, &s);
-        float sc = amax / (float)XQ_MAX;
-        float inv = amax > 0 ? (float)XQ_MAX / amax : 0;
-        ss[2 * b] = sc;
-        ss[2 * b + 1] = s;
-        for (int j = 0; j < 32; j++) {
-            long v = lrintf(xb[j] * inv);
-            if (v > XQ_MAX) v = XQ_MAX;
-            if (v < -XQ_MAX) v = -XQ_MAX;
-            int32_t X = (int32_t)v;
-            Xs[j] = X;
-            int32_t d3 = ((X + 64) & 127) - 64;
-            int32_t r = (X - d3) >> 7;
-            int32_t d2 = ((r + 64) & 127) - 64;
-            int32_t d1 = (r - d2) >> 7;
-            int pos = type == CK_Q8_0 ? (int)(b * 32 + j) : q4_position(b, j);
-            p1[pos] = (int8_t)d1;
-            p2[pos] = (int8_t)d2;
-            p3[pos] = (int8_t)d3;
-        }
-        if (type == CK_Q8_0) {
-            // Lane l of pair b/2 covers plane positions 4l..4l+3 of the pair.
-            for (int l = 0; l < 8; l++) {
-                int32_t t = Xs[4 * l] + Xs[4 * l + 1] + Xs[4 * l + 2] + Xs[4 * l + 3];
-                corr[(b / 2) * 16 + (b & 1) * 8 + l] = 128 * t;
-            }
-        }
-    }
-}
-
-#define CK_TARGET512 __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
-
-/// One or two prepared vectors (`two` is a compile-time constant at each call
-/// site) against one row; each pair of weight blocks is unpacked once.
-CK_TARGET512 static inline __attribute__((always_inline))
-void vnni_row(int type, const uint8_t *row, const uint8_t *buf, const uint8_t *buf2, size_t cols, float *out,
-              const int two) {
-    size_t nb = cols / 32;
-    const uint8_t *bufs[2] = {buf, two ? buf2 : buf};
-    const __m256i m4 = _mm256_set1_epi8(15);
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    const __m128 q40 = _mm_setr_ps(1, -8, 1, -8);
-    // Which 32-bit lanes belong to block B of the pair.
-    const __mmask16 laneB = type == CK_Q8_0 ? 0xFF00 : 0xF0F0;
-    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    __m128 tail[2] = {_mm_setzero_ps(), _mm_setzero_ps()};   // lanes 1 and 3 accumulate m·Σx
-    for (size_t k = 0; k < nb / 2; k++) {
-        __m512i w;
-        __m128 dm;   // [dA, mA, dB, mB]
-        if (type == CK_Q8_0) {
-            const uint8_t *blkA = row + 2 * k * 34, *blkB = blkA + 34;
-            // Each 32-bit lane holds one half (d) and a zero half: [dA, 0, dB, 0].
-            dm = _mm_cvtph_ps(_mm_setr_epi32(load_u16(blkA), load_u16(blkB), 0, 0));
-            w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(blkA + 2))),
-                                   _mm256_loadu_si256((const __m256i *)(blkB + 2)), 1);
-            w = _mm512_xor_si512(w, flip);
-        } else {
-            const uint8_t *blkA, *blkB, *qA, *qB;
-            if (type == CK_Q4_1) {
-                blkA = row + 2 * k * 20; blkB = blkA + 20; qA = blkA + 4; qB = blkB + 4;
-                uint32_t a, b;
-                memcpy(&a, blkA, 4);
-                memcpy(&b, blkB, 4);
-                dm = _mm_cvtph_ps(_mm_setr_epi32((int)a, (int)b, 0, 0));   // [dA, mA, dB, mB]
-            } else {   // Q4_0: m = -8·d
-                blkA = row + 2 * k * 18; blkB = blkA + 18; qA = blkA + 2; qB = blkB + 2;
-                dm = _mm_cvtph_ps(_mm_setr_epi32(load_u16(blkA), load_u16(blkB), 0, 0));   // [dA, 0, dB, 0]
-                dm = _mm_mul_ps(_mm_moveldup_ps(dm), q40);
-            }
-            __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)qA)),
-                                                _mm_loadu_si128((const __m128i *)qB), 1);
-            __m256i lo = _mm256_and_si256(v, m4);
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-            w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-        }
-        for (int j = 0; j <= two; j++) {
-            const int8_t *p1 = (const int8_t *)bufs[j], *p2 = p1 + cols, *p3 = p2 + cols;
-            const float *ss = (const float *)(bufs[j] + 3 * cols);   // [scale, sum] per block
-            __m128 prod = _mm_mul_ps(dm, _mm_loadu_ps(ss + 4 * k));  // [dA·sA, mA·ΣA, dB·sB, mB·ΣB]
-            tail[j] = _mm_add_ps(tail[j], prod);
-            __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(p1 + 64 * k));
-            t = _mm512_slli_epi32(t, 7);
-            t = _mm512_dpbusd_epi32(t, w, _mm512_loadu_si512(p2 + 64 * k));
-            t = _mm512_slli_epi32(t, 7);
-            t = _mm512_dpbusd_epi32(t, w, _mm512_loadu_si512(p3 + 64 * k));
-            if (type == CK_Q8_0) t = _mm512_sub_epi32(t, _mm512_loadu_si512((const int32_t *)(ss + 2 * nb) + 16 * k));
-            __m512 sv = _mm512_mask_blend_ps(laneB, _mm512_broadcastss_ps(prod),
-                                             _mm512_broadcastss_ps(_mm_movehl_ps(prod, prod)));
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sv, acc[j]);
-        }
-    }
-    for (int j = 0; j <= two; j++) {
-        float lanes[4];
-        _mm_storeu_ps(lanes, tail[j]);
-        out[j] = _mm512_reduce_add_ps(acc[j]) + lanes[1] + lanes[3];
-    }
-}
-
-CK_TARGET512 static float dot_vnni(int type, const uint8_t *row, const uint8_t *buf, size_t cols) {
-    float out[1];
-    vnni_row(type, row, buf, buf, cols, out, 0);
-    return out[0];
-}
-
-CK_TARGET512 static void dot_vnni2(int type, const uint8_t *row, const uint8_t *buf, const uint8_t *buf2, size_t cols,
-                                   float *out) {
-    vnni_row(type, row, buf, buf2, cols, out, 1);
-}
-
 static int detect_avx512vnni(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-        && __builtin_cpu_supports("avx512vnni");
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
 static int detect_avx2(void) {
@@ -541,48 +276,26 @@ int ck_simd_level(void) {
 #endif
 }
 
-static int is_block_type(int type) { return type == CK_Q4_0 || type == CK_Q4_1 || type == CK_Q8_0; }
-
-/// The kernel level actually used for `type` given the caller's cap.
-static int effective_level(int type, size_t cols, int cap) {
-    int level = cap < ck_simd_level() ? cap : ck_simd_level();
-    if (level == 2 && !(is_block_type(type) && (cols / 32) % 2 == 0)) level = 1;
-    return level;
-}
+int ck_effective_level(int cap) { return cap < ck_simd_level() ? cap : ck_simd_level(); }
 
 size_t ck_prepared_bytes(int type, size_t cols, size_t n, int cap) {
-    switch (effective_level(type, cols, cap)) {
-#ifdef CK_X86
-    case 2: return n * xq8_bytes(cols);
-    case 1: return is_block_type(type) ? n * (cols / 32) * sizeof(xblock) : 0;
-#endif
-    default: return type == CK_Q4_1 ? n * (cols / 32) * sizeof(float) : 0;
-    }
+    if (ck_is_block_type(type) && ck_effective_level(cap) >= 1) return n * ck_digits_stride(cols);
+    return type == CK_Q4_1 ? n * (cols / 32) * sizeof(float) : 0;
 }
 
 void ck_prepare(int type, size_t cols, const float *X, size_t ldx, size_t n, void *prepared, int cap) {
     size_t nb = cols / 32;
-    switch (effective_level(type, cols, cap)) {
-#ifdef CK_X86
-    case 2:
-        for (size_t j = 0; j < n; j++) quantize_x8(type, X + j * ldx, cols, (uint8_t *)prepared + j * xq8_bytes(cols));
-        return;
-    case 1:
-        if (is_block_type(type))
-            for (size_t j = 0; j < n; j++) quantize_x(X + j * ldx, nb, (xblock *)prepared + j * nb);
-        return;
-#endif
-    default:
-        if (type == CK_Q4_1) {
-            float *xsum = (float *)prepared;
-            for (size_t j = 0; j < n; j++)
-                for (size_t b = 0; b < nb; b++) {
-                    const float *xb = X + j * ldx + b * 32;
-                    float s = 0;
-                    for (int k = 0; k < 32; k++) s += xb[k];
-                    xsum[j * nb + b] = s;
-                }
-        }
+    if (ck_is_block_type(type) && ck_effective_level(cap) >= 1) {
+        for (size_t j = 0; j < n; j++) ck_quantize_digits(X + j * ldx, cols, (uint8_t *)prepared + j * ck_digits_stride(cols));
+    } else if (type == CK_Q4_1) {
+        float *xsum = (float *)prepared;
+        for (size_t j = 0; j < n; j++)
+            for (size_t b = 0; b < nb; b++) {
+                const float *xb = X + j * ldx + b * 32;
+                float s = 0;
+                for (int k = 0; k < 32; k++) s += xb[k];
+                xsum[j * nb + b] = s;
+            }
     }
 }
 
@@ -592,34 +305,20 @@ void ck_matmul_rows(int type, const void *W, size_t cols,
                     float *Y, size_t ldy, int cap) {
     size_t nb = cols / 32;
     size_t rb = row_bytes(type, cols);
-    int level = effective_level(type, cols, cap);
+#ifdef CK_X86
+    int simd = ck_effective_level(cap) >= 1 && !ck_is_block_type(type);
+#endif
     const uint8_t *base = (const uint8_t *)W;
-    const uint8_t *prep = (const uint8_t *)prepared;
+    const float *xsum = (const float *)prepared;
     for (size_t r = row_begin; r < row_end; r++) {
         const uint8_t *row = base + r * rb;
-#ifdef CK_X86
-        if (r + 4 < row_end)   // the hardware prefetcher does not cross pages
-            for (size_t o = 0; o < rb; o += 64) _mm_prefetch((const char *)(row + 4 * rb + o), _MM_HINT_T0);
-        if (level == 2) {   // vectors two at a time share the unpacked weights
-            size_t stride = xq8_bytes(cols), j = 0;
-            for (; j + 2 <= n; j += 2) {
-                float out[2];
-                dot_vnni2(type, row, prep + j * stride, prep + (j + 1) * stride, cols, out);
-                Y[j * ldy + r] = out[0];
-                Y[(j + 1) * ldy + r] = out[1];
-            }
-            if (j < n) Y[j * ldy + r] = dot_vnni(type, row, prep + j * stride, cols);
-            continue;
-        }
-#endif
         for (size_t j = 0; j < n; j++) {
             float v;
 #ifdef CK_X86
-            if (level == 1 && is_block_type(type)) v = dot_i16_avx2(type, row, (const xblock *)prep + j * nb, nb);
-            else if (level == 1) v = dot_avx2(type, row, X + j * ldx, cols);
+            if (simd) v = dot_avx2(type, row, X + j * ldx, cols);
             else
 #endif
-                v = dot_scalar(type, row, X + j * ldx, type == CK_Q4_1 ? (const float *)prep + j * nb : NULL, cols);
+                v = dot_scalar(type, row, X + j * ldx, type == CK_Q4_1 ? xsum + j * nb : NULL, cols);
             Y[j * ldy + r] = v;
         }
     }
@@ -707,7 +406,7 @@ CK_TARGET static void attend_avx2(const float *q, const float *k, const float *v
 void ck_attend(const float *q, const float *k, const float *v, size_t ldkv, size_t visible,
                size_t group, size_t hs, float scale, float *scores, float *out, int cap) {
 #ifdef CK_X86
-    if ((cap < ck_simd_level() ? cap : ck_simd_level()) >= 1 && hs % 16 == 0) {
+    if (ck_effective_level(cap) >= 1 && hs % 16 == 0) {
         attend_avx2(q, k, v, ldkv, visible, group, hs, scale, scores, out);
         return;
     }
