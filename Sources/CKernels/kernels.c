@@ -339,79 +339,297 @@ void ck_dequantize_rows(int type, const void *W, size_t cols,
 }
 
 // ---------------------------------------------------------------------------
-// Decode attention: one token's query heads that share a key/value head.
-//   q:      [group, hs]           scores: [group, visible] (scratch)
-//   k, v:   [visible, ldkv] rows, this head's hs values at the row start
-//   out:    [group, hs]
-// scores = softmax(scale · q·Kᵀ); out = scores·V. Each K and V row is read
-// once for the whole group.
+// Decode attention: one token's query heads over a run of `count` cache
+// positions (all of them, or one part of a split), every head at once so the
+// cache rows are read front to back, once.
+//   q:      [H, hs]               scores: [H, count] (scratch)
+//   k, v:   [count, ldkv] rows, KVH·hs values each (head h reads head h / (H/KVH))
+//   out:    [H, hs] = Σ_j e^(s_hj − m_h)·v_j, s = scale · q·Kᵀ (unnormalised)
+//   mz:     [H, 2] = (m_h = max_j s_hj, z_h = Σ_j e^(s_hj − m_h))
+// Parts combine as out = Σ_p e^(m_p − M)·out_p / Σ_p e^(m_p − M)·z_p.
 
-static void attend_scalar(const float *q, const float *k, const float *v, size_t ldkv, size_t visible,
-                          size_t group, size_t hs, float scale, float *scores, float *out) {
-    for (size_t j = 0; j < visible; j++)
-        for (size_t g = 0; g < group; g++) {
+static void attend_rows_scalar(const float *q, const float *k, const float *v, size_t ldkv, size_t count,
+                               size_t heads, size_t kv_heads, size_t hs, float scale, float *scores, float *out,
+                               float *mz) {
+    size_t group = heads / kv_heads;
+    for (size_t h = 0; h < heads; h++) {
+        const float *kh = k + h / group * hs, *vh = v + h / group * hs;
+        float *row = scores + h * count, m = -INFINITY, z = 0;
+        for (size_t j = 0; j < count; j++) {
             float s = 0;
-            for (size_t i = 0; i < hs; i++) s += q[g * hs + i] * k[j * ldkv + i];
-            scores[g * visible + j] = s * scale;
+            for (size_t i = 0; i < hs; i++) s += q[h * hs + i] * kh[j * ldkv + i];
+            row[j] = s * scale;
+            if (row[j] > m) m = row[j];
         }
-    for (size_t g = 0; g < group; g++) {
-        float *row = scores + g * visible, m = -INFINITY, z = 0;
-        for (size_t j = 0; j < visible; j++) if (row[j] > m) m = row[j];
-        for (size_t j = 0; j < visible; j++) { row[j] = expf(row[j] - m); z += row[j]; }
-        for (size_t j = 0; j < visible; j++) row[j] /= z;
-        for (size_t i = 0; i < hs; i++) out[g * hs + i] = 0;
+        for (size_t j = 0; j < count; j++) { row[j] = expf(row[j] - m); z += row[j]; }
+        mz[2 * h] = m;
+        mz[2 * h + 1] = z;
+        for (size_t i = 0; i < hs; i++) out[h * hs + i] = 0;
+        for (size_t j = 0; j < count; j++)
+            for (size_t i = 0; i < hs; i++) out[h * hs + i] += row[j] * vh[j * ldkv + i];
     }
-    for (size_t j = 0; j < visible; j++)
-        for (size_t g = 0; g < group; g++) {
-            float p = scores[g * visible + j];
-            for (size_t i = 0; i < hs; i++) out[g * hs + i] += p * v[j * ldkv + i];
-        }
 }
 
 #ifdef CK_X86
-CK_TARGET static void attend_avx2(const float *q, const float *k, const float *v, size_t ldkv, size_t visible,
-                                  size_t group, size_t hs, float scale, float *scores, float *out) {
-    for (size_t j = 0; j < visible; j++) {
-        const float *kj = k + j * ldkv;
-        for (size_t g = 0; g < group; g++) {
-            const float *qg = q + g * hs;
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-            for (size_t i = 0; i < hs; i += 16) {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i), _mm256_loadu_ps(kj + i), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i + 8), _mm256_loadu_ps(kj + i + 8), a1);
+/// e^x, x clamped to [−87.3, 88.3] (so e^x stays a normal float): x = n·ln 2
+/// + r with |r| ≤ ln 2 / 2 (Cody–Waite), e^r from Cephes' degree-6
+/// polynomial (≈1 ulp), times 2^n.
+CK_TARGET static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/// Four dot products q·k0 … q·k3 of hs (multiple of 8) values.
+CK_TARGET static inline __m128 dot4(const float *q, const float *k0, const float *k1, const float *k2,
+                                    const float *k3, size_t hs) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (size_t i = 0; i < hs; i += 8) {
+        __m256 qv = _mm256_loadu_ps(q + i);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + i), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + i), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + i), a3);
+    }
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/// Positions per block: a block's K or V rows stay in L1 while every head
+/// reads them.
+#define ATT_BLOCK 16
+
+CK_TARGET static void attend_rows_avx2(const float *q, const float *k, const float *v, size_t ldkv, size_t count,
+                                       size_t heads, size_t kv_heads, size_t hs, float scale, float *scores,
+                                       float *out, float *mz) {
+    size_t group = heads / kv_heads;
+    // Scores, block by block of rows, four positions at a time.
+    for (size_t j0 = 0; j0 < count; j0 += ATT_BLOCK) {
+        size_t j1 = j0 + ATT_BLOCK < count ? j0 + ATT_BLOCK : count;
+        for (size_t o = 0; o < ATT_BLOCK * ldkv * 4; o += 64)
+            _mm_prefetch((const char *)(k + j1 * ldkv) + o, _MM_HINT_T0);
+        for (size_t h = 0; h < heads; h++) {
+            const float *kh = k + h / group * hs, *qh = q + h * hs;
+            float *row = scores + h * count;
+            size_t j = j0;
+            for (; j + 4 <= j1; j += 4) {
+                const float *kj = kh + j * ldkv;
+                _mm_storeu_ps(row + j, _mm_mul_ps(dot4(qh, kj, kj + ldkv, kj + 2 * ldkv, kj + 3 * ldkv, hs),
+                                                  _mm_set1_ps(scale)));
             }
-            scores[g * visible + j] = hsum256(_mm256_add_ps(a0, a1)) * scale;
+            for (; j < j1; j++) {
+                const float *kj = kh + j * ldkv;
+                row[j] = _mm_cvtss_f32(dot4(qh, kj, kj, kj, kj, hs)) * scale;
+            }
         }
     }
-    for (size_t g = 0; g < group; g++) {
-        float *row = scores + g * visible, m = -INFINITY, z = 0;
-        for (size_t j = 0; j < visible; j++) if (row[j] > m) m = row[j];
-        for (size_t j = 0; j < visible; j++) { row[j] = expf(row[j] - m); z += row[j]; }
-        float inv = 1 / z;
-        for (size_t j = 0; j < visible; j++) row[j] *= inv;
-        for (size_t i = 0; i < hs; i++) out[g * hs + i] = 0;
+    // Softmax numerators and their sums.
+    for (size_t h = 0; h < heads; h++) {
+        float *row = scores + h * count;
+        __m256 mv = _mm256_set1_ps(-INFINITY);
+        size_t i = 0;
+        for (; i + 8 <= count; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + i));
+        float lanes[8], m = -INFINITY, z = 0;
+        _mm256_storeu_ps(lanes, mv);
+        for (int l = 0; l < 8; l++) if (lanes[l] > m) m = lanes[l];
+        for (size_t t = i; t < count; t++) if (row[t] > m) m = row[t];
+        __m256 zv = _mm256_setzero_ps(), m8 = _mm256_set1_ps(m);
+        for (i = 0; i + 8 <= count; i += 8) {
+            __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + i), m8));
+            _mm256_storeu_ps(row + i, e);
+            zv = _mm256_add_ps(zv, e);
+        }
+        for (; i < count; i++) { row[i] = expf(row[i] - m); z += row[i]; }
+        mz[2 * h] = m;
+        mz[2 * h + 1] = z + hsum256(zv);
+        for (size_t d = 0; d < hs; d++) out[h * hs + d] = 0;
     }
-    for (size_t j = 0; j < visible; j++) {
+    // out += p·V, block by block of rows, 64 dimensions of a head in registers.
+    for (size_t j0 = 0; j0 < count; j0 += ATT_BLOCK) {
+        size_t j1 = j0 + ATT_BLOCK < count ? j0 + ATT_BLOCK : count;
+        for (size_t o = 0; o < ATT_BLOCK * ldkv * 4; o += 64)
+            _mm_prefetch((const char *)(v + j1 * ldkv) + o, _MM_HINT_T0);
+        for (size_t h = 0; h < heads; h++) {
+            const float *vh = v + h / group * hs, *p = scores + h * count;
+            for (size_t d0 = 0; d0 < hs; d0 += 64) {
+                size_t w = hs - d0 < 64 ? (hs - d0) / 8 : 8;
+                float *o = out + h * hs + d0;
+                __m256 acc[8];
+                for (size_t c = 0; c < w; c++) acc[c] = _mm256_loadu_ps(o + 8 * c);
+                for (size_t j = j0; j < j1; j++) {
+                    __m256 pj = _mm256_broadcast_ss(p + j);
+                    const float *vj = vh + j * ldkv + d0;
+                    for (size_t c = 0; c < w; c++) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * c), acc[c]);
+                }
+                for (size_t c = 0; c < w; c++) _mm256_storeu_ps(o + 8 * c, acc[c]);
+            }
+        }
+    }
+}
+
+/// AVX-512: the query heads that share a key/value head (up to 4 at a time)
+/// read each K and V row once; 64 dimensions per pass.
+CK_TARGET512 static inline __m128 reduce4_512(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+#define HALVES(a) _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)))
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(HALVES(a0), HALVES(a1)), _mm256_hadd_ps(HALVES(a2), HALVES(a3)));
+#undef HALVES
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/// Scores of G (a compile-time constant) query heads qg (each [hs]) against
+/// the four rows kr[0..3] of their key/value head (offset kh).
+CK_TARGET512 static inline __attribute__((always_inline))
+void scores4_512(const float *qg, const float *const *kr, size_t kh, size_t hs, const int G, __m128 sc, float *s4) {
+    __m512 acc[4][4];
+    for (int g = 0; g < G; g++)
+        for (int p = 0; p < 4; p++) acc[g][p] = _mm512_setzero_ps();
+    for (size_t c = 0; c < hs; c += 16) {
+        __m512 kz[4];
+        for (int p = 0; p < 4; p++) kz[p] = _mm512_loadu_ps(kr[p] + kh + c);
+        for (int g = 0; g < G; g++) {
+            __m512 qz = _mm512_loadu_ps(qg + g * hs + c);
+            for (int p = 0; p < 4; p++) acc[g][p] = _mm512_fmadd_ps(qz, kz[p], acc[g][p]);
+        }
+    }
+    for (int g = 0; g < G; g++) _mm_storeu_ps(s4 + 4 * g, _mm_mul_ps(reduce4_512(acc[g][0], acc[g][1], acc[g][2], acc[g][3]), sc));
+}
+
+/// out[g] = Σ_j p[g·count + j]·v_j over 64 dimensions, G query heads.
+CK_TARGET512 static inline __attribute__((always_inline))
+void pv_512(const float *p, size_t count, const float *v, size_t ldkv, float *out, size_t hs, const int G,
+            int prefetch) {
+    __m512 acc[4][4];
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < 4; c++) acc[g][c] = _mm512_setzero_ps();
+    for (size_t j = 0; j < count; j++) {
+        if (prefetch && (j & (ATT_BLOCK - 1)) == 0)
+            for (size_t o = 0; o < ATT_BLOCK * ldkv * 4; o += 64)
+                _mm_prefetch((const char *)(v + (j + ATT_BLOCK) * ldkv) + o, _MM_HINT_T0);
         const float *vj = v + j * ldkv;
-        for (size_t g = 0; g < group; g++) {
-            __m256 p = _mm256_set1_ps(scores[g * visible + j]);
-            float *o = out + g * hs;
-            for (size_t i = 0; i < hs; i += 8)
-                _mm256_storeu_ps(o + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + i), _mm256_loadu_ps(o + i)));
+        __m512 vz[4];
+        for (int c = 0; c < 4; c++) vz[c] = _mm512_loadu_ps(vj + 16 * c);
+        for (int g = 0; g < G; g++) {
+            __m512 pj = _mm512_set1_ps(p[g * count + j]);
+            for (int c = 0; c < 4; c++) acc[g][c] = _mm512_fmadd_ps(pj, vz[c], acc[g][c]);
         }
     }
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(out + g * hs + 16 * c, acc[g][c]);
+}
+
+/// AVX-512 attention for hs a multiple of 64: the query heads that share a
+/// key/value head (up to 4 at a time) read each K and V row once.
+CK_TARGET512 static void attend_rows_512(const float *q, const float *k, const float *v, size_t ldkv, size_t count,
+                                         size_t heads, size_t kv_heads, size_t hs, float scale, float *scores,
+                                         float *out, float *mz) {
+    size_t group = heads / kv_heads;
+    const __m128 sc = _mm_set1_ps(scale);
+    // Scores, four positions × up to four heads of a group at a time.
+    for (size_t j0 = 0; j0 < count; j0 += 4) {
+        size_t np = count - j0 < 4 ? count - j0 : 4;
+        if ((j0 & (ATT_BLOCK - 1)) == 0)
+            for (size_t o = 0; o < ATT_BLOCK * ldkv * 4; o += 64)
+                _mm_prefetch((const char *)(k + (j0 + ATT_BLOCK) * ldkv) + o, _MM_HINT_T0);
+        const float *kr[4];
+        for (size_t p = 0; p < 4; p++) kr[p] = k + (j0 + (p < np ? p : 0)) * ldkv;
+        for (size_t kvh = 0; kvh < kv_heads; kvh++)
+            for (size_t g0 = 0; g0 < group; g0 += 4) {
+                size_t gn = group - g0 < 4 ? group - g0 : 4;
+                const float *qg = q + (kvh * group + g0) * hs;
+                float s4[16];
+                switch (gn) {
+                case 1: scores4_512(qg, kr, kvh * hs, hs, 1, sc, s4); break;
+                case 2: scores4_512(qg, kr, kvh * hs, hs, 2, sc, s4); break;
+                case 3: scores4_512(qg, kr, kvh * hs, hs, 3, sc, s4); break;
+                default: scores4_512(qg, kr, kvh * hs, hs, 4, sc, s4); break;
+                }
+                for (size_t g = 0; g < gn; g++)
+                    for (size_t p = 0; p < np; p++) scores[(kvh * group + g0 + g) * count + j0 + p] = s4[4 * g + p];
+            }
+    }
+    // Softmax numerators and their sums.
+    for (size_t h = 0; h < heads; h++) {
+        float *row = scores + h * count;
+        __m256 mv = _mm256_set1_ps(-INFINITY);
+        size_t i = 0;
+        for (; i + 8 <= count; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + i));
+        float lanes[8], m = -INFINITY, z = 0;
+        _mm256_storeu_ps(lanes, mv);
+        for (int l = 0; l < 8; l++) if (lanes[l] > m) m = lanes[l];
+        for (size_t t = i; t < count; t++) if (row[t] > m) m = row[t];
+        __m256 zv = _mm256_setzero_ps(), m8 = _mm256_set1_ps(m);
+        for (i = 0; i + 8 <= count; i += 8) {
+            __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + i), m8));
+            _mm256_storeu_ps(row + i, e);
+            zv = _mm256_add_ps(zv, e);
+        }
+        for (; i < count; i++) { row[i] = expf(row[i] - m); z += row[i]; }
+        mz[2 * h] = m;
+        mz[2 * h + 1] = z + hsum256(zv);
+    }
+    // out = p·V: per key/value head, up to four of its query heads × 64
+    // dimensions in registers over all positions.
+    for (size_t kvh = 0; kvh < kv_heads; kvh++)
+        for (size_t g0 = 0; g0 < group; g0 += 4) {
+            size_t gn = group - g0 < 4 ? group - g0 : 4;
+            for (size_t d0 = 0; d0 < hs; d0 += 64) {
+                const float *p0 = scores + (kvh * group + g0) * count, *vh = v + kvh * hs + d0;
+                float *o = out + (kvh * group + g0) * hs + d0;
+                int pf = kvh == 0 && g0 == 0 && d0 == 0;
+                switch (gn) {
+                case 1: pv_512(p0, count, vh, ldkv, o, hs, 1, pf); break;
+                case 2: pv_512(p0, count, vh, ldkv, o, hs, 2, pf); break;
+                case 3: pv_512(p0, count, vh, ldkv, o, hs, 3, pf); break;
+                default: pv_512(p0, count, vh, ldkv, o, hs, 4, pf); break;
+                }
+            }
+        }
+}
+
+/// ck_swiglu's vector part; returns how many values it did.
+CK_TARGET static size_t ck_swiglu_avx2(float *gate, const float *up, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1), e)), _mm256_loadu_ps(up + i)));
+    }
+    return i;
 }
 #endif
 
-void ck_attend(const float *q, const float *k, const float *v, size_t ldkv, size_t visible,
-               size_t group, size_t hs, float scale, float *scores, float *out, int cap) {
+void ck_attend_rows(const float *q, const float *k, const float *v, size_t ldkv, size_t count, size_t heads,
+                    size_t kv_heads, size_t hs, float scale, float *scores, float *out, float *mz, int cap) {
 #ifdef CK_X86
-    if (ck_effective_level(cap) >= 1 && hs % 16 == 0) {
-        attend_avx2(q, k, v, ldkv, visible, group, hs, scale, scores, out);
+    if (ck_effective_level(cap) >= 2 && hs % 64 == 0) {
+        attend_rows_512(q, k, v, ldkv, count, heads, kv_heads, hs, scale, scores, out, mz);
+        return;
+    }
+    if (ck_effective_level(cap) >= 1 && hs % 8 == 0) {
+        attend_rows_avx2(q, k, v, ldkv, count, heads, kv_heads, hs, scale, scores, out, mz);
         return;
     }
 #endif
-    attend_scalar(q, k, v, ldkv, visible, group, hs, scale, scores, out);
+    attend_rows_scalar(q, k, v, ldkv, count, heads, kv_heads, hs, scale, scores, out, mz);
+}
+
+/// gate[i] = silu(gate[i]) · up[i] over n values, silu(z) = z / (1 + e^−z).
+void ck_swiglu(float *gate, const float *up, size_t n, int cap) {
+    size_t i = 0;
+#ifdef CK_X86
+    if (ck_effective_level(cap) >= 1) i = ck_swiglu_avx2(gate, up, n);
+#endif
+    for (; i < n; i++) gate[i] = gate[i] / (1 + expf(-gate[i])) * up[i];
 }
 
 void ck_cpu_relax(void) {

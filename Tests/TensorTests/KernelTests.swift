@@ -158,6 +158,44 @@ struct BlockKernelTests {
         }
     }
 
+    @Test("decode attention of several sequences (the model's head shape, long contexts split) matches the textbook definition",
+          arguments: [[(1, 0)], [(1, 700)], [(1, 5), (3, 40), (1, 300), (2, 0)]])
+    func decodeAttention(sequences: [(tokens: Int, start: Int)]) {
+        let heads = 9, kvHeads = 3, hs = 64
+        var rng = TestRNG(state: UInt64(sequences.count * 1000 + sequences[0].start))
+        let data = sequences.map { s in
+            let l = s.start + s.tokens
+            return (q: (0..<(s.tokens * heads * hs)).map { _ in rng.float(-2, 2) },
+                    k: (0..<(l * kvHeads * hs)).map { _ in rng.float() }, v: (0..<(l * kvHeads * hs)).map { _ in rng.float() })
+        }
+        for path in KernelPath.allCases {
+            var outs = sequences.map { [Float](repeating: .nan, count: $0.tokens * heads * hs) }
+            let q = data.map { UnsafeMutableBufferPointer<Float>.allocate(capacity: $0.q.count) }
+            let k = data.map { UnsafeMutableBufferPointer<Float>.allocate(capacity: $0.k.count) }
+            let v = data.map { UnsafeMutableBufferPointer<Float>.allocate(capacity: $0.v.count) }
+            let o = outs.map { UnsafeMutableBufferPointer<Float>.allocate(capacity: $0.count) }
+            defer { for b in q + k + v + o { b.deallocate() } }
+            for i in data.indices {
+                _ = q[i].initialize(from: data[i].q)
+                _ = k[i].initialize(from: data[i].k)
+                _ = v[i].initialize(from: data[i].v)
+            }
+            let queries = sequences.indices.map { i in
+                Attention.Query(q: UnsafePointer(q[i].baseAddress!), k: UnsafePointer(k[i].baseAddress!),
+                                v: UnsafePointer(v[i].baseAddress!), tokens: sequences[i].tokens, start: sequences[i].start,
+                                out: o[i].baseAddress!)
+            }
+            Attention.decode(queries, heads: heads, kvHeads: kvHeads, headSize: hs, kernels: path)
+            for i in sequences.indices {
+                outs[i] = Array(o[i])
+                let ref = Attention.reference(q: data[i].q, k: data[i].k, v: data[i].v, tokens: sequences[i].tokens,
+                                              start: sequences[i].start, heads: heads, kvHeads: kvHeads, headSize: hs)
+                let err = zip(outs[i], ref).map { abs($0 - $1) }.max()!
+                #expect(err < 1e-5, "\(path) sequence \(i): max |Δ| \(err)")
+            }
+        }
+    }
+
     @Test("RMSNorm matches a Double computation")
     func rmsNorm() {
         var rng = TestRNG(state: 9)

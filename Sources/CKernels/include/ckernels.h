@@ -84,12 +84,20 @@ void ck_matmul_packed(int type, const void *P, size_t cols, size_t rows, size_t 
 void ck_dequantize_rows(int type, const void *W, size_t cols,
                         size_t row_begin, size_t row_end, float *out, int cap);
 
-/// Attention of one token's query heads that share a key/value head:
-/// scores = softmax(scale · q·Kᵀ) over `visible` positions, out = scores·V.
-///   q: [group, hs]   k, v: `visible` rows of stride ldkv   out: [group, hs]
-///   scores: [group, visible] scratch
-void ck_attend(const float *q, const float *k, const float *v, size_t ldkv, size_t visible,
-               size_t group, size_t hs, float scale, float *scores, float *out, int cap);
+/// Decode attention of one token's H query heads over `count` cache
+/// positions (all of them, or one part of a split), unnormalised so that
+/// parts combine (softmax over all of them); every head at once, so each
+/// cache row is read once. Head h reads key/value head h / (H / KVH).
+///   q: [H, hs]   k, v: `count` rows of stride ldkv (KVH·hs values used)
+///   out: [H, hs] = Σ_j e^(s_hj − m_h)·v_j, s = scale · q·Kᵀ
+///   mz:  [H, 2] = (m_h = max_j s_hj, z_h = Σ_j e^(s_hj − m_h))
+///   scores: [H, count] scratch
+void ck_attend_rows(const float *q, const float *k, const float *v, size_t ldkv, size_t count, size_t heads,
+                    size_t kv_heads, size_t hs, float scale, float *scores, float *out, float *mz, int cap);
+
+/// gate[i] = silu(gate[i]) · up[i] over n values, silu(z) = z / (1 + e^−z)
+/// (AVX2: a polynomial e^x within about 1 ulp of expf).
+void ck_swiglu(float *gate, const float *up, size_t n, int cap);
 
 /// A spin-wait hint (PAUSE on x86).
 void ck_cpu_relax(void);
