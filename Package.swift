@@ -66,7 +66,7 @@ let package = Package(
                            .product(name: "Logging", package: "swift-log")]
         ),
         .target(name: "TestSupport", path: "Tests/TestSupport"),
-        .testTarget(name: "TensorTests", dependencies: ["Tensor", "TestSupport"], swiftSettings: computeSettings),
+        .testTarget(name: "TensorTests", dependencies: ["Tensor", "CKernels", "TestSupport"], swiftSettings: computeSettings),
         .testTarget(
             name: "ModelTests", dependencies: ["Model", "Tensor"],
             exclude: ["Fixtures"], swiftSettings: computeSettings

@@ -1,7 +1,8 @@
 // Quantised dot products and dequantisation for Continuum (see ckernels.h).
-// Three implementations of each product, chosen at run time: scalar fp32
-// (portable, the fallback), AVX2 (two-part int16 activations) and AVX-512
-// VNNI (21-bit activations as int8 digits).
+// Row-by-row products on the GGUF layout: scalar fp32 for every format (the
+// portable fallback and the reference the SIMD kernels are tested against)
+// and AVX2/FMA/F16C for F16, BF16 and F32. The SIMD products of the 32-block
+// formats run on repacked weights (packed.c).
 //
 // Block layouts (ggml):
 //   Q4_0: f16 d; u8 qs[16]          w[j] = d*((qs[j]&15)-8), w[j+16] = d*((qs[j]>>4)-8)
@@ -9,58 +10,23 @@
 //   Q8_0: f16 d; i8 qs[32]          w[j] = d*qs[j]
 // Dot products use sum_j w[j] x[j] = d * sum_j q[j] x[j] (+ m * sum_j x[j]),
 // with the per-block sums of x computed once per vector, not once per row.
-// The SIMD paths for the 32-blocks turn x into integers per block first (see
-// dot_i16_avx2 and dot_vnni); the scalar path and the F16/BF16/F32 kernels
-// stay in fp32.
+// The scalar path and the F16/BF16/F32 kernels stay in fp32.
 #include "ckernels.h"
+#include "internal.h"
 
-#include <math.h>
 #include <stdlib.h>
-#include <string.h>
-
-#if defined(__x86_64__) || defined(_M_X64)
-#define CK_X86 1
-#include <immintrin.h>
-#endif
 
 // ---------------------------------------------------------------------------
 // Scalar helpers
 
-static inline float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-    uint32_t exp = (h >> 10) & 0x1F;
-    uint32_t man = h & 0x3FF;
-    uint32_t bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else { // subnormal: normalise
-            int e = -1;
-            do { e++; man <<= 1; } while ((man & 0x400) == 0);
-            man &= 0x3FF;
-            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | (man << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7F800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
+#define f16_to_f32 ck_f16_to_f32
+#define load_u16 ck_load_u16
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
     float f;
     memcpy(&f, &bits, 4);
     return f;
-}
-
-static inline uint16_t load_u16(const uint8_t *p) {
-    uint16_t v;
-    memcpy(&v, p, 2);
-    return v;
 }
 
 static size_t row_bytes(int type, size_t cols) {
@@ -72,18 +38,6 @@ static size_t row_bytes(int type, size_t cols) {
     case CK_Q8_0: return cols / 32 * 34;
     default: return 0;
     }
-}
-
-/// Largest |x| of a 32-block; its exact sum goes to *sum.
-static float block_stats(const float *xb, float *sum) {
-    float amax = 0, s = 0;
-    for (int j = 0; j < 32; j++) {
-        float a = fabsf(xb[j]);
-        if (a > amax) amax = a;
-        s += xb[j];
-    }
-    *sum = s;
-    return amax;
 }
 
 // ---------------------------------------------------------------------------
@@ -191,7 +145,6 @@ static void dequant_scalar(int type, const uint8_t *row, size_t cols, float *out
 // AVX2 + FMA + F16C path
 
 #ifdef CK_X86
-#define CK_TARGET __attribute__((target("avx2,fma,f16c")))
 
 CK_TARGET static inline float hsum256(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v);
@@ -210,82 +163,6 @@ CK_TARGET static inline __m256 u8x8_to_ps(__m128i v) {
 
 CK_TARGET static inline __m256 i8x8_to_ps(__m128i v) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-}
-
-// Decode path for the 32-blocks: activations split per block into two int16
-// parts, x ≈ s1·q1 + s2·q2 with s2 = s1/65534 (error ≤ max|x_block|·2^-32,
-// below fp32 rounding), multiplied with the weights' small integers exactly in
-// 32-bit integer lanes (vpmaddwd), then scaled once per block.
-typedef struct {
-    float scale_hi;   // s1
-    float scale_lo;   // s2
-    float sum;        // exact Σ x[j] (for Q4_1's offsets)
-    float pad;
-    int16_t hi[32];   // q1
-    int16_t lo[32];   // q2
-} xblock;
-
-static void quantize_x(const float *x, size_t nb, xblock *out) {
-    for (size_t b = 0; b < nb; b++) {
-        const float *xb = x + b * 32;
-        float sum;
-        float amax = block_stats(xb, &sum);
-        float s1 = amax / 32767.0f, s2 = s1 / 65534.0f;
-        for (int j = 0; j < 32; j++) {
-            float q1 = s1 > 0 ? rintf(xb[j] / s1) : 0;
-            float r = xb[j] - q1 * s1;
-            float q2 = s2 > 0 ? rintf(r / s2) : 0;
-            out[b].hi[j] = (int16_t)q1;
-            out[b].lo[j] = (int16_t)(q2 > 32767 ? 32767 : q2 < -32767 ? -32767 : q2);
-        }
-        out[b].scale_hi = s1;
-        out[b].scale_lo = s2;
-        out[b].sum = sum;
-    }
-}
-
-CK_TARGET static float dot_i16_avx2(int type, const uint8_t *row, const xblock *xq, size_t nb) {
-    const __m128i m4 = _mm_set1_epi8(15);
-    const __m128i eight = _mm_set1_epi8(8);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    __m128 tail = _mm_setzero_ps();   // lane 2 accumulates m·Σx (Q4_1)
-    for (size_t b = 0; b < nb; b++) {
-        const xblock *xb = xq + b;
-        __m256i w0, w1;
-        __m128 dm;   // [d, d, m, 0]
-        if (type == CK_Q8_0) {
-            const uint8_t *blk = row + b * 34;
-            dm = _mm_cvtph_ps(_mm_cvtsi32_si128(load_u16(blk)));            // [d, 0, 0, 0]
-            w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
-            w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
-        } else if (type == CK_Q4_1) {
-            const uint8_t *blk = row + b * 20;
-            uint32_t dmBits;
-            memcpy(&dmBits, blk, 4);
-            dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dmBits));              // [d, m, 0, 0]
-            __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
-            w0 = _mm256_cvtepu8_epi16(_mm_and_si128(q, m4));
-            w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), m4));
-        } else { // CK_Q4_0: the -8 is applied to the integers
-            const uint8_t *blk = row + b * 18;
-            dm = _mm_cvtph_ps(_mm_cvtsi32_si128(load_u16(blk)));            // [d, 0, 0, 0]
-            __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
-            w0 = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(q, m4), eight));
-            w1 = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m4), eight));
-        }
-        dm = _mm_shuffle_ps(dm, dm, _MM_SHUFFLE(3, 1, 0, 0));               // [d, d, m, 0]
-        __m128 prod = _mm_mul_ps(dm, _mm_loadu_ps(&xb->scale_hi));          // [d·s1, d·s2, m·Σx, 0]
-        tail = _mm_add_ps(tail, prod);
-        __m256i ph = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xb->hi)),
-                                      _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xb->hi + 16))));
-        __m256i pl = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xb->lo)),
-                                      _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xb->lo + 16))));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ph), _mm256_broadcastss_ps(prod), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pl), _mm256_broadcastss_ps(_mm_movehdup_ps(prod)), acc1);
-    }
-    float lanes[4];
-    _mm_storeu_ps(lanes, tail);
-    return hsum256(_mm256_add_ps(acc0, acc1)) + lanes[2];
 }
 
 /// fp32 dot products for the unquantised formats (F16, BF16, F32).
@@ -367,148 +244,101 @@ CK_TARGET static void dequant_avx2(int type, const uint8_t *row, size_t cols, fl
 }
 
 
-// AVX-512 VNNI path for the 32-blocks. Activations become integers per block,
-// X = round(x / s) with |X| < 2^20 (s = max|x_block| / (2^20 - 1), error
-// ≤ s/2, about 2^-21 of the block's largest |x|), written as three balanced
-// base-128 int8 digits X = q1·2^14 + q2·2^7 + q3. vpdpbusd multiplies 64
-// weights (as u8) with each digit plane exactly in int32 lanes; Horner steps
-// combine the planes. Q8_0 weights are offset to u8 by +128 and corrected
-// with 128·ΣX per lane. Plane order per pair of blocks A, B (64 values):
-//   Q4_*: [A0..15, B0..15, A16..31, B16..31] (how their nibbles unpack)
-//   Q8_0: [A0..31, B0..31]
-#define XQ_MAX 1048575
-
-static int q4_position(size_t b, int j) {
-    size_t k = b / 2;
-    int chunk = (j < 16 ? 0 : 2) + (int)(b & 1);
-    return (int)(k * 64 + chunk * 16 + (j & 15));
+static int detect_avx512vnni(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
-/// Prepared activations for one vector: 3 planes of cols int8, then per block
-/// (scale, exact sum) float pairs, then (nb/2)*16 int32 corrections.
-static size_t xq8_bytes(size_t cols) {
-    size_t nb = cols / 32;
-    return 3 * cols + nb * 4 * 2 + (nb / 2) * 16 * 4;
+static int detect_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+#endif
+
+// ---------------------------------------------------------------------------
+// Dispatch
+
+int ck_simd_level(void) {
+#ifdef CK_X86
+    static int level = -1;
+    if (level < 0) {
+        int found = detect_avx2() ? (detect_avx512vnni() ? 2 : 1) : 0;
+        // CONTINUUM_KERNELS=avx2|scalar caps the level (benchmarks, debugging).
+        const char *cap = getenv("CONTINUUM_KERNELS");
+        if (cap && strcmp(cap, "avx2") == 0 && found > 1) found = 1;
+        if (cap && strcmp(cap, "scalar") == 0) found = 0;
+        level = found;
+    }
+    return level;
+#else
+    return 0;
+#endif
 }
 
-static void quantize_x8(int type, const float *x, size_t cols, uint8_t *buf) {
+int ck_effective_level(int cap) { return cap < ck_simd_level() ? cap : ck_simd_level(); }
+
+size_t ck_prepared_bytes(int type, size_t cols, size_t n, int cap) {
+    if (ck_is_block_type(type) && ck_effective_level(cap) >= 1) return n * ck_digits_stride(cols);
+    return type == CK_Q4_1 ? n * (cols / 32) * sizeof(float) : 0;
+}
+
+void ck_prepare(int type, size_t cols, const float *X, size_t ldx, size_t n, void *prepared, int cap) {
     size_t nb = cols / 32;
-    int8_t *p1 = (int8_t *)buf, *p2 = p1 + cols, *p3 = p2 + cols;
-    float *ss = (float *)(buf + 3 * cols);
-    int32_t *corr = (int32_t *)(ss + 2 * nb);
-    int32_t Xs[32];
-    for (size_t b = 0; b < nb; b++) {
-        const float *xb = x + b * 32;
-        float s;
-        float amax = block_stats(xb, &s);
-        float sc = amax / (float)XQ_MAX;
-        float inv = amax > 0 ? (float)XQ_MAX / amax : 0;
-        ss[2 * b] = sc;
-        ss[2 * b + 1] = s;
-        for (int j = 0; j < 32; j++) {
-            long v = lrintf(xb[j] * inv);
-            if (v > XQ_MAX) v = XQ_MAX;
-            if (v < -XQ_MAX) v = -XQ_MAX;
-            int32_t X = (int32_t)v;
-            Xs[j] = X;
-            int32_t d3 = ((X + 64) & 127) - 64;
-            int32_t r = (X - d3) >> 7;
-            int32_t d2 = ((r + 64) & 127) - 64;
-            int32_t d1 = (r - d2) >> 7;
-            int pos = type == CK_Q8_0 ? (int)(b * 32 + j) : q4_position(b, j);
-            p1[pos] = (int8_t)d1;
-            p2[pos] = (int8_t)d2;
-            p3[pos] = (int8_t)d3;
-        }
-        if (type == CK_Q8_0) {
-            // Lane l of pair b/2 covers plane positions 4l..4l+3 of the pair.
-            for (int l = 0; l < 8; l++) {
-                int32_t t = Xs[4 * l] + Xs[4 * l + 1] + Xs[4 * l + 2] + Xs[4 * l + 3];
-                corr[(b / 2) * 16 + (b & 1) * 8 + l] = 128 * t;
+    if (ck_is_block_type(type) && ck_effective_level(cap) >= 1) {
+        for (size_t j = 0; j < n; j++) ck_quantize_digits(X + j * ldx, cols, (uint8_t *)prepared + j * ck_digits_stride(cols));
+    } else if (type == CK_Q4_1) {
+        float *xsum = (float *)prepared;
+        for (size_t j = 0; j < n; j++)
+            for (size_t b = 0; b < nb; b++) {
+                const float *xb = X + j * ldx + b * 32;
+                float s = 0;
+                for (int k = 0; k < 32; k++) s += xb[k];
+                xsum[j * nb + b] = s;
             }
-        }
     }
 }
 
-#define CK_TARGET512 __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
-
-/// One or two prepared vectors (`two` is a compile-time constant at each call
-/// site) against one row; each pair of weight blocks is unpacked once.
-CK_TARGET512 static inline __attribute__((always_inline))
-void vnni_row(int type, const uint8_t *row, const uint8_t *buf, const uint8_t *buf2, size_t cols, float *out,
-              const int two) {
+void ck_matmul_rows(int type, const void *W, size_t cols,
+                    size_t row_begin, size_t row_end,
+                    const float *X, size_t ldx, size_t n, const void *prepared,
+                    float *Y, size_t ldy, int cap) {
     size_t nb = cols / 32;
-    const uint8_t *bufs[2] = {buf, two ? buf2 : buf};
-    const __m256i m4 = _mm256_set1_epi8(15);
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    const __m128 q40 = _mm_setr_ps(1, -8, 1, -8);
-    // Which 32-bit lanes belong to block B of the pair.
-    const __mmask16 laneB = type == CK_Q8_0 ? 0xFF00 : 0xF0F0;
-    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    __m128 tail[2] = {_mm_setzero_ps(), _mm_setzero_ps()};   // lanes 1 and 3 accumulate m·Σx
-    for (size_t k = 0; k < nb / 2; k++) {
-        __m512i w;
-        __m128 dm;   // [dA, mA, dB, mB]
-        if (type == CK_Q8_0) {
-            const uint8_t *blkA = row + 2 * k * 34, *blkB = blkA + 34;
-            // Each 32-bit lane holds one half (d) and a zero half: [dA, 0, dB, 0].
-            dm = _mm_cvtph_ps(_mm_setr_epi32(load_u16(blkA), load_u16(blkB), 0, 0));
-            w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(blkA + 2))),
-                                   _mm256_loadu_si256((const __m256i *)(blkB + 2)), 1);
-            w = _mm512_xor_si512(w, flip);
-        } else {
-            const uint8_t *blkA, *blkB, *qA, *qB;
-            if (type == CK_Q4_1) {
-                blkA = row + 2 * k * 20; blkB = blkA + 20; qA = blkA + 4; qB = blkB + 4;
-                uint32_t a, b;
-                memcpy(&a, blkA, 4);
-                memcpy(&b, blkB, 4);
-                dm = _mm_cvtph_ps(_mm_setr_epi32((int)a, (int)b, 0, 0));   // [dA, mA, dB, mB]
-            } else {   // Q4_0: m = -8·d
-                blkA = row + 2 * k * 18; blkB = blkA + 18; qA = blkA + 2; qB = blkB + 2;
-                dm = _mm_cvtph_ps(_mm_setr_epi32(load_u16(blkA), load_u16(blkB), 0, 0));   // [dA, 0, dB, 0]
-                dm = _mm_mul_ps(_mm_moveldup_ps(dm), q40);
-            }
-            __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)qA)),
-                                                _mm_loadu_si128((const __m128i *)qB), 1);
-            __m256i lo = _mm256_and_si256(v, m4);
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-            w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-        }
-        for (int j = 0; j <= two; j++) {
-            const int8_t *p1 = (const int8_t *)bufs[j], *p2 = p1 + cols, *p3 = p2 + cols;
-            const float *ss = (const float *)(bufs[j] + 3 * cols);   // [scale, sum] per block
-            __m128 prod = _mm_mul_ps(dm, _mm_loadu_ps(ss + 4 * k));  // [dA·sA, mA·ΣA, dB·sB, mB·ΣB]
-            tail[j] = _mm_add_ps(tail[j], prod);
-            __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(p1 + 64 * k));
-            t = _mm512_slli_epi32(t, 7);
-            t = _mm512_dpbusd_epi32(t, w, _mm512_loadu_si512(p2 + 64 * k));
-            t = _mm512_slli_epi32(t, 7);
-            t = _mm512_dpbusd_epi32(t, w, _mm512_loadu_si512(p3 + 64 * k));
-            if (type == CK_Q8_0) t = _mm512_sub_epi32(t, _mm512_loadu_si512((const int32_t *)(ss + 2 * nb) + 16 * k));
-            __m512 sv = _mm512_mask_blend_ps(laneB, _mm512_broadcastss_ps(prod),
-                                             _mm512_broadcastss_ps(_mm_movehl_ps(prod, prod)));
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sv, acc[j]);
+    size_t rb = row_bytes(type, cols);
+#ifdef CK_X86
+    int simd = ck_effective_level(cap) >= 1 && !ck_is_block_type(type);
+#endif
+    const uint8_t *base = (const uint8_t *)W;
+    const float *xsum = (const float *)prepared;
+    for (size_t r = row_begin; r < row_end; r++) {
+        const uint8_t *row = base + r * rb;
+        for (size_t j = 0; j < n; j++) {
+            float v;
+#ifdef CK_X86
+            if (simd) v = dot_avx2(type, row, X + j * ldx, cols);
+            else
+#endif
+                v = dot_scalar(type, row, X + j * ldx, type == CK_Q4_1 ? xsum + j * nb : NULL, cols);
+            Y[j * ldy + r] = v;
         }
     }
-    for (int j = 0; j <= two; j++) {
-        float lanes[4];
-        _mm_storeu_ps(lanes, tail[j]);
-        out[j] = _mm512_reduce_add_ps(acc[j]) + lanes[1] + lanes[3];
+}
+
+void ck_dequantize_rows(int type, const void *W, size_t cols,
+                        size_t row_begin, size_t row_end, float *out, int cap) {
+    size_t rb = row_bytes(type, cols);
+    const uint8_t *base = (const uint8_t *)W;
+    int simd = (cap < ck_simd_level() ? cap : ck_simd_level()) >= 1;
+    for (size_t r = row_begin; r < row_end; r++) {
+        float *o = out + (r - row_begin) * cols;
+#ifdef CK_X86
+        if (simd) { dequant_avx2(type, base + r * rb, cols, o); continue; }
+#endif
+        dequant_scalar(type, base + r * rb, cols, o);
     }
 }
 
-CK_TARGET512 static float dot_vnni(int type, const uint8_t *row, const uint8_t *buf, size_t cols) {
-    float out[1];
-    vnni_row(type, row, buf, buf, cols, out, 0);
-    return out[0];
-}
-
-CK_TARGET512 static void dot_vnni2(int type, const uint8_t *row, const uint8_t *buf, const uint8_t *buf2, size_t cols,
-                                   float *out) {
-    vnni_row(type, row, buf, buf2, cols, out, 1);
-}
-
+#ifdef CK_X86
 // ---------------------------------------------------------------------------
 // Transposed products (the backward pass's dL/dx = dL/dy · W) for the
 // 32-blocks: each weight block is unpacked in registers, to exactly the
@@ -663,135 +493,7 @@ CK_TARGET static void tmatmul256(int type, const uint8_t *base, size_t rb, size_
     }
 }
 
-static int detect_avx512vnni(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-        && __builtin_cpu_supports("avx512vnni");
-}
-
-static int detect_avx2(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
 #endif
-
-// ---------------------------------------------------------------------------
-// Dispatch
-
-int ck_simd_level(void) {
-#ifdef CK_X86
-    static int level = -1;
-    if (level < 0) {
-        int found = detect_avx2() ? (detect_avx512vnni() ? 2 : 1) : 0;
-        // CONTINUUM_KERNELS=avx2|scalar caps the level (benchmarks, debugging).
-        const char *cap = getenv("CONTINUUM_KERNELS");
-        if (cap && strcmp(cap, "avx2") == 0 && found > 1) found = 1;
-        if (cap && strcmp(cap, "scalar") == 0) found = 0;
-        level = found;
-    }
-    return level;
-#else
-    return 0;
-#endif
-}
-
-static int is_block_type(int type) { return type == CK_Q4_0 || type == CK_Q4_1 || type == CK_Q8_0; }
-
-/// The kernel level actually used for `type` given the caller's cap.
-static int effective_level(int type, size_t cols, int cap) {
-    int level = cap < ck_simd_level() ? cap : ck_simd_level();
-    if (level == 2 && !(is_block_type(type) && (cols / 32) % 2 == 0)) level = 1;
-    return level;
-}
-
-size_t ck_prepared_bytes(int type, size_t cols, size_t n, int cap) {
-    switch (effective_level(type, cols, cap)) {
-#ifdef CK_X86
-    case 2: return n * xq8_bytes(cols);
-    case 1: return is_block_type(type) ? n * (cols / 32) * sizeof(xblock) : 0;
-#endif
-    default: return type == CK_Q4_1 ? n * (cols / 32) * sizeof(float) : 0;
-    }
-}
-
-void ck_prepare(int type, size_t cols, const float *X, size_t ldx, size_t n, void *prepared, int cap) {
-    size_t nb = cols / 32;
-    switch (effective_level(type, cols, cap)) {
-#ifdef CK_X86
-    case 2:
-        for (size_t j = 0; j < n; j++) quantize_x8(type, X + j * ldx, cols, (uint8_t *)prepared + j * xq8_bytes(cols));
-        return;
-    case 1:
-        if (is_block_type(type))
-            for (size_t j = 0; j < n; j++) quantize_x(X + j * ldx, nb, (xblock *)prepared + j * nb);
-        return;
-#endif
-    default:
-        if (type == CK_Q4_1) {
-            float *xsum = (float *)prepared;
-            for (size_t j = 0; j < n; j++)
-                for (size_t b = 0; b < nb; b++) {
-                    const float *xb = X + j * ldx + b * 32;
-                    float s = 0;
-                    for (int k = 0; k < 32; k++) s += xb[k];
-                    xsum[j * nb + b] = s;
-                }
-        }
-    }
-}
-
-void ck_matmul_rows(int type, const void *W, size_t cols,
-                    size_t row_begin, size_t row_end,
-                    const float *X, size_t ldx, size_t n, const void *prepared,
-                    float *Y, size_t ldy, int cap) {
-    size_t nb = cols / 32;
-    size_t rb = row_bytes(type, cols);
-    int level = effective_level(type, cols, cap);
-    const uint8_t *base = (const uint8_t *)W;
-    const uint8_t *prep = (const uint8_t *)prepared;
-    for (size_t r = row_begin; r < row_end; r++) {
-        const uint8_t *row = base + r * rb;
-#ifdef CK_X86
-        if (r + 4 < row_end)   // the hardware prefetcher does not cross pages
-            for (size_t o = 0; o < rb; o += 64) _mm_prefetch((const char *)(row + 4 * rb + o), _MM_HINT_T0);
-        if (level == 2) {   // vectors two at a time share the unpacked weights
-            size_t stride = xq8_bytes(cols), j = 0;
-            for (; j + 2 <= n; j += 2) {
-                float out[2];
-                dot_vnni2(type, row, prep + j * stride, prep + (j + 1) * stride, cols, out);
-                Y[j * ldy + r] = out[0];
-                Y[(j + 1) * ldy + r] = out[1];
-            }
-            if (j < n) Y[j * ldy + r] = dot_vnni(type, row, prep + j * stride, cols);
-            continue;
-        }
-#endif
-        for (size_t j = 0; j < n; j++) {
-            float v;
-#ifdef CK_X86
-            if (level == 1 && is_block_type(type)) v = dot_i16_avx2(type, row, (const xblock *)prep + j * nb, nb);
-            else if (level == 1) v = dot_avx2(type, row, X + j * ldx, cols);
-            else
-#endif
-                v = dot_scalar(type, row, X + j * ldx, type == CK_Q4_1 ? (const float *)prep + j * nb : NULL, cols);
-            Y[j * ldy + r] = v;
-        }
-    }
-}
-
-void ck_dequantize_rows(int type, const void *W, size_t cols,
-                        size_t row_begin, size_t row_end, float *out, int cap) {
-    size_t rb = row_bytes(type, cols);
-    const uint8_t *base = (const uint8_t *)W;
-    int simd = (cap < ck_simd_level() ? cap : ck_simd_level()) >= 1;
-    for (size_t r = row_begin; r < row_end; r++) {
-        float *o = out + (r - row_begin) * cols;
-#ifdef CK_X86
-        if (simd) { dequant_avx2(type, base + r * rb, cols, o); continue; }
-#endif
-        dequant_scalar(type, base + r * rb, cols, o);
-    }
-}
 
 void ck_matmul_t(int type, const void *W, size_t cols, size_t rows, size_t col_begin, size_t col_end,
                  const float *dY, size_t ldy, size_t n, float *dX, size_t ldx, int cap) {
@@ -799,7 +501,7 @@ void ck_matmul_t(int type, const void *W, size_t cols, size_t rows, size_t col_b
     const uint8_t *base = (const uint8_t *)W;
     int level = cap < ck_simd_level() ? cap : ck_simd_level();
 #ifdef CK_X86
-    if (level >= 1 && is_block_type(type)) {
+    if (level >= 1 && ck_is_block_type(type)) {
         size_t bs = row_bytes(type, 32);
         if (level == 2) tmatmul512(type, base, rb, bs, col_begin / 32, col_end / 32, rows, dY, ldy, n, dX, ldx);
         else tmatmul256(type, base, rb, bs, col_begin / 32, col_end / 32, rows, dY, ldy, n, dX, ldx);
@@ -824,80 +526,304 @@ void ck_matmul_t(int type, const void *W, size_t cols, size_t rows, size_t col_b
     free(w);
 }
 
-// ---------------------------------------------------------------------------
-// Decode attention: one token's query heads that share a key/value head.
-//   q:      [group, hs]           scores: [group, visible] (scratch)
-//   k, v:   [visible, ldkv] rows, this head's hs values at the row start
-//   out:    [group, hs]
-// scores = softmax(scale · q·Kᵀ); out = scores·V. Each K and V row is read
-// once for the whole group.
 
-static void attend_scalar(const float *q, const float *k, const float *v, size_t ldkv, size_t visible,
-                          size_t group, size_t hs, float scale, float *scores, float *out) {
-    for (size_t j = 0; j < visible; j++)
-        for (size_t g = 0; g < group; g++) {
+// ---------------------------------------------------------------------------
+// Decode attention: one token's query heads over a run of `count` cache
+// positions (all of them, or one part of a split), every head at once so the
+// cache rows are read front to back, once.
+//   q:      [H, hs]               scores: [H, count] (scratch)
+//   k, v:   [count, ldkv] rows, KVH·hs values each (head h reads head h / (H/KVH))
+//   out:    [H, hs] = Σ_j e^(s_hj − m_h)·v_j, s = scale · q·Kᵀ (unnormalised)
+//   mz:     [H, 2] = (m_h = max_j s_hj, z_h = Σ_j e^(s_hj − m_h))
+// Parts combine as out = Σ_p e^(m_p − M)·out_p / Σ_p e^(m_p − M)·z_p.
+
+static void attend_rows_scalar(const float *q, const float *k, const float *v, size_t ldkv, size_t count,
+                               size_t heads, size_t kv_heads, size_t hs, float scale, float *scores, float *out,
+                               float *mz) {
+    size_t group = heads / kv_heads;
+    for (size_t h = 0; h < heads; h++) {
+        const float *kh = k + h / group * hs, *vh = v + h / group * hs;
+        float *row = scores + h * count, m = -INFINITY, z = 0;
+        for (size_t j = 0; j < count; j++) {
             float s = 0;
-            for (size_t i = 0; i < hs; i++) s += q[g * hs + i] * k[j * ldkv + i];
-            scores[g * visible + j] = s * scale;
+            for (size_t i = 0; i < hs; i++) s += q[h * hs + i] * kh[j * ldkv + i];
+            row[j] = s * scale;
+            if (row[j] > m) m = row[j];
         }
-    for (size_t g = 0; g < group; g++) {
-        float *row = scores + g * visible, m = -INFINITY, z = 0;
-        for (size_t j = 0; j < visible; j++) if (row[j] > m) m = row[j];
-        for (size_t j = 0; j < visible; j++) { row[j] = expf(row[j] - m); z += row[j]; }
-        for (size_t j = 0; j < visible; j++) row[j] /= z;
-        for (size_t i = 0; i < hs; i++) out[g * hs + i] = 0;
+        for (size_t j = 0; j < count; j++) { row[j] = expf(row[j] - m); z += row[j]; }
+        mz[2 * h] = m;
+        mz[2 * h + 1] = z;
+        for (size_t i = 0; i < hs; i++) out[h * hs + i] = 0;
+        for (size_t j = 0; j < count; j++)
+            for (size_t i = 0; i < hs; i++) out[h * hs + i] += row[j] * vh[j * ldkv + i];
     }
-    for (size_t j = 0; j < visible; j++)
-        for (size_t g = 0; g < group; g++) {
-            float p = scores[g * visible + j];
-            for (size_t i = 0; i < hs; i++) out[g * hs + i] += p * v[j * ldkv + i];
-        }
 }
 
 #ifdef CK_X86
-CK_TARGET static void attend_avx2(const float *q, const float *k, const float *v, size_t ldkv, size_t visible,
-                                  size_t group, size_t hs, float scale, float *scores, float *out) {
-    for (size_t j = 0; j < visible; j++) {
-        const float *kj = k + j * ldkv;
-        for (size_t g = 0; g < group; g++) {
-            const float *qg = q + g * hs;
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-            for (size_t i = 0; i < hs; i += 16) {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i), _mm256_loadu_ps(kj + i), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i + 8), _mm256_loadu_ps(kj + i + 8), a1);
+/// e^x, x clamped to [−87.3, 88.3] (so e^x stays a normal float): x = n·ln 2
+/// + r with |r| ≤ ln 2 / 2 (Cody–Waite), e^r from Cephes' degree-6
+/// polynomial (≈1 ulp), times 2^n.
+CK_TARGET static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/// Four dot products q·k0 … q·k3 of hs (multiple of 8) values.
+CK_TARGET static inline __m128 dot4(const float *q, const float *k0, const float *k1, const float *k2,
+                                    const float *k3, size_t hs) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (size_t i = 0; i < hs; i += 8) {
+        __m256 qv = _mm256_loadu_ps(q + i);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + i), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + i), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + i), a3);
+    }
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/// Positions per block: a block's K or V rows stay in L1 while every head
+/// reads them.
+#define ATT_BLOCK 16
+/// How many rows ahead the AVX-512 kernel prefetches K and V (a steady
+/// stream; measured against no prefetch and whole-block bursts).
+#define ATT_PREFETCH_ROWS 16
+
+CK_TARGET static void attend_rows_avx2(const float *q, const float *k, const float *v, size_t ldkv, size_t count,
+                                       size_t heads, size_t kv_heads, size_t hs, float scale, float *scores,
+                                       float *out, float *mz) {
+    size_t group = heads / kv_heads;
+    // Scores, block by block of rows, four positions at a time.
+    for (size_t j0 = 0; j0 < count; j0 += ATT_BLOCK) {
+        size_t j1 = j0 + ATT_BLOCK < count ? j0 + ATT_BLOCK : count;
+        for (size_t o = 0; o < ATT_BLOCK * ldkv * 4; o += 64)
+            _mm_prefetch((const char *)(k + j1 * ldkv) + o, _MM_HINT_T0);
+        for (size_t h = 0; h < heads; h++) {
+            const float *kh = k + h / group * hs, *qh = q + h * hs;
+            float *row = scores + h * count;
+            size_t j = j0;
+            for (; j + 4 <= j1; j += 4) {
+                const float *kj = kh + j * ldkv;
+                _mm_storeu_ps(row + j, _mm_mul_ps(dot4(qh, kj, kj + ldkv, kj + 2 * ldkv, kj + 3 * ldkv, hs),
+                                                  _mm_set1_ps(scale)));
             }
-            scores[g * visible + j] = hsum256(_mm256_add_ps(a0, a1)) * scale;
+            for (; j < j1; j++) {
+                const float *kj = kh + j * ldkv;
+                row[j] = _mm_cvtss_f32(dot4(qh, kj, kj, kj, kj, hs)) * scale;
+            }
         }
     }
-    for (size_t g = 0; g < group; g++) {
-        float *row = scores + g * visible, m = -INFINITY, z = 0;
-        for (size_t j = 0; j < visible; j++) if (row[j] > m) m = row[j];
-        for (size_t j = 0; j < visible; j++) { row[j] = expf(row[j] - m); z += row[j]; }
-        float inv = 1 / z;
-        for (size_t j = 0; j < visible; j++) row[j] *= inv;
-        for (size_t i = 0; i < hs; i++) out[g * hs + i] = 0;
+    // Softmax numerators and their sums.
+    for (size_t h = 0; h < heads; h++) {
+        float *row = scores + h * count;
+        __m256 mv = _mm256_set1_ps(-INFINITY);
+        size_t i = 0;
+        for (; i + 8 <= count; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + i));
+        float lanes[8], m = -INFINITY, z = 0;
+        _mm256_storeu_ps(lanes, mv);
+        for (int l = 0; l < 8; l++) if (lanes[l] > m) m = lanes[l];
+        for (size_t t = i; t < count; t++) if (row[t] > m) m = row[t];
+        __m256 zv = _mm256_setzero_ps(), m8 = _mm256_set1_ps(m);
+        for (i = 0; i + 8 <= count; i += 8) {
+            __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + i), m8));
+            _mm256_storeu_ps(row + i, e);
+            zv = _mm256_add_ps(zv, e);
+        }
+        for (; i < count; i++) { row[i] = expf(row[i] - m); z += row[i]; }
+        mz[2 * h] = m;
+        mz[2 * h + 1] = z + hsum256(zv);
+        for (size_t d = 0; d < hs; d++) out[h * hs + d] = 0;
     }
-    for (size_t j = 0; j < visible; j++) {
+    // out += p·V, block by block of rows, 64 dimensions of a head in registers.
+    for (size_t j0 = 0; j0 < count; j0 += ATT_BLOCK) {
+        size_t j1 = j0 + ATT_BLOCK < count ? j0 + ATT_BLOCK : count;
+        for (size_t o = 0; o < ATT_BLOCK * ldkv * 4; o += 64)
+            _mm_prefetch((const char *)(v + j1 * ldkv) + o, _MM_HINT_T0);
+        for (size_t h = 0; h < heads; h++) {
+            const float *vh = v + h / group * hs, *p = scores + h * count;
+            for (size_t d0 = 0; d0 < hs; d0 += 64) {
+                size_t w = hs - d0 < 64 ? (hs - d0) / 8 : 8;
+                float *o = out + h * hs + d0;
+                __m256 acc[8];
+                for (size_t c = 0; c < w; c++) acc[c] = _mm256_loadu_ps(o + 8 * c);
+                for (size_t j = j0; j < j1; j++) {
+                    __m256 pj = _mm256_broadcast_ss(p + j);
+                    const float *vj = vh + j * ldkv + d0;
+                    for (size_t c = 0; c < w; c++) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * c), acc[c]);
+                }
+                for (size_t c = 0; c < w; c++) _mm256_storeu_ps(o + 8 * c, acc[c]);
+            }
+        }
+    }
+}
+
+/// AVX-512: the query heads that share a key/value head (up to 4 at a time)
+/// read each K and V row once; 64 dimensions per pass.
+CK_TARGET512 static inline __m128 reduce4_512(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+#define HALVES(a) _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)))
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(HALVES(a0), HALVES(a1)), _mm256_hadd_ps(HALVES(a2), HALVES(a3)));
+#undef HALVES
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/// Scores of G (a compile-time constant) query heads qg (each [hs]) against
+/// the four rows kr[0..3] of their key/value head (offset kh).
+CK_TARGET512 static inline __attribute__((always_inline))
+void scores4_512(const float *qg, const float *const *kr, size_t kh, size_t hs, const int G, __m128 sc, float *s4) {
+    __m512 acc[4][4];
+    for (int g = 0; g < G; g++)
+        for (int p = 0; p < 4; p++) acc[g][p] = _mm512_setzero_ps();
+    for (size_t c = 0; c < hs; c += 16) {
+        __m512 kz[4];
+        for (int p = 0; p < 4; p++) kz[p] = _mm512_loadu_ps(kr[p] + kh + c);
+        for (int g = 0; g < G; g++) {
+            __m512 qz = _mm512_loadu_ps(qg + g * hs + c);
+            for (int p = 0; p < 4; p++) acc[g][p] = _mm512_fmadd_ps(qz, kz[p], acc[g][p]);
+        }
+    }
+    for (int g = 0; g < G; g++) _mm_storeu_ps(s4 + 4 * g, _mm_mul_ps(reduce4_512(acc[g][0], acc[g][1], acc[g][2], acc[g][3]), sc));
+}
+
+/// out[g] += Σ_j p[g·count + j]·v_j for j in [j0, j1), 64 dimensions, G (a
+/// compile-time constant) query heads.
+CK_TARGET512 static inline __attribute__((always_inline))
+void pv_512(const float *p, size_t count, size_t j0, size_t j1, const float *v, size_t ldkv, float *out, size_t hs,
+            const int G) {
+    __m512 acc[4][4];
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < 4; c++) acc[g][c] = _mm512_loadu_ps(out + g * hs + 16 * c);
+    for (size_t j = j0; j < j1; j++) {
         const float *vj = v + j * ldkv;
-        for (size_t g = 0; g < group; g++) {
-            __m256 p = _mm256_set1_ps(scores[g * visible + j]);
-            float *o = out + g * hs;
-            for (size_t i = 0; i < hs; i += 8)
-                _mm256_storeu_ps(o + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + i), _mm256_loadu_ps(o + i)));
+        __m512 vz[4];
+        for (int c = 0; c < 4; c++) vz[c] = _mm512_loadu_ps(vj + 16 * c);
+        for (int g = 0; g < G; g++) {
+            __m512 pj = _mm512_set1_ps(p[g * count + j]);
+            for (int c = 0; c < 4; c++) acc[g][c] = _mm512_fmadd_ps(pj, vz[c], acc[g][c]);
         }
     }
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(out + g * hs + 16 * c, acc[g][c]);
+}
+
+/// AVX-512 attention for hs a multiple of 64: the query heads that share a
+/// key/value head (up to 4 at a time) read each K and V row once.
+CK_TARGET512 static void attend_rows_512(const float *q, const float *k, const float *v, size_t ldkv, size_t count,
+                                         size_t heads, size_t kv_heads, size_t hs, float scale, float *scores,
+                                         float *out, float *mz) {
+    size_t group = heads / kv_heads;
+    const __m128 sc = _mm_set1_ps(scale);
+    // Scores, four positions × up to four heads of a group at a time.
+    for (size_t j0 = 0; j0 < count; j0 += 4) {
+        size_t np = count - j0 < 4 ? count - j0 : 4;
+        for (size_t o = 0; o < 4 * ldkv * 4; o += 64)
+            _mm_prefetch((const char *)(k + (j0 + ATT_PREFETCH_ROWS) * ldkv) + o, _MM_HINT_T0);
+        const float *kr[4];
+        for (size_t p = 0; p < 4; p++) kr[p] = k + (j0 + (p < np ? p : 0)) * ldkv;
+        for (size_t kvh = 0; kvh < kv_heads; kvh++)
+            for (size_t g0 = 0; g0 < group; g0 += 4) {
+                size_t gn = group - g0 < 4 ? group - g0 : 4;
+                const float *qg = q + (kvh * group + g0) * hs;
+                float s4[16];
+                switch (gn) {
+                case 1: scores4_512(qg, kr, kvh * hs, hs, 1, sc, s4); break;
+                case 2: scores4_512(qg, kr, kvh * hs, hs, 2, sc, s4); break;
+                case 3: scores4_512(qg, kr, kvh * hs, hs, 3, sc, s4); break;
+                default: scores4_512(qg, kr, kvh * hs, hs, 4, sc, s4); break;
+                }
+                for (size_t g = 0; g < gn; g++)
+                    for (size_t p = 0; p < np; p++) scores[(kvh * group + g0 + g) * count + j0 + p] = s4[4 * g + p];
+            }
+    }
+    // Softmax numerators and their sums.
+    for (size_t h = 0; h < heads; h++) {
+        float *row = scores + h * count;
+        __m256 mv = _mm256_set1_ps(-INFINITY);
+        size_t i = 0;
+        for (; i + 8 <= count; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + i));
+        float lanes[8], m = -INFINITY, z = 0;
+        _mm256_storeu_ps(lanes, mv);
+        for (int l = 0; l < 8; l++) if (lanes[l] > m) m = lanes[l];
+        for (size_t t = i; t < count; t++) if (row[t] > m) m = row[t];
+        __m256 zv = _mm256_setzero_ps(), m8 = _mm256_set1_ps(m);
+        for (i = 0; i + 8 <= count; i += 8) {
+            __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + i), m8));
+            _mm256_storeu_ps(row + i, e);
+            zv = _mm256_add_ps(zv, e);
+        }
+        for (; i < count; i++) { row[i] = expf(row[i] - m); z += row[i]; }
+        mz[2 * h] = m;
+        mz[2 * h + 1] = z + hsum256(zv);
+    }
+    // out = p·V, block by block of rows (read once, front to back); per key/value
+    // head, up to four of its query heads × 64 dimensions in registers.
+    for (size_t h = 0; h < heads * hs; h++) out[h] = 0;
+    for (size_t j0 = 0; j0 < count; j0 += ATT_BLOCK) {
+        size_t j1 = j0 + ATT_BLOCK < count ? j0 + ATT_BLOCK : count;
+        for (size_t o = 0; o < ATT_BLOCK * ldkv * 4; o += 64)
+            _mm_prefetch((const char *)(v + (j0 + ATT_PREFETCH_ROWS) * ldkv) + o, _MM_HINT_T0);
+        for (size_t kvh = 0; kvh < kv_heads; kvh++)
+            for (size_t g0 = 0; g0 < group; g0 += 4) {
+                size_t gn = group - g0 < 4 ? group - g0 : 4;
+                for (size_t d0 = 0; d0 < hs; d0 += 64) {
+                    const float *p0 = scores + (kvh * group + g0) * count, *vh = v + kvh * hs + d0;
+                    float *o = out + (kvh * group + g0) * hs + d0;
+                    switch (gn) {
+                    case 1: pv_512(p0, count, j0, j1, vh, ldkv, o, hs, 1); break;
+                    case 2: pv_512(p0, count, j0, j1, vh, ldkv, o, hs, 2); break;
+                    case 3: pv_512(p0, count, j0, j1, vh, ldkv, o, hs, 3); break;
+                    default: pv_512(p0, count, j0, j1, vh, ldkv, o, hs, 4); break;
+                    }
+                }
+            }
+    }
+}
+
+/// ck_swiglu's vector part; returns how many values it did.
+CK_TARGET static size_t ck_swiglu_avx2(float *gate, const float *up, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1), e)), _mm256_loadu_ps(up + i)));
+    }
+    return i;
 }
 #endif
 
-void ck_attend(const float *q, const float *k, const float *v, size_t ldkv, size_t visible,
-               size_t group, size_t hs, float scale, float *scores, float *out, int cap) {
+void ck_attend_rows(const float *q, const float *k, const float *v, size_t ldkv, size_t count, size_t heads,
+                    size_t kv_heads, size_t hs, float scale, float *scores, float *out, float *mz, int cap) {
 #ifdef CK_X86
-    if ((cap < ck_simd_level() ? cap : ck_simd_level()) >= 1 && hs % 16 == 0) {
-        attend_avx2(q, k, v, ldkv, visible, group, hs, scale, scores, out);
+    if (ck_effective_level(cap) >= 2 && hs % 64 == 0) {
+        attend_rows_512(q, k, v, ldkv, count, heads, kv_heads, hs, scale, scores, out, mz);
+        return;
+    }
+    if (ck_effective_level(cap) >= 1 && hs % 8 == 0) {
+        attend_rows_avx2(q, k, v, ldkv, count, heads, kv_heads, hs, scale, scores, out, mz);
         return;
     }
 #endif
-    attend_scalar(q, k, v, ldkv, visible, group, hs, scale, scores, out);
+    attend_rows_scalar(q, k, v, ldkv, count, heads, kv_heads, hs, scale, scores, out, mz);
+}
+
+/// gate[i] = silu(gate[i]) · up[i] over n values, silu(z) = z / (1 + e^−z).
+void ck_swiglu(float *gate, const float *up, size_t n, int cap) {
+    size_t i = 0;
+#ifdef CK_X86
+    if (ck_effective_level(cap) >= 1) i = ck_swiglu_avx2(gate, up, n);
+#endif
+    for (; i < n; i++) gate[i] = gate[i] / (1 + expf(-gate[i])) * up[i];
 }
 
 void ck_cpu_relax(void) {

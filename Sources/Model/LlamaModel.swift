@@ -279,20 +279,31 @@ public final class LlamaModel: Sendable {
             q.withUnsafeMutableBufferPointer { rope.apply($0.baseAddress!, positions: positions, heads: c.numAttentionHeads) }
             k.withUnsafeMutableBufferPointer { rope.apply($0.baseAddress!, positions: positions, heads: c.numKeyValueHeads) }
             if full { acts.q = q }
-            var row = 0
-            for s in steps {
-                let n = s.tokens.count, start = s.cache.count
-                let kc = s.cache.keys(l), vc = s.cache.values(l)
-                k.withUnsafeBufferPointer { kc.advanced(by: start * kvDim).update(from: $0.baseAddress! + row * kvDim, count: n * kvDim) }
-                v.withUnsafeBufferPointer { vc.advanced(by: start * kvDim).update(from: $0.baseAddress! + row * kvDim, count: n * kvDim) }
-                q.withUnsafeBufferPointer { qb in
-                    att.withUnsafeMutableBufferPointer { ab in
-                        Attention.causal(q: qb.baseAddress! + row * qDim, k: kc, v: vc, tokens: n, start: start,
-                                         heads: c.numAttentionHeads, kvHeads: c.numKeyValueHeads, headSize: c.headDim,
-                                         out: ab.baseAddress! + row * qDim)
+            // Append to the caches; prompts attend one by one (sgemm), the
+            // sequences' few new tokens all in one parallel pass.
+            var decoding: [Attention.Query] = []
+            q.withUnsafeBufferPointer { qb in
+                att.withUnsafeMutableBufferPointer { ab in
+                    var row = 0
+                    for s in steps {
+                        let n = s.tokens.count, start = s.cache.count
+                        let kc = s.cache.keys(l), vc = s.cache.values(l)
+                        k.withUnsafeBufferPointer { kc.advanced(by: start * kvDim).update(from: $0.baseAddress! + row * kvDim, count: n * kvDim) }
+                        v.withUnsafeBufferPointer { vc.advanced(by: start * kvDim).update(from: $0.baseAddress! + row * kvDim, count: n * kvDim) }
+                        if n >= Attention.prefillTokens {
+                            Attention.causal(q: qb.baseAddress! + row * qDim, k: kc, v: vc, tokens: n, start: start,
+                                             heads: c.numAttentionHeads, kvHeads: c.numKeyValueHeads, headSize: c.headDim,
+                                             out: ab.baseAddress! + row * qDim)
+                        } else {
+                            decoding.append(Attention.Query(q: qb.baseAddress! + row * qDim, k: kc, v: vc, tokens: n,
+                                                            start: start, out: ab.baseAddress! + row * qDim))
+                        }
+                        row += n
+                    }
+                    if !decoding.isEmpty {
+                        Attention.decode(decoding, heads: c.numAttentionHeads, kvHeads: c.numKeyValueHeads, headSize: c.headDim)
                     }
                 }
-                row += n
             }
             w.wo.matmul(att, count: t, into: &proj)
             Ops.add(proj, into: &x, t * d)

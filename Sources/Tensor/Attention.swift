@@ -4,6 +4,9 @@ import CKernels
 import Foundation
 
 public enum Attention {
+    /// A sequence with at least this many new tokens attends through sgemm.
+    public static let prefillTokens = 16
+
     /// Causal attention for one sequence: T new tokens at positions
     /// start..<start+T attend to cache positions 0...start+t.
     ///   q:   [T, H*HS]      queries of the new tokens (after RoPE)
@@ -11,7 +14,7 @@ public enum Attention {
     ///   out: [T, H*HS]      (overwritten)
     /// Query head h reads key/value head h / (H / KVH). Sixteen or more tokens
     /// go through sgemm (`.best`); fewer, or a lower `kernels` path, through
-    /// the per-head decode kernel.
+    /// `decode`.
     public static func causal(q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>,
                               tokens t: Int, start: Int, heads: Int, kvHeads: Int, headSize hs: Int,
                               out: UnsafeMutablePointer<Float>, kernels: KernelPath = .best) {
@@ -19,7 +22,7 @@ public enum Attention {
         let qDim = heads * hs, kvDim = kvHeads * hs
         let group = heads / kvHeads
         let scale = 1 / Float(hs).squareRoot()
-        if t >= 16 && kernels == .best {
+        if t >= prefillTokens && kernels == .best {
             // Prefill: per head and per block of up to 256 queries, two sgemms
             // over just the keys that block can see.
             let block = min(t, 256)
@@ -46,18 +49,86 @@ public enum Attention {
                 }
             }
         } else {
-            // Decode: one (token, query head) pair per item, spread across
-            // threads; a head's keys and values stay in cache for the heads
-            // that share them.
-            Parallel.forEachChunk(t * heads, minChunk: 1) { items in
-                let scores = UnsafeMutablePointer<Float>.allocate(capacity: l)
-                defer { scores.deallocate() }
-                for item in items {
-                    let r = item / heads, h = item % heads, kvh = h / group
-                    let offset = r * qDim + h * hs
-                    ck_attend(q + offset, k + kvh * hs, v + kvh * hs, kvDim, start + r + 1, 1, hs, scale,
-                              scores, out + offset, kernels.level)
+            decode([Query(q: q, k: k, v: v, tokens: t, start: start, out: out)], heads: heads, kvHeads: kvHeads,
+                   headSize: hs, kernels: kernels)
+        }
+    }
+
+    /// One sequence's few new tokens for `decode`.
+    ///   q, out: [T, H*HS]   k, v: [start + T, KVH*HS] its cache
+    public struct Query {
+        public let q: UnsafePointer<Float>
+        public let k: UnsafePointer<Float>
+        public let v: UnsafePointer<Float>
+        public let tokens: Int
+        public let start: Int
+        public let out: UnsafeMutablePointer<Float>
+
+        public init(q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>, tokens: Int, start: Int,
+                    out: UnsafeMutablePointer<Float>) {
+            self.q = q
+            self.k = k
+            self.v = v
+            self.tokens = tokens
+            self.start = start
+            self.out = out
+        }
+    }
+
+    /// Decode attention of several sequences in one parallel pass: one item
+    /// per (sequence, token), all heads at once so that the cache rows are
+    /// read front to back, once. When there are fewer tokens than twice the
+    /// threads, long contexts are split into parts of at least 128 positions
+    /// whose softmax partials are combined afterwards.
+    public static func decode(_ queries: [Query], heads: Int, kvHeads: Int, headSize hs: Int,
+                              kernels: KernelPath = .best) {
+        let qDim = heads * hs, kvDim = kvHeads * hs
+        let scale = 1 / Float(hs).squareRoot()
+        var items: [(s: Int, r: Int)] = []
+        for (s, query) in queries.enumerated() { for r in 0..<query.tokens { items.append((s, r)) } }
+        let longest = queries.map { $0.start + $0.tokens }.max() ?? 0
+        let parts = max(1, min((2 * Parallel.threads + items.count - 1) / max(items.count, 1), longest / 128))
+        // Per (item, part): out [H, HS] unnormalised, then mz [H, 2].
+        let stride = heads * (hs + 2)
+        let partial = UnsafeMutablePointer<Float>.allocate(capacity: items.count * parts * stride)
+        defer { partial.deallocate() }
+        Parallel.forEachChunk(items.count * parts, minChunk: 1) { range in
+            let scores = UnsafeMutablePointer<Float>.allocate(capacity: heads * (longest + 1))
+            defer { scores.deallocate() }
+            for work in range {
+                let (s, r) = items[work / parts], p = work % parts
+                let query = queries[s]
+                let visible = query.start + r + 1
+                let lo = visible * p / parts, hi = visible * (p + 1) / parts
+                let o = partial + work * stride
+                ck_attend_rows(query.q + r * qDim, query.k + lo * kvDim, query.v + lo * kvDim, kvDim, hi - lo, heads,
+                               kvHeads, hs, scale, scores, o, o + heads * hs, kernels.level)
+                if parts == 1 {
+                    let out = query.out + r * qDim
+                    for h in 0..<heads {
+                        let inv = 1 / o[heads * hs + 2 * h + 1]
+                        for i in 0..<hs { out[h * hs + i] = o[h * hs + i] * inv }
+                    }
                 }
+            }
+        }
+        guard parts > 1 else { return }
+        // out = Σ_p e^(m_p − M)·out_p / Σ_p e^(m_p − M)·z_p
+        for (item, (s, r)) in items.enumerated() {
+            let out = queries[s].out + r * qDim
+            for h in 0..<heads {
+                func part(_ p: Int) -> UnsafeMutablePointer<Float> { partial + (item * parts + p) * stride }
+                var m = -Float.infinity
+                for p in 0..<parts { m = max(m, part(p)[heads * hs + 2 * h]) }
+                var z: Float = 0
+                for i in 0..<hs { out[h * hs + i] = 0 }
+                for p in 0..<parts {
+                    let o = part(p), w = expf(o[heads * hs + 2 * h] - m)
+                    z += w * o[heads * hs + 2 * h + 1]
+                    for i in 0..<hs { out[h * hs + i] += w * o[h * hs + i] }
+                }
+                let inv = 1 / z
+                for i in 0..<hs { out[h * hs + i] *= inv }
             }
         }
     }

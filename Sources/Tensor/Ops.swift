@@ -4,6 +4,7 @@
 // F feed-forward width, L key/value positions, V vocabulary.
 // Every buffer argument states its shape; all buffers are row-major fp32.
 import CBLAS
+import CKernels
 import Foundation
 
 public enum Ops {
@@ -100,10 +101,7 @@ public enum Ops {
     ///   gate: [T, F] (overwritten)   up: [T, F]
     public static func swiglu(gate: UnsafeMutablePointer<Float>, up: UnsafePointer<Float>, count n: Int) {
         Parallel.forEachChunk(n, minChunk: 16384) { range in
-            for i in range {
-                let g = gate[i]
-                gate[i] = g / (1 + expf(-g)) * up[i]
-            }
+            ck_swiglu(gate + range.lowerBound, up + range.lowerBound, range.count, KernelPath.best.level)
         }
     }
 

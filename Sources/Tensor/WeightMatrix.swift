@@ -12,6 +12,9 @@ public struct WeightMatrix: @unchecked Sendable {
     public let cols: Int
     public let data: UnsafeRawPointer
     public let owner: AnyObject?
+    /// The SIMD kernels' copy of a 32-block matrix (rows interleaved in
+    /// groups of 16, `ck_pack`); nil for other formats and without SIMD.
+    let packed: PackedWeights?
 
     /// Batches at least this large use dequantise-and-sgemm; smaller ones the
     /// quantised dot-product kernels, which read each weight byte once. The
@@ -26,6 +29,7 @@ public struct WeightMatrix: @unchecked Sendable {
         self.cols = cols
         self.data = data
         self.owner = owner
+        packed = type.blockSize == 32 && KernelPath.available >= 1 ? PackedWeights(type: type, rows: rows, cols: cols, data: data) : nil
     }
 
     /// Bytes one row takes.
@@ -66,23 +70,31 @@ public struct WeightMatrix: @unchecked Sendable {
         }
     }
 
-    /// Row-by-row products with the quantised kernels: the activations are
-    /// prepared once, then all matrices' rows are split across threads.
-    /// All `ws` share type and cols.
+    /// Products with the quantised kernels: the activations are prepared
+    /// once, then all matrices' rows are split across threads (in groups of
+    /// 16 for packed weights, each group multiplied with every vector before
+    /// the next is read). All `ws` share type and cols.
     private static func matmulRows(_ ws: [WeightMatrix], _ x: UnsafePointer<Float>, count n: Int,
                                    into outputs: [UnsafeMutablePointer<Float>], kernels: KernelPath) {
-        let type = Int32(ws[0].type.rawValue), cols = ws[0].cols, level = kernels.level
+        let type = Int32(ws[0].type.rawValue), cols = ws[0].cols
+        let packed = kernels.level >= 1 && ws.allSatisfy { $0.packed != nil }
+        // Unpacked 32-block weights take the scalar kernels.
+        let level = packed || ws[0].type.blockSize == 1 ? kernels.level : 0
         let bytes = ck_prepared_bytes(type, cols, n, level)
         let prepared = UnsafeMutableRawPointer.allocate(byteCount: max(bytes, 1), alignment: 64)
         defer { prepared.deallocate() }
         ck_prepare(type, cols, x, cols, n, prepared, level)
+        let unit = packed ? Int(CK_PACK_ROWS) : 1
         var starts = [0]
-        for w in ws { starts.append(starts.last! + w.rows) }
-        Parallel.forEachChunk(starts.last!, minChunk: 32) { range in
+        for w in ws { starts.append(starts.last! + (w.rows + unit - 1) / unit) }
+        Parallel.forEachChunk(starts.last!, minChunk: 32 / unit) { range in
             for (i, w) in ws.enumerated() {
-                let lo = max(range.lowerBound, starts[i]) - starts[i]
-                let hi = min(range.upperBound, starts[i + 1]) - starts[i]
-                if lo < hi {
+                let lo = (max(range.lowerBound, starts[i]) - starts[i]) * unit
+                let hi = min((min(range.upperBound, starts[i + 1]) - starts[i]) * unit, w.rows)
+                guard lo < hi else { continue }
+                if packed {
+                    ck_matmul_packed(type, w.packed!.bytes, cols, w.rows, lo, hi, n, prepared, outputs[i], w.rows, level)
+                } else {
                     ck_matmul_rows(type, w.data, cols, lo, hi, x, cols, n, prepared, outputs[i], w.rows, level)
                 }
             }
@@ -192,13 +204,27 @@ public struct WeightMatrix: @unchecked Sendable {
     }
 }
 
+/// A 32-block matrix repacked for the SIMD kernels (see ck_pack): the same
+/// bytes as the GGUF layout, rows interleaved in groups of 16.
+final class PackedWeights: @unchecked Sendable {
+    let bytes: UnsafeMutableRawPointer
+
+    init(type: WeightType, rows: Int, cols: Int, data: UnsafeRawPointer) {
+        let t = Int32(type.rawValue)
+        bytes = UnsafeMutableRawPointer.allocate(byteCount: ck_packed_bytes(t, rows, cols), alignment: 64)
+        ck_pack(t, data, rows, cols, bytes)
+    }
+
+    deinit { bytes.deallocate() }
+}
+
 /// Which implementation of the quantised kernels to run.
 public enum KernelPath: Sendable, CaseIterable, CustomStringConvertible {
     /// The best this CPU has (AVX-512 VNNI, else AVX2), sgemm for batches.
     case best
-    /// At most AVX2/FMA/F16C, row by row.
+    /// At most AVX2/FMA/F16C, no sgemm.
     case avx2
-    /// The portable scalar C loops, row by row (the fallback).
+    /// The portable scalar C loops, row by row on the GGUF layout (the fallback).
     case scalar
 
     /// The best level this CPU runs: 2 AVX-512 VNNI, 1 AVX2, 0 scalar.

@@ -1,5 +1,6 @@
 // Kernel tests: every fast kernel against the naive reference beside it.
 import Foundation
+import CKernels
 import Testing
 @testable import Tensor
 
@@ -80,14 +81,53 @@ struct QuantKernelTests {
             var y = [Float](repeating: .nan, count: n * rows)
             w.matrix.matmul(x, count: n, into: &y, kernels: path)
             let err = zip(y, reference).map { abs($0 - $1) }.max()!
-            // The AVX-512 path rounds block activations to 21-bit integers
-            // (error ≤ 2^-21 of the block's largest |x|); every other path is
-            // at fp32 rounding level.
-            let vnni = path == .best && type.blockSize == 32 && n < WeightMatrix.gemmThreshold
-                && KernelPath.available == 2 && (cols / 32) % 2 == 0
-            let tolerance: Float = vnni ? 2e-5 : 1e-5
+            // The packed SIMD kernels (AVX2 and AVX-512) round block
+            // activations to 21-bit integers (error ≤ 2^-21 of the block's
+            // largest |x|); scalar and sgemm are at fp32 rounding level.
+            let tolerance: Float = Self.packedPath(path, type: type, n: n) ? 2e-5 : 1e-5
             #expect(err <= tolerance * scale, "\(type) n=\(n) cols=\(cols) \(path): max |Δ| \(err) vs scale \(scale)")
         }
+    }
+
+    /// Whether `path` multiplies `type` with the packed SIMD kernels here.
+    static func packedPath(_ path: KernelPath, type: WeightType, n: Int) -> Bool {
+        type.blockSize == 32 && path != .scalar && KernelPath.available >= 1
+            && (path != .best || n < WeightMatrix.gemmThreshold)
+    }
+
+    @Test("packed kernels: each vector's result is independent of the others in its batch, bit for bit",
+          arguments: [WeightType.q4_0, .q4_1, .q8_0])
+    func batchIndependence(type: WeightType) {
+        // 83 rows: a partial last group of 16; 15 vectors: two passes of the
+        // AVX-512 kernel's 8 and eight of the AVX2 kernel's 2.
+        let rows = 83, cols = 576, n = 15
+        let w = RandomWeights(type, rows: rows, cols: cols, seed: 11)
+        var rng = TestRNG(state: 12)
+        // Every 37th activation 50× larger: blocks with outliers keep their own scale.
+        let x = (0..<(n * cols)).map { i in rng.float() * (i % 37 == 0 ? 50 : 1) }
+        for path in [KernelPath.best, .avx2] {
+            var together = [Float](repeating: .nan, count: n * rows)
+            w.matrix.matmul(x, count: n, into: &together, kernels: path)
+            for j in 0..<n {
+                var alone = [Float](repeating: .nan, count: rows)
+                x.withUnsafeBufferPointer { w.matrix.matmul($0.baseAddress! + j * cols, count: 1, into: &alone, kernels: path) }
+                #expect(Array(together[(j * rows)..<((j + 1) * rows)]) == alone, "\(type) \(path) vector \(j)")
+            }
+            let reference = Reference.matmul(w.matrix, x, count: n)
+            let scale = reference.map(abs).max()!
+            let err = zip(together, reference).map { abs($0 - $1) }.max()!
+            #expect(err <= 2e-5 * scale, "\(type) \(path): max |Δ| \(err) vs scale \(scale)")
+        }
+    }
+
+    @Test("packing keeps every weight byte: packed and GGUF layouts have the same size")
+    func packedSize() {
+        for type in [WeightType.q4_0, .q4_1, .q8_0] {
+            #expect(ck_packed_bytes(Int32(type.rawValue), 64, 96) == type.byteCount(elements: 64 * 96))
+            // A partial last group is padded to 16 rows.
+            #expect(ck_packed_bytes(Int32(type.rawValue), 65, 96) == type.byteCount(elements: 80 * 96))
+        }
+        #expect(ck_packed_bytes(Int32(WeightType.f16.rawValue), 64, 96) == 0)
     }
 
     @Test("the SIMD kernels are in use on this machine")
@@ -115,6 +155,44 @@ struct BlockKernelTests {
                              out: &out, kernels: path)
             let err = zip(out, ref).map { abs($0 - $1) }.max()!
             #expect(err < 1e-5, "\(path): max |Δ| \(err)")
+        }
+    }
+
+    @Test("decode attention of several sequences (the model's head shape, long contexts split) matches the textbook definition",
+          arguments: [[(1, 0)], [(1, 700)], [(1, 5), (3, 40), (1, 300), (2, 0)]])
+    func decodeAttention(sequences: [(tokens: Int, start: Int)]) {
+        let heads = 9, kvHeads = 3, hs = 64
+        var rng = TestRNG(state: UInt64(sequences.count * 1000 + sequences[0].start))
+        let data = sequences.map { s in
+            let l = s.start + s.tokens
+            return (q: (0..<(s.tokens * heads * hs)).map { _ in rng.float(-2, 2) },
+                    k: (0..<(l * kvHeads * hs)).map { _ in rng.float() }, v: (0..<(l * kvHeads * hs)).map { _ in rng.float() })
+        }
+        for path in KernelPath.allCases {
+            var outs = sequences.map { [Float](repeating: .nan, count: $0.tokens * heads * hs) }
+            let q = data.map { UnsafeMutableBufferPointer<Float>.allocate(capacity: $0.q.count) }
+            let k = data.map { UnsafeMutableBufferPointer<Float>.allocate(capacity: $0.k.count) }
+            let v = data.map { UnsafeMutableBufferPointer<Float>.allocate(capacity: $0.v.count) }
+            let o = outs.map { UnsafeMutableBufferPointer<Float>.allocate(capacity: $0.count) }
+            defer { for b in q + k + v + o { b.deallocate() } }
+            for i in data.indices {
+                _ = q[i].initialize(from: data[i].q)
+                _ = k[i].initialize(from: data[i].k)
+                _ = v[i].initialize(from: data[i].v)
+            }
+            let queries = sequences.indices.map { i in
+                Attention.Query(q: UnsafePointer(q[i].baseAddress!), k: UnsafePointer(k[i].baseAddress!),
+                                v: UnsafePointer(v[i].baseAddress!), tokens: sequences[i].tokens, start: sequences[i].start,
+                                out: o[i].baseAddress!)
+            }
+            Attention.decode(queries, heads: heads, kvHeads: kvHeads, headSize: hs, kernels: path)
+            for i in sequences.indices {
+                outs[i] = Array(o[i])
+                let ref = Attention.reference(q: data[i].q, k: data[i].k, v: data[i].v, tokens: sequences[i].tokens,
+                                              start: sequences[i].start, heads: heads, kvHeads: kvHeads, headSize: hs)
+                let err = zip(outs[i], ref).map { abs($0 - $1) }.max()!
+                #expect(err < 1e-5, "\(path) sequence \(i): max |Δ| \(err)")
+            }
         }
     }
 

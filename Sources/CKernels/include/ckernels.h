@@ -3,7 +3,8 @@
 // What this is: dot products, transposed products (for the backward pass)
 // and row dequantisation for the GGUF block formats (Q4_0, Q4_1, Q8_0, F16,
 // BF16) against fp32 activations, with AVX-512 VNNI and AVX2/FMA/F16C paths
-// chosen at run time and a portable scalar fallback.
+// chosen at run time and a portable scalar fallback. The SIMD products of the 32-block formats run on weights
+// repacked once (ck_pack), 16 rows interleaved.
 // What this is not: a BLAS. Only the Tensor module imports this; the naive
 // Swift reference kernels in Tensor/Reference.swift are what tests check these
 // against.
@@ -27,7 +28,7 @@ enum ck_type {
     CK_BF16 = 30,
 };
 
-/// Kernel levels: 0 scalar fp32; 1 AVX2+FMA+F16C; 2 AVX-512 (F, BW, VNNI).
+/// Kernel levels: 0 scalar fp32; 1 AVX2+FMA+F16C; 2 AVX-512 (F, BW, VL, VNNI).
 /// Returns the best level this CPU runs, capped by the environment variable
 /// CONTINUUM_KERNELS=avx2|scalar when set.
 int ck_simd_level(void);
@@ -36,17 +37,18 @@ int ck_simd_level(void);
 size_t ck_prepared_bytes(int type, size_t cols, size_t n, int cap);
 
 /// Prepares activations X (n x cols fp32, row stride ldx) once for many rows:
-/// per-block sums, or the integer forms the SIMD kernels multiply:
-///   level 1, Q4_0/Q4_1/Q8_0: two int16 parts per 32-block,
-///     x ≈ s1·q1 + s2·q2, error ≤ 2^-32 of the block's largest |x|;
-///   level 2, Q4_0/Q4_1/Q8_0: three int8 digits of a 21-bit integer per
-///     block, error ≤ 2^-21 of the block's largest |x|.
+///   level 0: per-block sums (Q4_1; nothing for the other formats);
+///   levels 1 and 2, Q4_0/Q4_1/Q8_0: the packed kernels' form, three int8
+///     digits of a 21-bit integer per value and block, error ≤ 2^-21 of the
+///     block's largest |x| (see packed.c); nothing for F16/BF16/F32.
 /// cap limits the level (tests pass lower caps to check every path).
 void ck_prepare(int type, size_t cols, const float *X, size_t ldx, size_t n, void *prepared, int cap);
 
 /// Y[j, r] = dot(W row r, X[j, :]) for rows r in [row_begin, row_end) and
-/// vectors j in [0, n), using activations prepared by ck_prepare (same type,
-/// cols, n and cap).
+/// vectors j in [0, n), on the GGUF layout: the scalar kernels, and AVX2 for
+/// F16/BF16/F32 (32-block formats take ck_matmul_packed at levels 1 and 2).
+/// Uses activations prepared by ck_prepare (same type, cols and n; cap 0
+/// for the 32-block formats).
 ///   W: rows x cols weights of `type` (row-major, GGUF block layout)
 ///   X: n x cols fp32, row stride ldx
 ///   Y: n x rows fp32, row stride ldy
@@ -55,6 +57,27 @@ void ck_matmul_rows(int type, const void *W, size_t cols,
                     size_t row_begin, size_t row_end,
                     const float *X, size_t ldx, size_t n, const void *prepared,
                     float *Y, size_t ldy, int cap);
+
+/// Rows per group of the packed layout.
+#define CK_PACK_ROWS 16
+
+/// Bytes of the packed form of a rows x cols Q4_0/Q4_1/Q8_0 matrix (its
+/// rows rounded up to CK_PACK_ROWS); 0 for other types.
+size_t ck_packed_bytes(int type, size_t rows, size_t cols);
+
+/// Repacks W (rows x cols, GGUF block layout) into `packed`
+/// (ck_packed_bytes of them): per group of 16 rows and per block, the rows'
+/// scales, then their weights interleaved four columns at a time.
+void ck_pack(int type, const void *W, size_t rows, size_t cols, void *packed);
+
+/// ck_matmul_rows for 32-block weights packed by ck_pack, at level 1 (AVX2)
+/// or 2 (AVX-512 VNNI): each weight block is multiplied with up to 8 of the
+/// n vectors (AVX2: 2) before the next block is read. row_begin must be a
+/// multiple of CK_PACK_ROWS; prepared comes from ck_prepare at the same cap
+/// (≥ 1, which this CPU must run).
+///   P: the packed rows x cols matrix   Y: n x rows fp32, row stride ldy
+void ck_matmul_packed(int type, const void *P, size_t cols, size_t rows, size_t row_begin, size_t row_end,
+                      size_t n, const void *prepared, float *Y, size_t ldy, int cap);
 
 /// Dequantise rows [row_begin, row_end) of W (rows x cols, `type`) into
 /// out (row_end-row_begin) x cols fp32, row-major.
@@ -72,12 +95,20 @@ void ck_dequantize_rows(int type, const void *W, size_t cols,
 void ck_matmul_t(int type, const void *W, size_t cols, size_t rows, size_t col_begin, size_t col_end,
                  const float *dY, size_t ldy, size_t n, float *dX, size_t ldx, int cap);
 
-/// Attention of one token's query heads that share a key/value head:
-/// scores = softmax(scale · q·Kᵀ) over `visible` positions, out = scores·V.
-///   q: [group, hs]   k, v: `visible` rows of stride ldkv   out: [group, hs]
-///   scores: [group, visible] scratch
-void ck_attend(const float *q, const float *k, const float *v, size_t ldkv, size_t visible,
-               size_t group, size_t hs, float scale, float *scores, float *out, int cap);
+/// Decode attention of one token's H query heads over `count` cache
+/// positions (all of them, or one part of a split), unnormalised so that
+/// parts combine (softmax over all of them); every head at once, so each
+/// cache row is read once. Head h reads key/value head h / (H / KVH).
+///   q: [H, hs]   k, v: `count` rows of stride ldkv (KVH·hs values used)
+///   out: [H, hs] = Σ_j e^(s_hj − m_h)·v_j, s = scale · q·Kᵀ
+///   mz:  [H, 2] = (m_h = max_j s_hj, z_h = Σ_j e^(s_hj − m_h))
+///   scores: [H, count] scratch
+void ck_attend_rows(const float *q, const float *k, const float *v, size_t ldkv, size_t count, size_t heads,
+                    size_t kv_heads, size_t hs, float scale, float *scores, float *out, float *mz, int cap);
+
+/// gate[i] = silu(gate[i]) · up[i] over n values, silu(z) = z / (1 + e^−z)
+/// (AVX2: a polynomial e^x within about 1 ulp of expf).
+void ck_swiglu(float *gate, const float *up, size_t n, int cap);
 
 /// A spin-wait hint (PAUSE on x86).
 void ck_cpu_relax(void);
