@@ -791,14 +791,26 @@ CK_TARGET512 static void attend_rows_512(const float *q, const float *k, const f
 }
 
 /// ck_swiglu's vector part; returns how many values it did.
+CK_TARGET static inline void swiglu8(float *gate, const float *up) {
+    __m256 g = _mm256_loadu_ps(gate);
+    __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    _mm256_storeu_ps(gate, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1), e)), _mm256_loadu_ps(up)));
+}
+
+/// Every value, the last n % 8 too (through a padded copy), takes the same
+/// vector arithmetic, so a value's result does not depend on where a
+/// caller's chunks begin (a sequence's activations are the same bits
+/// whether or not it is batched with others).
 CK_TARGET static size_t ck_swiglu_avx2(float *gate, const float *up, size_t n) {
     size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256 g = _mm256_loadu_ps(gate + i);
-        __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
-        _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1), e)), _mm256_loadu_ps(up + i)));
+    for (; i + 8 <= n; i += 8) swiglu8(gate + i, up + i);
+    if (i < n) {
+        float g[8] = {0}, u[8] = {0};
+        for (size_t j = i; j < n; j++) { g[j - i] = gate[j]; u[j - i] = up[j]; }
+        swiglu8(g, u);
+        for (size_t j = i; j < n; j++) gate[j] = g[j - i];
     }
-    return i;
+    return n;
 }
 #endif
 

@@ -244,6 +244,8 @@ public final class LlamaModel: Sendable {
         let t = steps.reduce(0) { $0 + $1.tokens.count }
         guard t > 0 else { throw ModelInputError.empty }
         precondition(x.count == t * d)
+        // Each sequence's rows: products give every sequence the bits it gets alone.
+        let segments = steps.map(\.tokens.count)
         var positions: [Int] = []
         positions.reserveCapacity(t)
         for s in steps {
@@ -272,7 +274,7 @@ public final class LlamaModel: Sendable {
             q.withUnsafeMutableBufferPointer { qb in
                 k.withUnsafeMutableBufferPointer { kb in
                     v.withUnsafeMutableBufferPointer { vb in
-                        WeightMatrix.matmul([w.wq, w.wk, w.wv], xn, count: t, into: [qb.baseAddress!, kb.baseAddress!, vb.baseAddress!])
+                        WeightMatrix.matmul([w.wq, w.wk, w.wv], xn, segments: segments, into: [qb.baseAddress!, kb.baseAddress!, vb.baseAddress!])
                     }
                 }
             }
@@ -305,7 +307,7 @@ public final class LlamaModel: Sendable {
                     }
                 }
             }
-            w.wo.matmul(att, count: t, into: &proj)
+            proj.withUnsafeMutableBufferPointer { WeightMatrix.matmul([w.wo], att, segments: segments, into: [$0.baseAddress!]) }
             Ops.add(proj, into: &x, t * d)
             if full {
                 acts.att = att
@@ -315,7 +317,7 @@ public final class LlamaModel: Sendable {
             Ops.rmsNorm(x, weight: w.mlpNorm, eps: c.rmsNormEps, rows: t, dim: d, out: &xn)
             gate.withUnsafeMutableBufferPointer { gb in
                 up.withUnsafeMutableBufferPointer { ub in
-                    WeightMatrix.matmul([w.wGate, w.wUp], xn, count: t, into: [gb.baseAddress!, ub.baseAddress!])
+                    WeightMatrix.matmul([w.wGate, w.wUp], xn, segments: segments, into: [gb.baseAddress!, ub.baseAddress!])
                 }
             }
             if full {
@@ -324,7 +326,7 @@ public final class LlamaModel: Sendable {
                 acts.up = up
             }
             Ops.swiglu(gate: &gate, up: up, count: t * f)
-            w.wDown.matmul(gate, count: t, into: &proj)
+            proj.withUnsafeMutableBufferPointer { WeightMatrix.matmul([w.wDown], gate, segments: segments, into: [$0.baseAddress!]) }
             Ops.add(proj, into: &x, t * d)
             if record {
                 acts.xPostMLP = x
@@ -367,7 +369,11 @@ public final class LlamaModel: Sendable {
             row += s.tokens.count
             for j in 0..<d { last[i * d + j] = h[(row - 1) * d + j] }
         }
-        let all = logits(hidden: last, count: steps.count)
+        // One row per sequence: each sequence's logits are those it gets alone.
+        var all = [Float](repeating: 0, count: steps.count * configuration.vocabSize)
+        all.withUnsafeMutableBufferPointer {
+            WeightMatrix.matmul([weights.output], last, segments: steps.map { _ in 1 }, into: [$0.baseAddress!])
+        }
         let v = configuration.vocabSize
         return (0..<steps.count).map { Array(all[($0 * v)..<(($0 + 1) * v)]) }
     }

@@ -70,6 +70,34 @@ public struct WeightMatrix: @unchecked Sendable {
         }
     }
 
+    /// Products for a batch of sequences whose rows lie one after another,
+    /// `segments[i]` rows each, such that every sequence gets the bits it
+    /// would get alone: a sequence of at least `gemmThreshold` rows is
+    /// multiplied on its own (sgemm's results depend on the batch's row
+    /// count), runs of shorter ones together with the quantised kernels
+    /// (each vector's result is independent of its batch), F32 weights one
+    /// sequence at a time.
+    ///   x: [Σ segments, cols]   outputs[i]: [Σ segments, ws[i].rows]
+    public static func matmul(_ ws: [WeightMatrix], _ x: UnsafePointer<Float>, segments: [Int],
+                              into outputs: [UnsafeMutablePointer<Float>]) {
+        precondition(ws.count == outputs.count && !ws.isEmpty)
+        let cols = ws[0].cols
+        precondition(ws.allSatisfy { $0.cols == cols }, "one input for every matrix")
+        let quantised = ws.allSatisfy { $0.type != .f32 && $0.type == ws[0].type }
+        var row = 0, i = 0
+        while i < segments.count {
+            var n = segments[i]
+            i += 1
+            if n < gemmThreshold && quantised {
+                while i < segments.count && segments[i] < gemmThreshold { n += segments[i]; i += 1 }
+                if n > 0 { matmulRows(ws, x + row * cols, count: n, into: zip(ws, outputs).map { $1 + row * $0.rows }, kernels: .best) }
+            } else if n > 0 {
+                for (w, y) in zip(ws, outputs) { w.matmul(x + row * cols, count: n, into: y + row * w.rows) }
+            }
+            row += n
+        }
+    }
+
     /// Products with the quantised kernels: the activations are prepared
     /// once, then all matrices' rows are split across threads (in groups of
     /// 16 for packed weights, each group multiplied with every vector before

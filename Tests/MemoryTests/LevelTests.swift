@@ -200,6 +200,24 @@ struct LevelForwardTests {
         #expect(withFresh[1] != bBare[1])
         #expect(withFresh[0] == bBare[0])
     }
+
+    @Test("a user's logits batched with another user's are the logits it gets alone, bit for bit (short and long prompts)")
+    func isolationAlone() throws {
+        let model = try Backbone.get()
+        let config = LevelConfiguration.defaults(layers: model.configuration.numHiddenLayers)
+        let fresh = try LevelState(configuration: config, model: model.configuration)
+        let learned = try LevelState(configuration: config, model: model.configuration)
+        perturb(learned, seed: 11)
+        for text in ["What is", "What is the name of the dog that I walked by the river this morning, and where did it go?"] {
+            let q = model.tokenizer.encode(text)
+            let both = try model.forward([LlamaModel.Step(tokens: q, cache: model.makeCache(), adapter: learned),
+                                          LlamaModel.Step(tokens: q, cache: model.makeCache(), adapter: fresh)])
+            let alone = try model.forward(tokens: q, cache: model.makeCache())
+            let aloneFresh = try model.forward([LlamaModel.Step(tokens: q, cache: model.makeCache(), adapter: fresh)])
+            #expect(aloneFresh[0] == alone, "fresh levels alone differ from the backbone (\(q.count) tokens)")
+            #expect(both[1] == alone, "batched with another user: max |Δ| \(zip(both[1], alone).map { abs($0 - $1) }.max() ?? 0) (\(q.count) tokens)")
+        }
+    }
 }
 
 @Suite("Level backward")

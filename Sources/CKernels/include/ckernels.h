@@ -107,7 +107,8 @@ void ck_attend_rows(const float *q, const float *k, const float *v, size_t ldkv,
                     size_t kv_heads, size_t hs, float scale, float *scores, float *out, float *mz, int cap);
 
 /// gate[i] = silu(gate[i]) · up[i] over n values, silu(z) = z / (1 + e^−z)
-/// (AVX2: a polynomial e^x within about 1 ulp of expf).
+/// (AVX2: a polynomial e^x within about 1 ulp of expf, for every value alike,
+/// so a result does not depend on where the range begins or ends).
 void ck_swiglu(float *gate, const float *up, size_t n, int cap);
 
 /// A spin-wait hint (PAUSE on x86).
