@@ -60,7 +60,8 @@ struct StreamingTests {
     @Test("a client that disconnects mid-stream frees its engine slot before the generation would have ended")
     func disconnect() async throws {
         let (db, key) = try await Fixture.database()
-        try await Fixture.app(db).test(.live) { client in
+        // The real model: 2000 tokens must outlast the test (the tiny one has 256 positions).
+        try await Fixture.app(db, on: .real).test(.live) { client in
             let port = try #require(client.port)
             func running() async throws -> Int {
                 let text = try await client.execute(uri: "/metrics", method: .get).body.text
