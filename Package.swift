@@ -65,15 +65,16 @@ let package = Package(
             dependencies: ["Service", "Store", "Memory", "Model", "Tensor", .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")]
         ),
-        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        // Shared by every test target: the one loader of the tiny Llama and the backbone, fixture paths, gradient checks.
+        .target(name: "TestSupport", dependencies: ["Model"], path: "Tests/TestSupport"),
         .testTarget(name: "TensorTests", dependencies: ["Tensor", "CKernels", "TestSupport"], swiftSettings: computeSettings),
         .testTarget(
-            name: "ModelTests", dependencies: ["Model", "Tensor"],
+            name: "ModelTests", dependencies: ["Model", "Tensor", "TestSupport"],
             exclude: ["Fixtures"], swiftSettings: computeSettings
         ),
-        .testTarget(name: "StoreTests", dependencies: ["Store"]),
+        .testTarget(name: "StoreTests", dependencies: ["Store", "TestSupport"]),
         .testTarget(name: "ServiceTests", dependencies: [
-            "Service", "Store", "Memory", "Model",
+            "Service", "Store", "Memory", "Model", "TestSupport",
             .product(name: "HummingbirdTesting", package: "hummingbird"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "HTTPTypes", package: "swift-http-types"),

@@ -53,16 +53,23 @@ public final class BatchEngine: @unchecked Sendable {
         self.maxQueued = maxQueued
     }
 
-    /// Engine threads running in this process (tests check none outlives its application).
-    static let liveThreads = Atomic<Int>(0)
+    /// Engine threads running, counted for whoever set the task-local
+    /// `threads` around the application (tests check none outlives its
+    /// application; a task-local count, so other applications running in
+    /// the same process at the same time do not enter it).
+    final class ThreadCount: Sendable {
+        let running = Atomic<Int>(0)
+    }
+    @TaskLocal static var threads: ThreadCount?
 
     /// Runs the engine's thread until `shutdown()`; returns when it has ended.
     public func run() async {
+        let count = Self.threads
         await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
             let t = Thread { [self] in
-                Self.liveThreads.add(1, ordering: .relaxed)
+                count?.running.add(1, ordering: .relaxed)
                 loop()
-                Self.liveThreads.subtract(1, ordering: .relaxed)
+                count?.running.subtract(1, ordering: .relaxed)
                 done.resume()
             }
             t.name = "continuum.batch"

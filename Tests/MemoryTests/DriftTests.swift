@@ -42,7 +42,7 @@ struct DriftTests {
 
     @Test("on the real backbone: no levels give KL 0 and agreement 1; learned levels move both; norms follow the levels")
     func behaviourOnBackbone() throws {
-        let model = try Backbone.get()
+        let model = try Fixtures.backbone()
         let probes = ["The capital of France is", "Two plus two equals"].map { model.tokenizer.encode($0) }
         let none = try Drift.behaviour(model: model, probes: probes, state: nil)
         #expect(none == BehaviouralDrift(klMean: 0, klMax: 0, top1Agreement: 1, positions: probes.reduce(0) { $0 + $1.count }))

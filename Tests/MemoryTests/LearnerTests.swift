@@ -7,15 +7,12 @@ import Tensor
 @testable import Memory
 @testable import Model
 
+/// Tokens, masks and learners on the tiny Llama (loaded by TestSupport's `Fixtures`).
 enum Tiny {
-    static let model: Result<LlamaModel, Error> = Result {
-        try LlamaModel.load(path: URL(fileURLWithPath: #filePath).deletingLastPathComponent()
-            .appendingPathComponent("../ModelTests/Fixtures/tiny-llama").standardized.path)
-    }
     static let tokens = Array(0..<40).map { ($0 * 37 + 11) % 400 }
 
     static func learner(_ levels: [LevelConfiguration.Level]) throws -> LevelLearner {
-        let m = try model.get()
+        let m = try Fixtures.tinyLlama()
         let state = try LevelState(configuration: try LevelConfiguration(levels: levels), model: m.configuration)
         return try LevelLearner(state: state, model: m)
     }
@@ -195,7 +192,7 @@ struct LearnerTests {
         let finite = learner.accumulators.allSatisfy { level in level.allSatisfy { $0.isFinite } }
         #expect(finite)
         // Stored and read back mid-chunk: nothing refused, the mark kept.
-        let model = try Tiny.model.get()
+        let model = try Fixtures.tinyLlama()
         let part = try LevelStateFile.encodeLearner(learner, backbone: model.fingerprint)
         let level = try LevelStateFile.encodeLevel(learner, level: 0, backbone: model.fingerprint)
         let back = try LevelStateFile.decode(levels: ["fast": level], learner: part, model: model,
@@ -283,7 +280,7 @@ struct LearnerTests {
         #expect(learner.updatesApplied == [10] && learner.updatesRejected == [0])
         #expect(after.total < 0.9 * before.total, "loss \(before.total) → \(after.total)")
         #expect(learner.moments[0][0][1].slowDirection.contains { $0 != 0 })
-        let model = try Tiny.model.get()
+        let model = try Fixtures.tinyLlama()
         let copy = try LevelStateFile.decode(try LevelStateFile.encode(learner, backbone: model.fingerprint), model: model)
         #expect(copy.moments == learner.moments && copy.state.blocks == learner.state.blocks)
     }
@@ -293,7 +290,7 @@ struct LearnerTests {
 struct SurpriseGateTests {
     @Test("targets below min_surprise give no gradient; the rest give the gradient of their sum over all targets")
     func gate() throws {
-        let model = try Tiny.model.get()
+        let model = try Fixtures.tinyLlama()
         let config = try LevelConfiguration(levels: [.init(name: "fast", chunkSize: 8, width: 4, layers: [0, 1], learningRate: 1e-3)])
         let state = try LevelState(configuration: config, model: model.configuration)
         perturb(state, seed: 3, scale: 0.2)

@@ -6,18 +6,6 @@ import Tensor
 @testable import Memory
 @testable import Model
 
-enum Backbone {
-    static let loaded: Result<LlamaModel, Error> = Result { try LlamaModel.load(path: DefaultModel.path) }
-
-    static func get() throws -> LlamaModel {
-        guard FileManager.default.fileExists(atPath: DefaultModel.path) else {
-            Issue.record("The default model is missing at \(DefaultModel.path): run `continuum fetch-model` first.")
-            throw CancellationError()
-        }
-        return try loaded.get()
-    }
-}
-
 /// Fills a state's output projections with small seeded values (a user who
 /// has learned something).
 func perturb(_ s: LevelState, seed: UInt64, scale: Float = 0.02) {
@@ -168,7 +156,7 @@ struct LevelForwardTests {
 
     @Test("all-zero levels give the backbone's logits bit for bit, next to another user's levels in one batch")
     func isolation() throws {
-        let model = try Backbone.get()
+        let model = try Fixtures.backbone()
         let config = LevelConfiguration.defaults(layers: model.configuration.numHiddenLayers)
         let fresh = try LevelState(configuration: config, model: model.configuration)
         let learned = try LevelState(configuration: config, model: model.configuration)
@@ -298,13 +286,10 @@ struct LevelBackwardTests {
 
 @Suite("Level gradients through the backbone")
 struct LevelAutogradTests {
-    static let here = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
-
     @Test("loss and every level gradient match PyTorch autograd on a tiny Llama")
     func autograd() throws {
-        let data = try Data(contentsOf: Self.here.appendingPathComponent("Fixtures/level-gradients.json"))
-        let fixture = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
-        let model = try LlamaModel.load(path: Self.here.appendingPathComponent("../ModelTests/Fixtures/tiny-llama").standardized.path)
+        let fixture = try Fixtures.json("MemoryTests/Fixtures/level-gradients.json")
+        let model = try Fixtures.tinyLlama()
         let levels = try #require(fixture["levels"] as? [[String: Any]]).map {
             LevelConfiguration.Level(name: $0["name"] as! String, chunkSize: $0["chunk_size"] as! Int,
                                      width: $0["width"] as! Int, layers: $0["layers"] as! [Int], learningRate: 1e-3)
@@ -341,7 +326,7 @@ struct LevelAutogradTests {
 struct LevelLearningTests {
     @Test("a gradient step on a user's text lowers that text's loss, starting from the backbone")
     func gradientStepLowersLoss() throws {
-        let model = try Backbone.get()
+        let model = try Fixtures.backbone()
         let state = try LevelState(configuration: LevelConfiguration.defaults(layers: model.configuration.numHiddenLayers),
                                    model: model.configuration)
         let tokens = model.tokenizer.encode("My sister Ottilie Brannagh lives in Quarrendon and keeps eleven ferrets named after rivers.")
@@ -384,7 +369,7 @@ struct ConsolidationTests {
 
     @Test("sleep moves a fact from the fast level into mid and clears fast")
     func consolidate() throws {
-        let model = try Backbone.get()
+        let model = try Fixtures.backbone()
         let upper = Array(15..<30)
         let config = try LevelConfiguration(levels: [
             .init(name: "mid", chunkSize: 1_000_000, width: 32, layers: upper, learningRate: 1e-3),

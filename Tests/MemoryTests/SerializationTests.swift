@@ -1,6 +1,7 @@
 // Level state files: exact round trips and clear refusals.
 import Foundation
 import Testing
+import TestSupport
 @testable import Memory
 @testable import Model
 
@@ -13,7 +14,7 @@ struct SerializationTests {
 
     @Test("a saved state restores exactly and learns on identically")
     func roundTrip() throws {
-        let model = try Tiny.model.get()
+        let model = try Fixtures.tinyLlama()
         let learner = try Tiny.learner(Self.levels)
         try learner.learn(tokens: Tiny.tokens, learnable: Tiny.mask(1..<11))   // leaves open chunks
         let bytes = try LevelStateFile.encode(learner, backbone: model.fingerprint)
@@ -32,7 +33,7 @@ struct SerializationTests {
 
     @Test("states from another configuration, backbone or version, or damaged bytes, are refused")
     func refusals() throws {
-        let model = try Tiny.model.get()
+        let model = try Fixtures.tinyLlama()
         let learner = try Tiny.learner(Self.levels)
         let bytes = try LevelStateFile.encode(learner, backbone: model.fingerprint)
         var other = Self.levels

@@ -18,6 +18,7 @@
 // Crafted cases also state which of the two they must be.
 import Foundation
 import Testing
+import TestSupport
 @testable import Memory
 @testable import Model
 
@@ -314,7 +315,7 @@ struct StateFileFuzzTests {
 
     @Test("the state-file decoder ends every damaged, crafted or random file as Incompatible or as a state that works")
     func fullFile() throws {
-        let model = try Tiny.model.get()
+        let model = try Fixtures.tinyLlama()
         let valid = try LevelStateFile.encode(try Self.taught(), backbone: model.fingerprint)
         var rng = SeededGenerator(seed: 0x5EED_F11E)
         var run = FuzzRun(model: model) { try LevelStateFile.decode($0, model: model) }
@@ -340,7 +341,7 @@ struct StateFileFuzzTests {
 
     @Test("the parts decoder (level and learner parts, as the store keeps them) does the same")
     func parts() throws {
-        let model = try Tiny.model.get()
+        let model = try Fixtures.tinyLlama()
         let learner = try Self.taught()
         let configuration = learner.state.configuration
         let mid = try LevelStateFile.encodeLevel(learner, level: 0, backbone: model.fingerprint)

@@ -152,7 +152,7 @@ func scramble(_ state: LevelState, seed: UInt64) {
 struct WholeModelGradientTests {
     @Test("every level tensor's gradient matches Float64 central differences through the tiny Llama")
     func finiteDifferences() throws {
-        let model = try Tiny.model.get()
+        let model = try Fixtures.tinyLlama()
         let config = try LevelConfiguration(levels: [
             .init(name: "mid", chunkSize: 64, width: 4, layers: [0, 1], learningRate: 1e-3),
             .init(name: "fast", chunkSize: 8, width: 3, layers: [1], learningRate: 1e-3),
@@ -202,7 +202,7 @@ struct WholeModelGradientTests {
     @Test("a stream's second piece: the gradient of its loss with the first piece's keys and values held fixed",
           arguments: [[0, 1], [1]])
     func secondPieceDetached(midLayers: [Int]) throws {
-        let model = try Tiny.model.get()
+        let model = try Fixtures.tinyLlama()
         // Levels at layers [0, 1] (nothing frozen below them) or only at layer 1 (layer 0 runs once, batched).
         let config = try LevelConfiguration(levels: [
             .init(name: "mid", chunkSize: 64, width: 4, layers: midLayers, learningRate: 1e-3),

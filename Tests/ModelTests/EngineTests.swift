@@ -2,6 +2,7 @@
 import Digest
 import Foundation
 import Testing
+import TestSupport
 import Tensor
 @testable import Model
 
@@ -9,7 +10,7 @@ import Tensor
 struct EngineTests {
     @Test("a batch of sequences gives each sequence's own logits")
     func batch() throws {
-        let model = try SharedModel.get()
+        let model = try Fixtures.backbone()
         let t = model.tokenizer
         let prompts = ["The capital of France is", "def add(a, b):", "Once upon a time, in a land far away,"].map { t.encode($0) }
         // Alone.
@@ -42,7 +43,7 @@ struct EngineTests {
 
     @Test("prefill in one step equals token-by-token decode")
     func prefillVersusDecode() throws {
-        let model = try SharedModel.get()
+        let model = try Fixtures.backbone()
         let ids = model.tokenizer.encode("A quick brown fox jumps over the lazy dog and keeps running")
         let whole = try model.forward(tokens: ids, cache: model.makeCache())
         let cache = model.makeCache()
@@ -55,7 +56,7 @@ struct EngineTests {
 
     @Test("a stream split at a layer (frozen layers batched once, the rest in pieces over a cache) equals one pass")
     func splitStream() throws {
-        let model = try SharedModel.get()
+        let model = try Fixtures.backbone()
         let ids = model.tokenizer.encode("A quick brown fox jumps over the lazy dog and keeps running until the sun sets")
         let whole = try model.hiddenStates([LlamaModel.Step(tokens: ids, cache: model.makeCache())])
         let split = 15, d = model.configuration.hiddenSize, layers = model.configuration.numHiddenLayers
@@ -74,7 +75,7 @@ struct EngineTests {
 
     @Test("bad input is rejected with a clear error")
     func badInput() throws {
-        let model = try SharedModel.get()
+        let model = try Fixtures.backbone()
         #expect(throws: ModelInputError.tokenOutOfRange(49152, vocabulary: 49152)) {
             try model.forward(tokens: [1, 49152], cache: model.makeCache())
         }
@@ -87,7 +88,7 @@ struct EngineTests {
 
     @Test("same seed gives the same text; different seeds differ")
     func seeds() throws {
-        let model = try SharedModel.get()
+        let model = try Fixtures.backbone()
         let prompt = model.tokenizer.encode("Write a short poem about the sea:")
         var p = SamplingParameters()
         p.temperature = 1.0
@@ -107,7 +108,7 @@ struct EngineTests {
 
     @Test("top-k 1 and min-p near 1 are greedy")
     func truncationIsGreedy() throws {
-        let model = try SharedModel.get()
+        let model = try Fixtures.backbone()
         let prompt = model.tokenizer.encode("The capital of France is")
         var greedy = SamplingParameters()
         greedy.temperature = 0
@@ -129,7 +130,7 @@ struct EngineTests {
 
     @Test("max tokens, stop strings and streaming agree")
     func limitsAndStops() throws {
-        let model = try SharedModel.get()
+        let model = try Fixtures.backbone()
         let prompt = model.tokenizer.encode("The capital of France is")
         var p = SamplingParameters()
         p.temperature = 0
@@ -160,7 +161,7 @@ struct EngineTests {
 
     @Test("the AsyncSequence streams the same tokens as the callback")
     func asyncStream() async throws {
-        let model = try SharedModel.get()
+        let model = try Fixtures.backbone()
         let prompt = model.tokenizer.encode("Hello, my name is")
         var p = SamplingParameters()
         p.temperature = 0
@@ -206,7 +207,7 @@ struct EngineTests {
 struct DefaultModelTests {
     @Test("fetch keeps a verified file and replaces a corrupted one")
     func fetchRepairs() throws {
-        let source = SharedModel.path
+        let source = Fixtures.backbonePath
         guard FileManager.default.fileExists(atPath: source) else {
             Issue.record("The default model is missing at \(source): run `continuum fetch-model` first.")
             return

@@ -1,6 +1,7 @@
 // Model files: GGUF and Hugging Face readers, and their errors on bad files.
 import Foundation
 import Testing
+import TestSupport
 import Tensor
 @testable import Model
 
@@ -106,7 +107,7 @@ struct ModelFileTests {
 
     @Test("truncated copies of the real model fail with a clear error, never a crash", arguments: [3, 1000, 2_000_000, 60_000_000])
     func truncated(length: Int) throws {
-        let source = SharedModel.path
+        let source = Fixtures.backbonePath
         guard FileManager.default.fileExists(atPath: source) else {
             Issue.record("The default model is missing at \(source): run `continuum fetch-model` first.")
             return
@@ -179,13 +180,13 @@ struct ModelFileTests {
 
     @Test("a model missing a tensor names the tensor")
     func missingTensor() throws {
-        let real = try SharedModel.get()
+        let real = try Fixtures.backbone()
         _ = real
-        let source = try GGUFFile(path: SharedModel.path)
+        let source = try GGUFFile(path: Fixtures.backbonePath)
         // Same metadata, all tensors but one, copied from the real file.
         var w = GGUFWriter()
         w.metadata = source.metadata.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
-        let base = try MappedFile(path: SharedModel.path)
+        let base = try MappedFile(path: Fixtures.backbonePath)
         for name in source.tensorNames where name != "blk.3.ffn_up.weight" {
             let info = source.tensors[name]!
             let t = WeightType(rawValue: info.rawType)!
@@ -201,9 +202,8 @@ struct ModelFileTests {
 
     @Test("Hugging Face directory: tokenizer.json and safetensors match transformers")
     func huggingFace() throws {
-        let dir = Fixtures.url("tiny-llama").path
-        let model = try LlamaModel.load(path: dir)
-        let ref = try Fixtures.json("tiny-reference.json")
+        let model = try Fixtures.tinyLlama()
+        let ref = try Fixtures.json("ModelTests/Fixtures/tiny-reference.json")
         #expect(model.configuration.numHiddenLayers == 2 && model.configuration.numKeyValueHeads == 2)
         #expect(!model.configuration.tieWordEmbeddings)
         let texts = try #require(ref["texts"] as? [String])
@@ -211,7 +211,7 @@ struct ModelFileTests {
         for (t, expected) in zip(texts, ids) { #expect(model.tokenizer.encode(t) == expected, "\(t.debugDescription)") }
         let promptIDs = try #require(ref["prompt_ids"] as? [Int])
         #expect(model.tokenizer.encode(ref["prompt"] as! String) == promptIDs)
-        let expected = try Fixtures.floats(ref["logits"] as! String)
+        let expected = try Fixtures.floats("ModelTests/Fixtures/" + (ref["logits"] as! String))
         let hidden = try model.hiddenStates([LlamaModel.Step(tokens: promptIDs, cache: model.makeCache())])
         let ours = hidden.withUnsafeBufferPointer { model.logits(hidden: $0.baseAddress!, count: promptIDs.count) }
         let scale = expected.map(abs).max()!
@@ -222,8 +222,8 @@ struct ModelFileTests {
 
     @Test("tokenizer.json with SmolLM2's Digits + ByteLevel pre-tokenizer matches tokenizers")
     func digitsTokenizerJSON() throws {
-        let ref = try Fixtures.json("tiny-reference.json")
-        let tokenizer = try Tokenizer(tokenizerJSON: Fixtures.url("digits-tokenizer.json").path, bosID: nil, eosIDs: [])
+        let ref = try Fixtures.json("ModelTests/Fixtures/tiny-reference.json")
+        let tokenizer = try Tokenizer(tokenizerJSON: Fixtures.url("ModelTests/Fixtures/digits-tokenizer.json").path, bosID: nil, eosIDs: [])
         #expect(tokenizer.preTokenizer.individualDigits)
         let texts = try #require(ref["texts"] as? [String])
         let ids = try #require(ref["digits_ids"] as? [[Int]])

@@ -2,6 +2,7 @@
 // logits, greedy continuations, perplexity. Fixtures: scripts/make-fixtures.py.
 import Foundation
 import Testing
+import TestSupport
 import Tensor
 @testable import Model
 
@@ -16,17 +17,17 @@ struct ReferenceTests {
     }
 
     static func prompts() throws -> [Prompt] {
-        let ref = try Fixtures.json("smollm2-reference.json")
+        let ref = try Fixtures.json("ModelTests/Fixtures/smollm2-reference.json")
         return try #require(ref["prompts"] as? [[String: Any]]).map { p in
             Prompt(name: p["name"] as! String, ids: p["ids"] as! [Int], positions: p["positions"] as! [Int],
-                   logits: try Fixtures.floats(p["logits"] as! String), greedy: p["greedy"] as! [Int])
+                   logits: try Fixtures.floats("ModelTests/Fixtures/" + (p["logits"] as! String)), greedy: p["greedy"] as! [Int])
         }
     }
 
     @Test("prompt ids equal the reference tokenizer's")
     func promptIDs() throws {
-        let model = try SharedModel.get()
-        let ref = try Fixtures.json("smollm2-reference.json")
+        let model = try Fixtures.backbone()
+        let ref = try Fixtures.json("ModelTests/Fixtures/smollm2-reference.json")
         for p in try #require(ref["prompts"] as? [[String: Any]]) {
             #expect(model.tokenizer.encode(p["text"] as! String) == p["ids"] as! [Int], "\(p["name"]!)")
         }
@@ -34,7 +35,7 @@ struct ReferenceTests {
 
     @Test("logits within 1e-3 × max|logit| at first, middle and last positions")
     func logits() throws {
-        let model = try SharedModel.get()
+        let model = try Fixtures.backbone()
         let v = model.configuration.vocabSize, d = model.configuration.hiddenSize
         for p in try Self.prompts() {
             let hidden = try model.hiddenStates([LlamaModel.Step(tokens: p.ids, cache: model.makeCache())])
@@ -52,7 +53,7 @@ struct ReferenceTests {
 
     @Test("greedy 64-token continuations identical token for token")
     func greedy() throws {
-        let model = try SharedModel.get()
+        let model = try Fixtures.backbone()
         var params = SamplingParameters()
         params.temperature = 0
         params.maxTokens = 64
@@ -68,9 +69,9 @@ struct ReferenceTests {
 
     @Test("perplexity within 0.5% of transformers")
     func perplexity() throws {
-        let model = try SharedModel.get()
-        let ref = try #require(try Fixtures.json("smollm2-reference.json")["perplexity"] as? [String: Any])
-        let text = try String(contentsOf: Fixtures.url("perplexity.txt"), encoding: .utf8)
+        let model = try Fixtures.backbone()
+        let ref = try #require(try Fixtures.json("ModelTests/Fixtures/smollm2-reference.json")["perplexity"] as? [String: Any])
+        let text = try String(contentsOf: Fixtures.url("ModelTests/Fixtures/perplexity.txt"), encoding: .utf8)
         let result = try model.perplexity(tokens: model.tokenizer.encode(text))
         let expected = ref["perplexity"] as! Double
         #expect(result.count == ref["tokens"] as! Int)
@@ -80,8 +81,8 @@ struct ReferenceTests {
 
     @Test("windows: every token after the first is scored exactly once")
     func perplexityWindows() throws {
-        let model = try SharedModel.get()
-        let text = try String(contentsOf: Fixtures.url("perplexity.txt"), encoding: .utf8)
+        let model = try Fixtures.backbone()
+        let text = try String(contentsOf: Fixtures.url("ModelTests/Fixtures/perplexity.txt"), encoding: .utf8)
         let ids = Array(model.tokenizer.encode(text).prefix(300))
         let whole = try model.perplexity(tokens: ids)
         let windowed = try model.perplexity(tokens: ids, context: 128)

@@ -2,6 +2,7 @@
 // refusal per rule, each the typed error that names what is wrong.
 import Foundation
 import Testing
+import TestSupport
 @testable import Model
 
 @Suite("Safetensors codec")
@@ -59,7 +60,7 @@ struct SafetensorsTests {
 
     @Test("the model file transformers wrote passes every rule")
     func realFile() throws {
-        let data = try Data(contentsOf: Fixtures.url("tiny-llama/model.safetensors"))
+        let data = try Data(contentsOf: Fixtures.url("ModelTests/Fixtures/tiny-llama/model.safetensors"))
         let header = try Safetensors.parse(data)
         #expect(header.entries.count > 10)
         #expect(header.entries.values.map(\.range.count).reduce(0, +) == header.dataCount)

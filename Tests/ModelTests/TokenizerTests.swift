@@ -2,14 +2,15 @@
 // texts, special tokens, chat template, UTF-8-safe streaming.
 import Foundation
 import Testing
+import TestSupport
 @testable import Model
 
 @Suite("Tokenizer")
 struct TokenizerTests {
     @Test("ids identical to Hugging Face tokenizers on the reference corpus")
     func corpus() throws {
-        let model = try SharedModel.get()
-        let fixture = try Fixtures.json("tokenizer-corpus.json")
+        let model = try Fixtures.backbone()
+        let fixture = try Fixtures.json("ModelTests/Fixtures/tokenizer-corpus.json")
         let texts = try #require(fixture["texts"] as? [String])
         let expected = try #require(fixture["ids"] as? [[Int]])
         #expect(texts.count >= 5000)
@@ -22,8 +23,8 @@ struct TokenizerTests {
 
     @Test("decoding the ids gives back the text")
     func roundTrip() throws {
-        let model = try SharedModel.get()
-        let fixture = try Fixtures.json("tokenizer-corpus.json")
+        let model = try Fixtures.backbone()
+        let fixture = try Fixtures.json("ModelTests/Fixtures/tokenizer-corpus.json")
         let texts = try #require(fixture["texts"] as? [String])
         for text in texts.prefix(2000) {
             #expect(model.tokenizer.decode(model.tokenizer.encode(text)) == text)
@@ -32,7 +33,7 @@ struct TokenizerTests {
 
     @Test("special tokens in text become their ids; no BOS is added")
     func specialTokens() throws {
-        let t = try SharedModel.get().tokenizer
+        let t = try Fixtures.backbone().tokenizer
         let ids = t.encode("<|im_start|>user\nhi<|im_end|>")
         #expect(ids.first == 1)
         #expect(ids.last == 2)
@@ -44,7 +45,7 @@ struct TokenizerTests {
 
     @Test("long pieces and many special tokens encode in n log n and round-trip")
     func adversarialInput() throws {
-        let t = try SharedModel.get().tokenizer
+        let t = try Fixtures.backbone().tokenizer
         // One 200,000-letter piece: quadratic BPE would not finish.
         let word = String(repeating: "abcdefghij", count: 20_000)
         #expect(t.decode(t.encode(word)) == word)
@@ -57,8 +58,8 @@ struct TokenizerTests {
 
     @Test("chat template renders as transformers does")
     func chatTemplate() throws {
-        let model = try SharedModel.get()
-        let ref = try Fixtures.json("smollm2-reference.json")
+        let model = try Fixtures.backbone()
+        let ref = try Fixtures.json("ModelTests/Fixtures/smollm2-reference.json")
         let chat = try #require(ref["chat"] as? [String: Any])
         let messages = try #require(chat["messages"] as? [[String: String]]).map { ChatMessage(role: $0["role"]!, content: $0["content"]!) }
         #expect(model.chatTemplate.render(messages) == chat["rendered"] as? String)
@@ -69,7 +70,7 @@ struct TokenizerTests {
 
     @Test("a chat as tokens: the rendered text's tokens, the users' words marked, markup never read out of a content")
     func chatTokens() throws {
-        let model = try SharedModel.get()
+        let model = try Fixtures.backbone()
         let t = model.tokenizer, chat = model.chatTemplate
         let messages = [ChatMessage(role: "system", content: "Be brief."), ChatMessage(role: "user", content: "My cat is called Zorblax."),
                         ChatMessage(role: "assistant", content: "Noted."), ChatMessage(role: "user", content: "What is my cat called?")]
@@ -88,7 +89,7 @@ struct TokenizerTests {
 
     @Test("streaming decode never splits a UTF-8 character")
     func streaming() throws {
-        let t = try SharedModel.get().tokenizer
+        let t = try Fixtures.backbone().tokenizer
         let text = "Emoji 😀👍🏽🇺🇸, CJK 你好世界, Arabic مرحبا, Hindi नमस्ते — done."
         let ids = t.encode(text)
         var detok = StreamingDetokenizer(tokenizer: t)

@@ -1,7 +1,8 @@
-// The drift audit through the service, against the real PostgreSQL and model:
-// exact metrics at the backbone, policies that freeze and roll back a user fed
-// adversarial corrections while a normally taught user stays under the
-// thresholds, and an audit log that records every mutation in order.
+// The drift audit through the service, against the real PostgreSQL: exact
+// metrics at the backbone, and an audit log that records every mutation in
+// order, on the tiny Llama; on the real model (the thresholds were measured
+// on it), policies that freeze and roll back a user fed adversarial
+// corrections while a normally taught user stays under the thresholds.
 import Foundation
 import Hummingbird
 import HummingbirdTesting
@@ -76,7 +77,7 @@ struct AuditTests {
             let isDefault = try set.body.json()["default"] as? Bool
             #expect(set.status == .ok && isDefault == false)
             let custom = try await post(client, "/v1/users/fresh/audit", key: key, "").body.json()
-            let model = try Fixture.model.get()
+            let model = try TestModel.tiny.load()
             #expect((custom["metrics"] as? [String: Any])?["probe_positions"] as? Int
                     == probes.reduce(0) { $0 + model.tokenizer.encode($1).count })
             #expect(try await put(client, "/v1/audit/probes", key: key, #"{"probes": []}"#).status == .badRequest)
@@ -98,7 +99,7 @@ struct AuditTests {
     @Test("a normally taught user passes; adversarial corrections cross the threshold and the policy freezes learning")
     func freezePolicy() async throws {
         let (db, key) = try await Fixture.database()
-        try await Fixture.app(db, learning: true, { $0.audit = true; $0.auditIntervalSeconds = 0 }).test(.live) { client in
+        try await Fixture.app(db, on: .real, learning: true, { $0.audit = true; $0.auditIntervalSeconds = 0 }).test(.live) { client in
             let set = try await put(client, "/v1/audit/policies", key: key,
                                     #"{"policies": [{"metric": "kl_max", "max": \#(Self.klThreshold), "action": "freeze"}]}"#)
             #expect(set.status == .ok, "\(set.body.text)")
@@ -151,7 +152,7 @@ struct AuditTests {
     @Test("a rollback policy returns the user to the last version that passed, with that version's outputs")
     func rollbackPolicy() async throws {
         let (db, key) = try await Fixture.database()
-        try await Fixture.app(db, learning: true, { $0.audit = true; $0.auditIntervalSeconds = 0 }).test(.live) { client in
+        try await Fixture.app(db, on: .real, learning: true, { $0.audit = true; $0.auditIntervalSeconds = 0 }).test(.live) { client in
             _ = try await put(client, "/v1/audit/policies", key: key,
                               #"{"policies": [{"metric": "kl_max", "max": \#(Self.klThreshold), "action": "rollback"}]}"#)
             try await Self.teachNormally(client, key: key, user: "mallory")

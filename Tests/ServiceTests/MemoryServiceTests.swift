@@ -1,5 +1,6 @@
-// Users' memories through the service, against the real PostgreSQL and the
-// real model over loopback HTTP: learning from generate and feedback,
+// Users' memories through the service, against the real PostgreSQL over
+// loopback HTTP, on the tiny Llama except where learning must be seen to
+// work on the real model (a taught name's NLL halves): learning from generate and feedback,
 // versions with provenance, reset, fork, rollback, export, erasure, and
 // tenant isolation.
 import Foundation
@@ -35,8 +36,8 @@ extension Fixture {
     }
 
     /// Mean NLL of `answer` after `context` under a user's exported state (nil: the backbone).
-    static func nll(context: String, answer: String, state: Data?) throws -> Double {
-        let model = try model.get()
+    static func nll(context: String, answer: String, state: Data?, on backbone: TestModel) throws -> Double {
+        let model = try backbone.load(), levels = backbone.levels
         let c = model.tokenizer.encode(context), a = model.tokenizer.encode(answer)
         let learner = try state.map { try LevelStateFile.decode($0, model: model, expecting: levels) }
         let r = try LevelTrainer(model: model).loss(tokens: c + a, learnable: c.map { _ in false } + a.map { _ in true },
@@ -79,9 +80,9 @@ struct MemoryServiceTests {
     func learning() async throws {
         let (db, key) = try await Fixture.database()
         let probe = "My cat is called"
-        let backboneText = try greedy(probe, maxTokens: 8)
-        let before = try Fixture.nll(context: "My cat is called", answer: " Zorblax", state: nil)
-        try await Fixture.app(db, learning: true).test(.live) { client in
+        let backboneText = try greedy(probe, maxTokens: 8, on: .real)
+        let before = try Fixture.nll(context: "My cat is called", answer: " Zorblax", state: nil, on: .real)
+        try await Fixture.app(db, on: .real, learning: true).test(.live) { client in
             var lastVersion: Int64 = 0
             for round in 0..<3 {
                 for text in Self.teaching {
@@ -110,12 +111,12 @@ struct MemoryServiceTests {
             // Recall: the answer's NLL under alice's exported memory.
             let export = try await get(client, "/v1/users/alice/memory/export", key: key)
             #expect(export.status == .ok && export.headers[.contentType] == "application/octet-stream")
-            let after = try Fixture.nll(context: "My cat is called", answer: " Zorblax", state: Data(buffer: export.body))
+            let after = try Fixture.nll(context: "My cat is called", answer: " Zorblax", state: Data(buffer: export.body), on: .real)
             #expect(after < 0.5 * before, "NLL of the taught name: backbone \(before), alice \(after)")
 
             // Counters: every learnable token counted once by each level.
             let memory = try await get(client, "/v1/users/alice/memory", key: key).body.json()
-            let model = try Fixture.model.get()
+            let model = try TestModel.real.load()
             let taught = 3 * Self.teaching.reduce(0) { $0 + model.tokenizer.encode($1).count - 1 }
                 + model.tokenizer.encode(" Your cat is called Zorblax.").count
             let levels = try #require(memory["levels"] as? [[String: Any]])
@@ -194,6 +195,8 @@ struct MemoryServiceTests {
             let atV = try await generate(client, key: key, user: "alice", prompt: probe, maxTokens: 8, learn: false)
             let v = try #require(atV["memory_version"] as? Int)
             #expect(v > 0)
+            // Learning shows in the output, so the comparisons of outputs below can fail.
+            #expect(atV["text"] as? String != backboneText)
             let exportV = try await get(client, "/v1/users/alice/memory/export?version=\(v)", key: key).body
 
             // Fork at v: the same outputs and the same state.
@@ -263,6 +266,8 @@ struct MemoryServiceTests {
                 _ = try await generate(client, key: keyA, user: "alice", prompt: text, maxTokens: 2, wait: true)
             }
             let a = try await generate(client, key: keyA, user: "alice", prompt: probe, maxTokens: 8, learn: false)
+            // A's learning shows in A's output, so B's "alice" at the backbone's is a real difference.
+            #expect(a["text"] as? String != (try greedy(probe, maxTokens: 8)))
             let exportA = try await get(client, "/v1/users/alice/memory/export", key: keyA).body
             for (method, uri, body) in [("GET", "/v1/users/alice/memory", ""), ("GET", "/v1/users/alice/memory/versions", ""),
                                         ("GET", "/v1/users/alice/memory/export", ""),

@@ -60,7 +60,8 @@ struct StreamingTests {
     @Test("a client that disconnects mid-stream frees its engine slot before the generation would have ended")
     func disconnect() async throws {
         let (db, key) = try await Fixture.database()
-        try await Fixture.app(db).test(.live) { client in
+        // The real model: 2000 tokens must outlast the test (the tiny one has 256 positions).
+        try await Fixture.app(db, on: .real).test(.live) { client in
             let port = try #require(client.port)
             func running() async throws -> Int {
                 let text = try await client.execute(uri: "/metrics", method: .get).body.text
@@ -87,21 +88,23 @@ struct StreamingTests {
 
 @Suite("Lifecycle", .serialized)
 struct LifecycleTests {
-    static var engines: Int { BatchEngine.liveThreads.load(ordering: .relaxed) }
-
     @Test("the batch engine's thread lives from the application's start to its shutdown, and no longer")
     func engineThread() async throws {
         let (db, key) = try await Fixture.database()
-        let before = Self.engines
+        // This test's applications only: the other suites' run meanwhile.
+        let count = BatchEngine.ThreadCount()
+        var engines: Int { count.running.load(ordering: .relaxed) }
         for _ in 0..<2 {
             let app = try Fixture.app(db)
-            #expect(Self.engines == before, "a thread started before the application runs")
-            try await app.test(.live) { client in
-                _ = try await generate(client, key: key, user: "lila", prompt: "Hello", maxTokens: 2, learn: false)
-                #expect(Self.engines == before + 1)
+            #expect(engines == 0, "a thread started before the application runs")
+            try await BatchEngine.$threads.withValue(count) {
+                try await app.test(.live) { client in
+                    _ = try await generate(client, key: key, user: "lila", prompt: "Hello", maxTokens: 2, learn: false)
+                    #expect(engines == 1)
+                }
             }
             // The service group has returned: the engine's thread has ended.
-            #expect(Self.engines == before, "the engine's thread outlived its application")
+            #expect(engines == 0, "the engine's thread outlived its application")
         }
         await db.close()
     }
