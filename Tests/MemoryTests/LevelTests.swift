@@ -191,7 +191,7 @@ struct LevelForwardTests {
 
     @Test("a user's logits batched with another user's are the logits it gets alone, bit for bit (short and long prompts)")
     func isolationAlone() throws {
-        let model = try Backbone.get()
+        let model = try Fixtures.backbone()
         let config = LevelConfiguration.defaults(layers: model.configuration.numHiddenLayers)
         let fresh = try LevelState(configuration: config, model: model.configuration)
         let learned = try LevelState(configuration: config, model: model.configuration)
