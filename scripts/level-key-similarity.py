@@ -6,7 +6,7 @@ stream. To answer "Your dog's name is" with the dog's name and not the cat's,
 the residual at the position that predicts the answer must differ between the
 facts' contexts. This script measures, per layer of the backbone (Hugging Face
 transformers on the GGUF file, PyTorch CPU), for the 20 facts of
-`continuum bench learn` (read from Sources/continuum/LearnBenchFacts.swift):
+`continuum bench learn` (read from scripts/bench-data/facts-1.json):
 
 * the residual stream entering the layer at the last position of each held-out
   question + answer lead-in (what the level sees when it must recall), and at
@@ -27,6 +27,7 @@ Needs torch (CPU), transformers, gguf. Not used by the server or the tests.
 """
 import argparse
 import os
+import json
 import re
 import warnings
 
@@ -36,20 +37,14 @@ warnings.filterwarnings("ignore")
 
 
 def facts(path):
-    src = open(path).read()
-    out = []
-    for block in re.findall(r"BenchFact\((.*?)\),\n", src, re.S):
-        answer = re.search(r'answer: "([^"]*)"', block).group(1)
-        teach = re.findall(r'"([^"]*)"', re.search(r"teach: \[(.*?)\]", block, re.S).group(1))
-        question = re.search(r'question: "([^"]*)"', block).group(1)
-        lead = re.search(r'leadIn: "([^"]*)"', block).group(1)
-        out.append((answer, teach, question, lead))
-    return out
+    with open(path) as f:
+        return [(x["answer"], x["teach"], x["question"], x["lead_in"]) for x in json.load(f)["facts"]]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=os.path.expanduser("~/.cache/continuum/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--facts", default="scripts/bench-data/facts-1.json")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
@@ -65,7 +60,7 @@ def main():
         # hs[l]: the residual entering layer l, [1, T, D]; RMS-normalised per row.
         return [h[0] / h[0].pow(2).mean(-1, keepdim=True).sqrt() for h in hs[:-1]]
 
-    fs = facts("Sources/continuum/LearnBenchFacts.swift")
+    fs = facts(args.facts)
     user = lambda s: f"<|im_start|>user\n{s}<|im_end|>\n"
     questions = [states(user(q) + "<|im_start|>assistant\n" + lead)[:] for _, _, q, lead in fs]
     q_last = [[h[-1] for h in s] for s in questions]

@@ -72,6 +72,28 @@ public struct ChatTemplate: Sendable, Equatable {
         return Tokens(tokens: tokens, userTokens: user)
     }
 
+    /// The contents of the `role` messages in a chat's tokens as `encode`
+    /// makes them (each content's own tokens, found between the markup that
+    /// opens a `role` turn and the next `<|im_end|>`). Empty when `tokens`
+    /// hold no such turn (e.g. raw text).
+    public func contents(of tokens: [Int], role: String = "user", tokenizer: Tokenizer) -> [[Int]] {
+        let open = tokenizer.encode("<|im_start|>\(role)\n", parseSpecial: true)
+        let close = tokenizer.encode("<|im_end|>", parseSpecial: true)
+        guard !open.isEmpty, close.count == 1 else { return [] }
+        var out: [[Int]] = [], i = 0
+        while i + open.count <= tokens.count {
+            if Array(tokens[i..<(i + open.count)]) == open {
+                let start = i + open.count
+                let end = tokens[start...].firstIndex(of: close[0]) ?? tokens.count
+                if end > start { out.append(Array(tokens[start..<end])) }
+                i = end
+            } else {
+                i += 1
+            }
+        }
+        return out
+    }
+
     /// The rendered text in order: markup (`content` nil) and message contents (`content`: the message's role).
     private func pieces(_ messages: [ChatMessage], addGenerationPrompt: Bool) -> [(text: String, content: String?)] {
         var out: [(String, String?)] = []

@@ -42,7 +42,7 @@ struct BenchAudit: ParsableCommand {
         }
         let probeTokens = try JSONDecoder().decode(ProbeFile.self, from: probeData).probes.map { model.tokenizer.encode($0) }
         let referenceTokens = Array(model.tokenizer.encode(String(decoding: referenceData, as: UTF8.self)).prefix(self.referenceTokens))
-        let turns = Array(PersonalisationBench(model: model, general: [], passes: 1).turns.prefix(jobs))
+        let turns = Array(PersonalisationBench(model: model, set: try FactSet.load(FactSet.defaultPaths[0]), general: [], passes: 1).turns.prefix(jobs))
         let config = LevelConfiguration.defaults(layers: model.configuration.numHiddenLayers)
         func seconds(_ body: () throws -> Void) rethrows -> Double {
             let start = ContinuousClock.now

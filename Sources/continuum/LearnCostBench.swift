@@ -77,7 +77,7 @@ struct BenchLearnCost: ParsableCommand {
         // A user who has learned something (both levels updated at least
         // once), so that every level block runs: the benchmark's first turns.
         let warm = try LevelLearner(state: try LevelState(configuration: configuration, model: m.configuration), model: m)
-        let bench = PersonalisationBench(model: m, general: [])
+        let bench = PersonalisationBench(model: m, set: try FactSet.load(FactSet.defaultPaths[0]), general: [])
         for turn in bench.turns where warm.updatesApplied.contains(0) { try warm.learn(tokens: turn.tokens, learnable: turn.learnable) }
         let snapshot = try LevelStateFile.encode(warm, backbone: m.fingerprint)
 
