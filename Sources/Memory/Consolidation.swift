@@ -68,22 +68,8 @@ extension LevelLearner {
         }
         guard !texts.isEmpty else { return ConsolidationReport(klBefore: 0, klAfter: 0, steps: 0, positions: 0) }
         // The teacher's distributions at every position but the last.
-        let v = model.configuration.vocabSize, d = model.configuration.hiddenSize
-        var teacher: [[[Float]]] = []
-        for text in texts {
-            let normed = try model.hiddenStates([LlamaModel.Step(tokens: text, cache: model.makeCache(), adapter: state)])
-            teacher.append((0..<(text.count - 1)).map { r in
-                var p = normed.withUnsafeBufferPointer { model.logits(hidden: $0.baseAddress! + r * d, count: 1) }
-                p.withUnsafeMutableBufferPointer { Ops.softmax($0.baseAddress!, v) }
-                return p
-            })
-        }
-        // The student: the same levels, the fast level silenced.
-        let student = try LevelState(configuration: state.configuration, model: model.configuration)
-        student.blocks = state.blocks
-        for b in student.blocks[f].indices {
-            student.blocks[f][b].down = student.blocks[f][b].down.map { _ in 0 }
-        }
+        let teacher = try texts.map { try distributions(tokens: $0, rows: Array(0..<($0.count - 1)), adapter: state) }
+        let student = try silencedStudent(level: f)
         func meanKL() throws -> Double {
             var total = 0.0, count = 0
             for (text, p) in zip(texts, teacher) {
@@ -99,21 +85,51 @@ extension LevelLearner {
             let i = step % texts.count
             let g = try trainer.distillationGradients(tokens: texts[i], rows: Array(0..<(texts[i].count - 1)),
                                                       teacher: teacher[i], state: student).gradients[m]
-            var trial = moments
-            let blocks = optimizerStep(level: m, blocks: student.blocks[m], gradients: g.map(\.tensors), moments: &trial)
-            // The NaN/Inf guard (weights and moments): a bad step leaves the student as it was.
-            if blocks.allSatisfy(\.isFinite), trial.joined().allSatisfy(\.isFinite) {
-                student.blocks[m] = blocks
-                moments = trial
-            }
+            guardedStep(student, level: m, gradients: g.map(\.tensors), moments: &moments)
         }
         let after = try meanKL()
-        // Commit: the target level keeps the student's weights, the fast level starts over.
-        let fresh = try LevelState(configuration: state.configuration, model: model.configuration)
+        try commit(student, level: f, into: m, moments: moments)
+        return ConsolidationReport(klBefore: before, klAfter: after, steps: budget.steps,
+                                   positions: texts.reduce(0) { $0 + $1.count - 1 })
+    }
+
+    /// The teacher's next-token distributions at `rows` of `tokens` under `adapter`: [rows.count][V].
+    func distributions(tokens: [Int], rows: [Int], adapter: LevelState?) throws -> [[Float]] {
+        let model = trainer.model, v = model.configuration.vocabSize, d = model.configuration.hiddenSize
+        let normed = try model.hiddenStates([LlamaModel.Step(tokens: tokens, cache: model.makeCache(), adapter: adapter)])
+        return rows.map { r in
+            var p = normed.withUnsafeBufferPointer { model.logits(hidden: $0.baseAddress! + r * d, count: 1) }
+            p.withUnsafeMutableBufferPointer { Ops.softmax($0.baseAddress!, v) }
+            return p
+        }
+    }
+
+    /// The student of a consolidation: the same levels, level `f` silenced (its output projection zero).
+    func silencedStudent(level f: Int) throws -> LevelState {
+        let student = try LevelState(configuration: state.configuration, model: trainer.model.configuration)
+        student.blocks = state.blocks
+        for b in student.blocks[f].indices {
+            student.blocks[f][b].down = student.blocks[f][b].down.map { _ in 0 }
+        }
+        return student
+    }
+
+    /// One optimizer step on the student's level `m`, behind the NaN/Inf
+    /// guard (weights and moments): a bad step leaves the student as it was.
+    func guardedStep(_ student: LevelState, level m: Int, gradients: [[[Float]]], moments: inout [[OptimizerMoments]]) {
+        var trial = moments
+        let blocks = optimizerStep(level: m, blocks: student.blocks[m], gradients: gradients, moments: &trial)
+        if blocks.allSatisfy(\.isFinite), trial.joined().allSatisfy(\.isFinite) {
+            student.blocks[m] = blocks
+            moments = trial
+        }
+    }
+
+    /// Commit: level `m` keeps the student's weights and moments, level `f` starts over.
+    func commit(_ student: LevelState, level f: Int, into m: Int, moments: [[OptimizerMoments]]) throws {
+        let fresh = try LevelState(configuration: state.configuration, model: trainer.model.configuration)
         state.blocks[m] = student.blocks[m]
         state.blocks[f] = fresh.blocks[f]
         resetLevel(f, targetMoments: (m, moments))
-        return ConsolidationReport(klBefore: before, klAfter: after, steps: budget.steps,
-                                   positions: texts.reduce(0) { $0 + $1.count - 1 })
     }
 }

@@ -24,7 +24,6 @@
 // asks); everything else the model writes itself.
 import Foundation
 import Model
-import Tensor
 
 /// How sleep makes its data and its teacher.
 public struct SleepConfiguration: Codable, Sendable, Equatable {
@@ -178,20 +177,9 @@ extension LevelLearner {
         guard !examples.isEmpty else {
             return SleepReport(questions: questions, examples: 0, localityExamples: locality.count, steps: 0, klBefore: 0, klAfter: 0)
         }
-        // The student: the same levels, the fast level silenced.
-        let student = try LevelState(configuration: state.configuration, model: model.configuration)
-        student.blocks = state.blocks
-        for b in student.blocks[f].indices {
-            student.blocks[f][b].down = student.blocks[f][b].down.map { _ in 0 }
-        }
+        let student = try silencedStudent(level: f)
         func teacherDistributions(_ e: SleepExample) throws -> [[Float]] {
-            let v = model.configuration.vocabSize, d = model.configuration.hiddenSize
-            let normed = try model.hiddenStates([LlamaModel.Step(tokens: e.teacher, cache: model.makeCache(), adapter: e.teacherAdapter)])
-            return e.teacherRows.map { r in
-                var p = normed.withUnsafeBufferPointer { model.logits(hidden: $0.baseAddress! + r * d, count: 1) }
-                p.withUnsafeMutableBufferPointer { Ops.softmax($0.baseAddress!, v) }
-                return p
-            }
+            try distributions(tokens: e.teacher, rows: e.teacherRows, adapter: e.teacherAdapter)
         }
         func meanKL() throws -> Double {
             var total = 0.0, count = 0
@@ -221,19 +209,10 @@ extension LevelLearner {
                     }
                 }
             }
-            var trial = moments
-            let blocks = optimizerStep(level: m, blocks: student.blocks[m], gradients: g, moments: &trial)
-            // The NaN/Inf guard (weights and moments): a bad step leaves the student as it was.
-            if blocks.allSatisfy(\.isFinite), trial.joined().allSatisfy(\.isFinite) {
-                student.blocks[m] = blocks
-                moments = trial
-            }
+            guardedStep(student, level: m, gradients: g, moments: &moments)
         }
         let after = try meanKL()
-        let fresh = try LevelState(configuration: state.configuration, model: model.configuration)
-        state.blocks[m] = student.blocks[m]
-        state.blocks[f] = fresh.blocks[f]
-        resetLevel(f, targetMoments: (m, moments))
+        try commit(student, level: f, into: m, moments: moments)
         return SleepReport(questions: questions, examples: examples.count, localityExamples: locality.count, steps: steps,
                            klBefore: before, klAfter: after)
     }
