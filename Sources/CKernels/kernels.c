@@ -601,6 +601,31 @@ CK_TARGET static inline __m128 dot4(const float *q, const float *k0, const float
 /// stream; measured against no prefetch and whole-block bursts).
 #define ATT_PREFETCH_ROWS 16
 
+/// Softmax numerators of each head's row of scores, in place, with the
+/// row's max and the numerators' sum: mz[h] = (m_h, z_h).
+///   scores: [heads, count]   mz: [heads, 2]
+CK_TARGET static void softmax_numerators(float *scores, size_t heads, size_t count, float *mz) {
+    for (size_t h = 0; h < heads; h++) {
+        float *row = scores + h * count;
+        __m256 mv = _mm256_set1_ps(-INFINITY);
+        size_t i = 0;
+        for (; i + 8 <= count; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + i));
+        float lanes[8], m = -INFINITY, z = 0;
+        _mm256_storeu_ps(lanes, mv);
+        for (int l = 0; l < 8; l++) if (lanes[l] > m) m = lanes[l];
+        for (size_t t = i; t < count; t++) if (row[t] > m) m = row[t];
+        __m256 zv = _mm256_setzero_ps(), m8 = _mm256_set1_ps(m);
+        for (i = 0; i + 8 <= count; i += 8) {
+            __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + i), m8));
+            _mm256_storeu_ps(row + i, e);
+            zv = _mm256_add_ps(zv, e);
+        }
+        for (; i < count; i++) { row[i] = expf(row[i] - m); z += row[i]; }
+        mz[2 * h] = m;
+        mz[2 * h + 1] = z + hsum256(zv);
+    }
+}
+
 CK_TARGET static void attend_rows_avx2(const float *q, const float *k, const float *v, size_t ldkv, size_t count,
                                        size_t heads, size_t kv_heads, size_t hs, float scale, float *scores,
                                        float *out, float *mz) {
@@ -625,27 +650,8 @@ CK_TARGET static void attend_rows_avx2(const float *q, const float *k, const flo
             }
         }
     }
-    // Softmax numerators and their sums.
-    for (size_t h = 0; h < heads; h++) {
-        float *row = scores + h * count;
-        __m256 mv = _mm256_set1_ps(-INFINITY);
-        size_t i = 0;
-        for (; i + 8 <= count; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + i));
-        float lanes[8], m = -INFINITY, z = 0;
-        _mm256_storeu_ps(lanes, mv);
-        for (int l = 0; l < 8; l++) if (lanes[l] > m) m = lanes[l];
-        for (size_t t = i; t < count; t++) if (row[t] > m) m = row[t];
-        __m256 zv = _mm256_setzero_ps(), m8 = _mm256_set1_ps(m);
-        for (i = 0; i + 8 <= count; i += 8) {
-            __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + i), m8));
-            _mm256_storeu_ps(row + i, e);
-            zv = _mm256_add_ps(zv, e);
-        }
-        for (; i < count; i++) { row[i] = expf(row[i] - m); z += row[i]; }
-        mz[2 * h] = m;
-        mz[2 * h + 1] = z + hsum256(zv);
-        for (size_t d = 0; d < hs; d++) out[h * hs + d] = 0;
-    }
+    softmax_numerators(scores, heads, count, mz);
+    for (size_t d = 0; d < heads * hs; d++) out[d] = 0;
     // out += p·V, block by block of rows, 64 dimensions of a head in registers.
     for (size_t j0 = 0; j0 < count; j0 += ATT_BLOCK) {
         size_t j1 = j0 + ATT_BLOCK < count ? j0 + ATT_BLOCK : count;
@@ -746,26 +752,7 @@ CK_TARGET512 static void attend_rows_512(const float *q, const float *k, const f
                     for (size_t p = 0; p < np; p++) scores[(kvh * group + g0 + g) * count + j0 + p] = s4[4 * g + p];
             }
     }
-    // Softmax numerators and their sums.
-    for (size_t h = 0; h < heads; h++) {
-        float *row = scores + h * count;
-        __m256 mv = _mm256_set1_ps(-INFINITY);
-        size_t i = 0;
-        for (; i + 8 <= count; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + i));
-        float lanes[8], m = -INFINITY, z = 0;
-        _mm256_storeu_ps(lanes, mv);
-        for (int l = 0; l < 8; l++) if (lanes[l] > m) m = lanes[l];
-        for (size_t t = i; t < count; t++) if (row[t] > m) m = row[t];
-        __m256 zv = _mm256_setzero_ps(), m8 = _mm256_set1_ps(m);
-        for (i = 0; i + 8 <= count; i += 8) {
-            __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + i), m8));
-            _mm256_storeu_ps(row + i, e);
-            zv = _mm256_add_ps(zv, e);
-        }
-        for (; i < count; i++) { row[i] = expf(row[i] - m); z += row[i]; }
-        mz[2 * h] = m;
-        mz[2 * h + 1] = z + hsum256(zv);
-    }
+    softmax_numerators(scores, heads, count, mz);
     // out = p·V, block by block of rows (read once, front to back); per key/value
     // head, up to four of its query heads × 64 dimensions in registers.
     for (size_t h = 0; h < heads * hs; h++) out[h] = 0;

@@ -77,9 +77,10 @@ public enum Attention {
 
     /// Decode attention of several sequences in one parallel pass: one item
     /// per (sequence, token), all heads at once so that the cache rows are
-    /// read front to back, once. When there are fewer tokens than twice the
-    /// threads, long contexts are split into parts of at least 128 positions
-    /// whose softmax partials are combined afterwards.
+    /// read front to back, once. A long context is split into parts of at
+    /// least 128 positions (at most twice the threads) whose softmax partials
+    /// are combined afterwards; how a query is split depends only on its own
+    /// length, so a sequence gets the same bits alone or batched with others.
     public static func decode(_ queries: [Query], heads: Int, kvHeads: Int, headSize hs: Int,
                               kernels: KernelPath = .best) {
         let qDim = heads * hs, kvDim = kvHeads * hs
@@ -87,7 +88,9 @@ public enum Attention {
         var items: [(s: Int, r: Int)] = []
         for (s, query) in queries.enumerated() { for r in 0..<query.tokens { items.append((s, r)) } }
         let longest = queries.map { $0.start + $0.tokens }.max() ?? 0
-        let parts = max(1, min((2 * Parallel.threads + items.count - 1) / max(items.count, 1), longest / 128))
+        // Parts of item (s, r): a function of its visible positions alone.
+        func partsOf(_ s: Int, _ r: Int) -> Int { max(1, min(2 * Parallel.threads, (queries[s].start + r + 1) / 128)) }
+        let parts = items.map { partsOf($0.s, $0.r) }.max() ?? 1
         // Per (item, part): out [H, HS] unnormalised, then mz [H, 2].
         let stride = heads * (hs + 2)
         let partial = UnsafeMutablePointer<Float>.allocate(capacity: items.count * parts * stride)
@@ -96,14 +99,15 @@ public enum Attention {
             let scores = UnsafeMutablePointer<Float>.allocate(capacity: heads * (longest + 1))
             defer { scores.deallocate() }
             for work in range {
-                let (s, r) = items[work / parts], p = work % parts
+                let (s, r) = items[work / parts], p = work % parts, n = partsOf(s, r)
+                guard p < n else { continue }
                 let query = queries[s]
                 let visible = query.start + r + 1
-                let lo = visible * p / parts, hi = visible * (p + 1) / parts
+                let lo = visible * p / n, hi = visible * (p + 1) / n
                 let o = partial + work * stride
                 ck_attend_rows(query.q + r * qDim, query.k + lo * kvDim, query.v + lo * kvDim, kvDim, hi - lo, heads,
                                kvHeads, hs, scale, scores, o, o + heads * hs, kernels.level)
-                if parts == 1 {
+                if n == 1 {
                     let out = query.out + r * qDim
                     for h in 0..<heads {
                         let inv = 1 / o[heads * hs + 2 * h + 1]
@@ -114,15 +118,16 @@ public enum Attention {
         }
         guard parts > 1 else { return }
         // out = Σ_p e^(m_p − M)·out_p / Σ_p e^(m_p − M)·z_p
-        for (item, (s, r)) in items.enumerated() {
+        for (item, (s, r)) in items.enumerated() where partsOf(s, r) > 1 {
+            let n = partsOf(s, r)
             let out = queries[s].out + r * qDim
             for h in 0..<heads {
                 func part(_ p: Int) -> UnsafeMutablePointer<Float> { partial + (item * parts + p) * stride }
                 var m = -Float.infinity
-                for p in 0..<parts { m = max(m, part(p)[heads * hs + 2 * h]) }
+                for p in 0..<n { m = max(m, part(p)[heads * hs + 2 * h]) }
                 var z: Float = 0
                 for i in 0..<hs { out[h * hs + i] = 0 }
-                for p in 0..<parts {
+                for p in 0..<n {
                     let o = part(p), w = expf(o[heads * hs + 2 * h] - m)
                     z += w * o[heads * hs + 2 * h + 1]
                     for i in 0..<hs { out[h * hs + i] += w * o[h * hs + i] }

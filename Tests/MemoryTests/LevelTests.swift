@@ -205,6 +205,17 @@ struct LevelForwardTests {
             #expect(aloneFresh[0] == alone, "fresh levels alone differ from the backbone (\(q.count) tokens)")
             #expect(both[1] == alone, "batched with another user: max |Δ| \(zip(both[1], alone).map { abs($0 - $1) }.max() ?? 0) (\(q.count) tokens)")
         }
+        // Decoding after a long context (split into parts): alone or batched, the same bits.
+        let long = Array(model.tokenizer.encode(String(repeating: "The river runs past the old mill and on to the sea. ", count: 40)).prefix(600))
+        let cTaught = model.makeCache(), cFresh = model.makeCache(), cAlone = model.makeCache()
+        _ = try model.forward([LlamaModel.Step(tokens: long, cache: cTaught, adapter: learned)])
+        _ = try model.forward([LlamaModel.Step(tokens: long, cache: cFresh, adapter: fresh)])
+        _ = try model.forward(tokens: long, cache: cAlone)
+        let next = [long[1]]
+        let both = try model.forward([LlamaModel.Step(tokens: next, cache: cTaught, adapter: learned),
+                                      LlamaModel.Step(tokens: next, cache: cFresh, adapter: fresh)])
+        let alone = try model.forward(tokens: next, cache: cAlone)
+        #expect(both[1] == alone, "decode after \(long.count) tokens, batched: max |Δ| \(zip(both[1], alone).map { abs($0 - $1) }.max() ?? 0)")
     }
 }
 
