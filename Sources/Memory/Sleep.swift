@@ -116,6 +116,14 @@ public struct SleepReport: Sendable {
 }
 
 extension LevelLearner {
+    /// What sleep distils from: the contents of the user's turns in the
+    /// recent contexts this learner keeps (the service and the benchmark both
+    /// hand sleep these).
+    public var recentTexts: [[Int]] {
+        let model = trainer.model
+        return recentTokens.flatMap { model.chatTemplate.contents(of: $0, tokenizer: model.tokenizer) }
+    }
+
     /// Sleep with the configuration's consolidation pair (the fastest level
     /// into the next slower). With no text to learn from (or no question the
     /// backbone could write) it changes nothing, the fast level included.

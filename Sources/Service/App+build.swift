@@ -46,7 +46,7 @@ public func buildApplication(configuration: ServiceConfiguration, model: LlamaMo
                                          memory: memory, metrics: metrics, learning: learning),
         feedback: FeedbackController(configuration: configuration, tokenizer: tokenizer, maxTokenBytes: maxTokenBytes, users: store,
                                      queue: store, metrics: metrics, learning: learning),
-        memory: MemoryController(configuration: configuration, users: store, queue: store, memory: memory),
+        memory: MemoryController(configuration: configuration, users: store, queue: store, memory: memory, metrics: metrics),
         audit: AuditController(configuration: configuration, store: store, auditor: auditor,
                                limiter: RateLimiter(limit: configuration.auditsPerUserPerMinute, window: 60), tokenizer: tokenizer,
                                maxTokenBytes: maxTokenBytes))
@@ -58,6 +58,9 @@ public func buildApplication(configuration: ServiceConfiguration, model: LlamaMo
                                                                auditor: configuration.audit ? auditor : nil, logger: logger)))
     }
     services.append(RetentionService(store: store, retention: configuration.retention, logger: logger))
+    if configuration.consolidation.idleSeconds > 0 {
+        services.append(ConsolidationSweepService(queue: store, configuration: configuration.consolidation, metrics: metrics, logger: logger))
+    }
     var app = Application(
         router: router,
         server: .http1(configuration: .init(idleTimeout: .nanoseconds(Int64(configuration.idleTimeoutSeconds * 1e9)))),

@@ -4,6 +4,14 @@
 // `learning_batch` of their queued jobs in order with the CMS rule, and
 // commits the new versions, the learner part and the jobs' done marks in one
 // transaction: a crash at any point applies all of a round or none of it.
+//
+// Automatic consolidation ("sleep", `consolidation` in the configuration) is
+// a job of the same queue: a round whose learning passes `every_tokens` or
+// `fast_norm` enqueues one in its own transaction, and the idle sweep
+// (`ConsolidationSweepService`) enqueues one for users idle `idle_seconds`.
+// At most one waits per user; it runs in a later round under the user's
+// lock like any job, so it is applied exactly once, in order with the
+// user's learning, and makes a version with cause `consolidate`.
 import Foundation
 import Logging
 import Memory
@@ -46,7 +54,7 @@ final class LearningWorker: Sendable {
     /// One round: nil when no job waited, else the jobs applied.
     @discardableResult
     func round() async throws -> [AppliedJob]? {
-        let memory = self.memory, metrics = self.metrics
+        let memory = self.memory, metrics = self.metrics, automatic = configuration.consolidation
         let final = FinalState()
         let start = ContinuousClock.now
         let applied = try await queue.learnNext(limit: configuration.learningBatch, keep: configuration.versionsKept,
@@ -62,18 +70,34 @@ final class LearningWorker: Sendable {
                     // The stored bytes will not change: retrying cannot help.
                     throw JobsUnlearnable(reason: "the stored memory cannot be read by this server: \(error)")
                 }
-                var changes: [MemoryChange?] = []
+                var changes: [MemoryChange?] = [], details: [[String: Double]] = []
+                var unconsolidated = user.unconsolidatedTokens
                 for job in jobs {
+                    if job.kind == .consolidate {
+                        let start = ContinuousClock.now
+                        let r = try memory.consolidate(learner, method: automatic.method, budget: automatic.budget,
+                                                       sleep: automatic.sleep, actor: job.actor)
+                        changes.append(r.change)
+                        details.append(r.details)
+                        final.consolidated(trigger: job.trigger, seconds: (ContinuousClock.now - start).seconds, changed: r.change != nil)
+                        unconsolidated = 0
+                        continue
+                    }
                     let before = learner.updatesApplied
                     try learner.learn(tokens: job.tokens, learnable: job.learnable)
                     let changed = learner.updatesApplied.indices.filter { learner.updatesApplied[$0] != before[$0] }
                     changes.append(changed.isEmpty ? nil : try memory.change(
                         learner, changed: changed, cause: job.kind.cause,
                         causeID: job.sourceID?.uuidString.lowercased(), actor: job.actor))
+                    details.append([:])
+                    unconsolidated += Int64(LearnableTokens.count(job.learnable))
                 }
                 final.set(user: user.id, tenant: user.tenantID, state: learner.state, changed: changes.contains { $0 != nil })
                 return LearningOutcome(changes: changes, taughtTokens: jobs.map { LearnableTokens.count($0.learnable) },
-                                       learner: try LevelStateFile.encodeLearner(learner, backbone: memory.model.fingerprint))
+                                       learner: try LevelStateFile.encodeLearner(learner, backbone: memory.model.fingerprint),
+                                       details: details,
+                                       consolidate: Self.trigger(automatic, unconsolidated: unconsolidated,
+                                                                 fastNorm: { memory.fastNorm(learner) }))
             }
         }
         if applied?.isEmpty == false { metrics.learningRound.observe((ContinuousClock.now - start).seconds) }
@@ -82,7 +106,10 @@ final class LearningWorker: Sendable {
             memory.cache.put(.init(user: f.user, version: last.version), f.state)
             auditor?.versionChanged(userID: f.user, tenantID: f.tenant)
         }
-        for a in applied ?? [] {
+        if applied != nil {
+            for c in final.consolidations { metrics.consolidated(trigger: c.trigger, seconds: c.seconds, changed: c.changed) }
+        }
+        for a in applied ?? [] where a.job.kind != .consolidate {
             metrics.learningLag.observe(a.lagSeconds)
             metrics.jobsApplied.increment()
             metrics.tokensLearned.increment(by: LearnableTokens.count(a.job.learnable))
@@ -90,10 +117,21 @@ final class LearningWorker: Sendable {
         return applied
     }
 
-    /// The learner state a round ended with, handed out of the compute closure.
+    /// What an automatic consolidation to enqueue after a round, if any: the
+    /// token count first (it needs no compute), then the fast level's norm.
+    static func trigger(_ c: ConsolidationConfiguration, unconsolidated: Int64, fastNorm: () -> Double) -> ConsolidationTrigger? {
+        guard unconsolidated > 0 else { return nil }
+        if c.everyTokens > 0 && unconsolidated >= Int64(c.everyTokens) { return .tokens }
+        if c.fastNorm > 0 && fastNorm() >= c.fastNorm { return .fastNorm }
+        return nil
+    }
+
+    /// The learner state a round ended with and the consolidations it ran,
+    /// handed out of the compute closure.
     final class FinalState: @unchecked Sendable {
         private let lock = NSLock()
         private var value: (user: Int64, tenant: Int64, state: LevelState, changed: Bool)?
+        private var ran: [(trigger: ConsolidationTrigger?, seconds: Double, changed: Bool)] = []
         func set(user: Int64, tenant: Int64, state: LevelState, changed: Bool) {
             lock.lock(); defer { lock.unlock() }
             value = (user, tenant, state, changed)
@@ -101,6 +139,14 @@ final class LearningWorker: Sendable {
         func get() -> (user: Int64, tenant: Int64, state: LevelState, changed: Bool)? {
             lock.lock(); defer { lock.unlock() }
             return value
+        }
+        func consolidated(trigger: ConsolidationTrigger?, seconds: Double, changed: Bool) {
+            lock.lock(); defer { lock.unlock() }
+            ran.append((trigger, seconds, changed))
+        }
+        var consolidations: [(trigger: ConsolidationTrigger?, seconds: Double, changed: Bool)] {
+            lock.lock(); defer { lock.unlock() }
+            return ran
         }
     }
 }

@@ -2,6 +2,7 @@
 // GET /metrics: request counts and latency by route and status, tokens,
 // generations in flight, learning jobs queued and their lag, cache hits.
 import Foundation
+import Store
 
 /// A monotonically increasing count.
 final class Counter: @unchecked Sendable {
@@ -69,6 +70,20 @@ final class Metrics: @unchecked Sendable {
     let auditsRun = Counter()
     let auditsFlagged = Counter()
     let policyActions: [Policy.Action: Counter] = [.warn: Counter(), .freeze: Counter(), .rollback: Counter()]
+    /// Consolidations run by this replica by trigger ("demand": the on-demand
+    /// endpoint), those that changed nothing, and their compute time.
+    let consolidations: [String: Counter] = Dictionary(uniqueKeysWithValues: (ConsolidationTrigger.allCases.map(\.rawValue) + ["demand"])
+        .map { ($0, Counter()) })
+    let consolidationsUnchanged = Counter()
+    let consolidationsEnqueued = Counter()
+    let consolidationSeconds = Histogram(bounds: latencyBounds + [120, 300, 600])
+
+    /// Counts a consolidation that ran (trigger nil: on demand).
+    func consolidated(trigger: ConsolidationTrigger?, seconds: Double, changed: Bool) {
+        consolidations[trigger?.rawValue ?? "demand"]?.increment()
+        if !changed { consolidationsUnchanged.increment() }
+        consolidationSeconds.observe(seconds)
+    }
 
     func record(route: String, status: Int, seconds: Double) {
         lock.lock()
@@ -107,6 +122,8 @@ final class Metrics: @unchecked Sendable {
             ("continuum_learning_failures_total", "Learning rounds that failed and were retried.", learningFailures),
             ("continuum_learning_jobs_failed_total", "Learning jobs marked failed by this replica's workers (the user's stored memory cannot be read; not retried).", jobsFailed),
             ("continuum_audits_total", "Drift audits run by this replica (background and on demand).", auditsRun),
+            ("continuum_consolidations_unchanged_total", "Consolidations that found nothing to consolidate (no version made).", consolidationsUnchanged),
+            ("continuum_idle_consolidations_enqueued_total", "Consolidations of idle users this replica's sweep queued.", consolidationsEnqueued),
             ("continuum_audits_flagged_total", "Drift audits whose report crossed a policy.", auditsFlagged),
         ]
         for (name, help, c) in counters {
@@ -117,6 +134,12 @@ final class Metrics: @unchecked Sendable {
         for (action, c) in policyActions.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
             out += "continuum_policy_actions_total{action=\"\(action.rawValue)\"} \(c.current)\n"
         }
+        header("continuum_consolidations_total", "counter", "Consolidations run by this replica, by trigger (demand: the on-demand endpoint).")
+        for (trigger, c) in consolidations.sorted(by: { $0.key < $1.key }) {
+            out += "continuum_consolidations_total{trigger=\"\(trigger)\"} \(c.current)\n"
+        }
+        header("continuum_consolidation_seconds", "histogram", "A consolidation's compute (distillation and encoding).")
+        out += consolidationSeconds.render(name: "continuum_consolidation_seconds")
         header("continuum_learning_lag_seconds", "histogram", "From a learning job's commit to its application.")
         out += learningLag.render(name: "continuum_learning_lag_seconds")
         header("continuum_learning_round_seconds", "histogram", "A learning round of one user's jobs, claim to commit.")

@@ -1,5 +1,6 @@
 // ServiceConfiguration: the server's settings, with defaults, validated.
 import Foundation
+import Memory
 import Store
 
 /// How the HTTP service runs. Decodes from JSON with defaults for every key.
@@ -56,6 +57,8 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
     /// A streamed response whose client reads nothing for this long is ended
     /// (its generation cancelled, its engine slot freed).
     public var streamWriteTimeoutSeconds = 30.0
+    /// When users' memories are consolidated automatically, and how.
+    public var consolidation = ConsolidationConfiguration()
     /// How long finished records are kept, and how often they are pruned.
     public var retention = RetentionConfiguration()
     /// How long a browser session (signing in to the HTML reports with an admin key) lasts.
@@ -74,7 +77,7 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
         case maxCorrectionTokens = "max_correction_tokens", maxPolicies = "max_policies"
         case maxConsolidationSteps = "max_consolidation_steps", idleTimeoutSeconds = "idle_timeout_seconds"
         case bodyReadTimeoutSeconds = "body_read_timeout_seconds", streamWriteTimeoutSeconds = "stream_write_timeout_seconds"
-        case retention, sessionHours = "session_hours", sessionCookieSecure = "session_cookie_secure"
+        case consolidation, retention, sessionHours = "session_hours", sessionCookieSecure = "session_cookie_secure"
     }
 
     public struct Invalid: Error, CustomStringConvertible {
@@ -113,6 +116,7 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
         bodyReadTimeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .bodyReadTimeoutSeconds) ?? d.bodyReadTimeoutSeconds
         streamWriteTimeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .streamWriteTimeoutSeconds)
             ?? d.streamWriteTimeoutSeconds
+        consolidation = try c.decodeIfPresent(ConsolidationConfiguration.self, forKey: .consolidation) ?? d.consolidation
         retention = try c.decodeIfPresent(RetentionConfiguration.self, forKey: .retention) ?? d.retention
         sessionHours = try c.decodeIfPresent(Double.self, forKey: .sessionHours) ?? d.sessionHours
         sessionCookieSecure = try c.decodeIfPresent(Bool.self, forKey: .sessionCookieSecure) ?? d.sessionCookieSecure
@@ -146,8 +150,89 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
             try fail("\(name) must be in (0, 86400]")
         }
         if !(sessionHours > 0 && sessionHours <= 24 * 30) { try fail("session_hours must be in (0, 720]") }
+        try consolidation.validate()
+        if consolidation.steps > maxConsolidationSteps {
+            try fail("consolidation.steps must be at most max_consolidation_steps (\(maxConsolidationSteps))")
+        }
         try retention.validate()
     }
+}
+
+/// When the service consolidates a user's memory by itself ("sleep"), as a
+/// job in the learning queue: after the user has been idle `idle_seconds`
+/// with something learned since the last consolidation, when their fast
+/// level's norm reaches `fast_norm`, or every `every_tokens` learnable tokens
+/// (0 turns a trigger off). Each consolidation is budgeted (`steps`
+/// distillation steps on up to `generated_tokens` generated tokens per
+/// context, or `sleep` for the `sleep` method) and, like the on-demand one,
+/// makes a version with cause `consolidate` and clears the fast level.
+public struct ConsolidationConfiguration: Codable, Sendable, Equatable {
+    /// How knowledge moves from the fast level into the slower one.
+    public enum Method: String, Codable, Sendable, CaseIterable {
+        /// Distil the model with its levels into the model without the fast
+        /// level, on its own continuations of the recent requests.
+        case distill
+        /// Distil from context: the user's recent texts in the teacher's
+        /// context, questions the model writes about them (see `Memory.Sleep`).
+        case sleep
+    }
+
+    /// Seconds without learning after which a user with unconsolidated tokens is consolidated (0: never).
+    public var idleSeconds = 900.0
+    /// Consolidate when the fast level's norm (Drift.norms over its layers) reaches this (0: never).
+    public var fastNorm = 0.0
+    /// Consolidate after this many learnable tokens since the last consolidation (0: never).
+    public var everyTokens = 0
+    public var method = Method.distill
+    /// Distillation steps per consolidation (`distill`).
+    public var steps = 16
+    /// Tokens generated per recent context for the distillation (`distill`).
+    public var generatedTokens = 32
+    /// How `sleep` makes its data and its teacher.
+    public var sleep = SleepConfiguration()
+    /// Seconds between two looks for idle users by each replica's first learning worker.
+    public var sweepSeconds = 15.0
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case idleSeconds = "idle_seconds", fastNorm = "fast_norm", everyTokens = "every_tokens", method, steps
+        case generatedTokens = "generated_tokens", sleep, sweepSeconds = "sweep_seconds"
+    }
+
+    public init() {}
+
+    public init(from decoder: Decoder) throws {
+        try checkKnownKeys(decoder, CodingKeys.self, in: "consolidation")
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let d = ConsolidationConfiguration()
+        idleSeconds = try c.decodeIfPresent(Double.self, forKey: .idleSeconds) ?? d.idleSeconds
+        fastNorm = try c.decodeIfPresent(Double.self, forKey: .fastNorm) ?? d.fastNorm
+        everyTokens = try c.decodeIfPresent(Int.self, forKey: .everyTokens) ?? d.everyTokens
+        method = try c.decodeIfPresent(Method.self, forKey: .method) ?? d.method
+        steps = try c.decodeIfPresent(Int.self, forKey: .steps) ?? d.steps
+        generatedTokens = try c.decodeIfPresent(Int.self, forKey: .generatedTokens) ?? d.generatedTokens
+        sleep = try c.decodeIfPresent(SleepConfiguration.self, forKey: .sleep) ?? d.sleep
+        sweepSeconds = try c.decodeIfPresent(Double.self, forKey: .sweepSeconds) ?? d.sweepSeconds
+        try validate()
+    }
+
+    public func validate() throws {
+        func fail(_ m: String) throws -> Never {
+            throw ServiceConfiguration.Invalid(description: "invalid service configuration: consolidation." + m)
+        }
+        if !(idleSeconds >= 0 && idleSeconds <= 86400 * 30) { try fail("idle_seconds must be in [0, 2592000] (0: never)") }
+        if !(fastNorm >= 0 && fastNorm.isFinite) { try fail("fast_norm must be a finite number at least 0 (0: never)") }
+        if everyTokens < 0 { try fail("every_tokens must be at least 0 (0: never)") }
+        if steps < 1 { try fail("steps must be at least 1") }
+        if !(0...256).contains(generatedTokens) { try fail("generated_tokens must be in 0...256") }
+        if !(sweepSeconds >= 0.01 && sweepSeconds <= 3600) { try fail("sweep_seconds must be in [0.01, 3600]") }
+        do { try sleep.validate() } catch let e as LevelConfiguration.Invalid { try fail(e.description) }
+    }
+
+    /// Whether any trigger is on.
+    public var automatic: Bool { idleSeconds > 0 || fastNorm > 0 || everyTokens > 0 }
+
+    /// The budget of one `distill` consolidation.
+    public var budget: ConsolidationBudget { ConsolidationBudget(steps: steps, generatedTokens: generatedTokens) }
 }
 
 /// How long the database keeps finished records (days; 0 keeps them

@@ -75,3 +75,26 @@ struct RetentionService: ServiceLifecycle.Service {
         }
     }
 }
+
+/// Every `consolidation.sweep_seconds`, queues a consolidation for each user
+/// idle `consolidation.idle_seconds` with something to consolidate (every
+/// replica runs one; a user never has two waiting).
+struct ConsolidationSweepService: ServiceLifecycle.Service {
+    let queue: any LearningQueue
+    let configuration: ConsolidationConfiguration
+    let metrics: Metrics
+    let logger: Logger
+
+    func run() async throws {
+        while !Task.isShuttingDownGracefully && !Task.isCancelled {
+            do {
+                let users = try await queue.enqueueIdleConsolidations(idleSeconds: configuration.idleSeconds, limit: 100)
+                metrics.consolidationsEnqueued.increment(by: users.count)
+                if !users.isEmpty { logger.info("queued consolidations of \(users.count) idle user(s)") }
+            } catch {
+                logger.error("looking for idle users to consolidate failed: \(error)")
+            }
+            try? await cancelWhenGracefulShutdown { try await Task.sleep(for: .seconds(configuration.sweepSeconds)) }
+        }
+    }
+}

@@ -150,4 +150,42 @@ final class UserMemory: Sendable {
         return MemoryChange(levels: parts, shapes: shapes, learner: try LevelStateFile.encodeLearner(learner, backbone: model.fingerprint),
                             cause: cause, causeID: causeID, actor: actor)
     }
+
+    /// What a consolidation did, for its reply, audit event and metrics.
+    struct Consolidated {
+        var klBefore = 0.0, klAfter = 0.0, steps = 0
+        /// The new version's change (nil: nothing to consolidate, nothing changed).
+        var change: MemoryChange?
+
+        var details: [String: Double] { ["kl_before": klBefore, "kl_after": klAfter, "steps": Double(steps)] }
+    }
+
+    /// Consolidates `learner`'s fastest level into the next slower one by
+    /// `method` (fast cleared) and makes the version change, cause
+    /// `consolidate`. With nothing to learn from it changes nothing.
+    func consolidate(_ learner: LevelLearner, method: ConsolidationConfiguration.Method, budget: ConsolidationBudget,
+                     sleep: SleepConfiguration, actor: String) throws -> Consolidated {
+        guard let (fast, mid) = levels.consolidation else {
+            throw APIError.invalid("consolidation needs at least two levels in the server's level configuration")
+        }
+        var out = Consolidated()
+        switch method {
+        case .distill:
+            let r = try learner.consolidate(contexts: learner.recentTokens, level: fast, into: mid, budget: budget)
+            (out.klBefore, out.klAfter, out.steps) = (r.klBefore, r.klAfter, r.steps)
+        case .sleep:
+            let r = try learner.sleep(texts: learner.recentTexts, configuration: sleep)
+            (out.klBefore, out.klAfter, out.steps) = (r.klBefore, r.klAfter, r.steps)
+        }
+        if out.steps > 0 {
+            out.change = try change(learner, changed: [mid], fresh: [fast], cause: .consolidate, causeID: nil, actor: actor)
+        }
+        return out
+    }
+
+    /// The norm of what the fastest level adds (Drift.norms over its layers).
+    func fastNorm(_ learner: LevelLearner) -> Double {
+        guard let (fast, _) = levels.consolidation else { return 0 }
+        return Drift.norms(learner.state)[fast].reduce(0) { $0 + $1 * $1 }.squareRoot()
+    }
 }

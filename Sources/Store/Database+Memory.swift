@@ -107,7 +107,13 @@ extension Database {
             INSERT INTO memory_versions (user_id, version, parent, levels, learner, cause, cause_id, actor)
             VALUES (\(userID), \(version), \(parent), \(levels)::jsonb, \(learner), \(cause.rawValue), \(causeID), \(actor))
             """, logger: logger)
-        try await tx.query("UPDATE users SET version = \(version), learner = \(learner) WHERE id = \(userID)", logger: logger)
+        // A consolidation or a reset leaves nothing to consolidate.
+        let settled = cause == .consolidate || cause == .reset
+        try await tx.query("""
+            UPDATE users SET version = \(version), learner = \(learner),
+                unconsolidated_tokens = CASE WHEN \(settled) THEN 0 ELSE unconsolidated_tokens END
+            WHERE id = \(userID)
+            """, logger: logger)
     }
 
     /// Version 0 of a new user: the backbone, no level stored.

@@ -98,6 +98,49 @@ extension Database {
         return (0, 0)
     }
 
+    /// Queues a consolidation of the user, unless one is already waiting
+    /// (the unique index on waiting consolidations decides, across replicas).
+    /// True when this call queued it.
+    @discardableResult
+    static func enqueueConsolidation(userID: Int64, trigger: ConsolidationTrigger, tx: PostgresConnection, logger: Logger)
+        async throws -> Bool {
+        for try await _ in try await tx.query("""
+            INSERT INTO learning_jobs (user_id, kind, tokens, learnable, actor, trigger)
+            VALUES (\(userID), 'consolidate', '{}'::int[], '{}'::boolean[], 'system', \(trigger.rawValue))
+            ON CONFLICT DO NOTHING RETURNING id
+            """, logger: logger).decode(Int64.self) {
+            return true
+        }
+        return false
+    }
+
+    /// Queues a consolidation (trigger `idle`) for up to `limit` users with
+    /// unconsolidated tokens whose last learning job was applied at least
+    /// `idleSeconds` ago, who have no job waiting, are not frozen, and whose
+    /// tenant learns; longest idle first. Any replica may call it: a user
+    /// never has two consolidations waiting. Returns the users queued.
+    public func enqueueIdleConsolidations(idleSeconds: Double, limit: Int) async throws -> [Int64] {
+        try Self.checkSeconds(idleSeconds)
+        var out: [Int64] = []
+        for try await id in try await client.query("""
+            INSERT INTO learning_jobs (user_id, kind, tokens, learnable, actor, trigger)
+            SELECT u.id, 'consolidate', '{}'::int[], '{}'::boolean[], 'system', 'idle'
+            FROM users u JOIN tenants t ON t.id = u.tenant_id
+            WHERE u.unconsolidated_tokens > 0 AND NOT u.frozen AND t.learning
+              AND u.last_learned_at <= clock_timestamp() - make_interval(secs => \(idleSeconds))
+              AND NOT EXISTS (SELECT 1 FROM learning_jobs j WHERE j.user_id = u.id AND j.state = 'queued')
+            ORDER BY u.last_learned_at LIMIT \(limit)
+            ON CONFLICT DO NOTHING RETURNING user_id
+            """, logger: logger).decode(Int64.self) {
+            out.append(id)
+        }
+        return out
+    }
+
+    static func checkSeconds(_ s: Double) throws {
+        guard s.isFinite, s >= 0, s <= 1e9 else { throw Failure(description: "a duration of \(s) seconds cannot be stored") }
+    }
+
     /// Takes the user whose oldest queued job is oldest among the users no
     /// other worker holds, locks that user's row for the transaction, and runs
     /// `body` on the user's current memory and up to `limit` of their queued
@@ -129,11 +172,18 @@ extension Database {
             // Read after the lock: this statement sees every job an earlier holder marked done.
             var jobs: [LearningJob] = []
             for try await r in try await tx.query("""
-                SELECT id, kind, source_id, tokens, learnable, actor FROM learning_jobs
+                SELECT id, kind, source_id, tokens, learnable, actor, trigger FROM learning_jobs
                 WHERE user_id = \(user.id) AND state = 'queued' ORDER BY id LIMIT \(limit)
-                """, logger: self.logger).decode((Int64, String, UUID?, [Int32], [Bool], String).self) {
+                """, logger: self.logger).decode((Int64, String, UUID?, [Int32], [Bool], String, String?).self) {
                 guard let kind = JobKind(rawValue: r.1) else { throw Failure(description: "learning job \(r.0) has an unknown kind '\(r.1)'") }
-                jobs.append(LearningJob(id: r.0, kind: kind, sourceID: r.2, tokens: r.3.map(Int.init), learnable: r.4, actor: r.5))
+                let trigger = try r.6.map { t in
+                    guard let v = ConsolidationTrigger(rawValue: t) else {
+                        throw Failure(description: "learning job \(r.0) has an unknown trigger '\(t)'")
+                    }
+                    return v
+                }
+                jobs.append(LearningJob(id: r.0, kind: kind, sourceID: r.2, tokens: r.3.map(Int.init), learnable: r.4, actor: r.5,
+                                        trigger: trigger))
             }
             guard !jobs.isEmpty,
                   let memory = try await Self.memory(tx, userID: user.id, version: nil, withLearner: true, logger: self.logger)
@@ -160,12 +210,14 @@ extension Database {
             }
             precondition(outcome.changes.count == jobs.count, "one outcome per job")
             var applied: [AppliedJob] = []
-            for (job, (change, taught)) in zip(jobs, zip(outcome.changes, outcome.taughtTokens)) {
+            var unconsolidated = user.unconsolidatedTokens
+            for (i, (job, (change, taught))) in zip(jobs, zip(outcome.changes, outcome.taughtTokens)).enumerated() {
                 let from = current.version
                 if let change { current = try await Self.apply(change, after: current, userID: user.id, tx: tx, logger: self.logger) }
+                unconsolidated = job.kind == .consolidate ? 0 : unconsolidated + Int64(taught)
                 try await Self.audit(tx, userID: user.id, event: AuditEventKind(job.kind.cause) ?? .learning, from: from,
                                      to: current.version, actor: job.actor, causeID: job.sourceID?.uuidString.lowercased(),
-                                     detail: "{\"job_id\": \(job.id), \"learnable_tokens\": \(taught)}",
+                                     detail: LearningOutcome.auditDetail(job: job, taught: taught, details: outcome.details[i]),
                                      logger: self.logger)
                 for try await lag in try await tx.query("""
                     UPDATE learning_jobs SET state = 'done', applied_version = \(current.version), finished_at = clock_timestamp()
@@ -174,10 +226,16 @@ extension Database {
                     applied.append((job, current.version, lag))
                 }
             }
+            let learned = jobs.contains { $0.kind != .consolidate }
             try await tx.query("""
-                UPDATE users SET learner = \(outcome.learner), jobs_applied = jobs_applied + \(Int64(jobs.count))
+                UPDATE users SET learner = \(outcome.learner), jobs_applied = jobs_applied + \(Int64(jobs.count)),
+                    unconsolidated_tokens = \(unconsolidated),
+                    last_learned_at = CASE WHEN \(learned) THEN clock_timestamp() ELSE last_learned_at END
                 WHERE id = \(user.id)
                 """, logger: self.logger)
+            if let trigger = outcome.consolidate {
+                try await Self.enqueueConsolidation(userID: user.id, trigger: trigger, tx: tx, logger: self.logger)
+            }
             try await Self.prune(userID: user.id, keep: keep, tx: tx, logger: self.logger)
             return (applied, nil)
         }

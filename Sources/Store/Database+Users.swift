@@ -8,11 +8,14 @@ import PostgresNIO
 extension Database {
     // MARK: Users
 
-    static let userColumns = "u.id, u.tenant_id, u.name, u.version, u.jobs_applied, t.learning, u.frozen, u.created_at"
-    typealias UserRow = (Int64, Int64, String, Int64, Int64, Bool, Bool, Date)
+    static let userColumns = """
+        u.id, u.tenant_id, u.name, u.version, u.jobs_applied, t.learning, u.frozen, u.created_at, u.unconsolidated_tokens
+        """
+    typealias UserRow = (Int64, Int64, String, Int64, Int64, Bool, Bool, Date, Int64)
 
     static func user(_ r: UserRow) -> User {
-        User(id: r.0, tenantID: r.1, name: r.2, version: r.3, jobsApplied: r.4, learning: r.5, frozen: r.6, createdAt: r.7)
+        User(id: r.0, tenantID: r.1, name: r.2, version: r.3, jobsApplied: r.4, learning: r.5, frozen: r.6, createdAt: r.7,
+             unconsolidatedTokens: r.8)
     }
 
     /// The tenant's user named `name`; created (at version 0) when `create` and missing.

@@ -15,6 +15,8 @@ public final class InMemoryStore: ContinuumStore {
     struct UserRow {
         var user: User
         var learner: Data?
+        /// When a learning round last applied one of the user's jobs.
+        var lastLearnedAt: Date?
     }
 
     struct VersionRow {
@@ -302,6 +304,20 @@ public final class InMemoryStore: ContinuumStore {
         }
     }
 
+    public func enqueueIdleConsolidations(idleSeconds: Double, limit: Int) async throws -> [Int64] {
+        try Database.checkSeconds(idleSeconds)
+        return state.withLock { s in
+            let now = Date()
+            let waiting = Set(s.jobs.values.filter { $0.state == .queued }.map(\.userID))
+            let due = s.users.values.filter { row in
+                guard let at = row.lastLearnedAt, row.user.unconsolidatedTokens > 0, !row.user.frozen,
+                      s.tenants[row.user.tenantID]?.learning != false, !waiting.contains(row.user.id) else { return false }
+                return now.timeIntervalSince(at) >= idleSeconds
+            }.sorted { ($0.lastLearnedAt!, $0.user.id) < ($1.lastLearnedAt!, $1.user.id) }.prefix(limit)
+            return due.compactMap { s.enqueueConsolidation(userID: $0.user.id, trigger: .idle) ? $0.user.id : nil }
+        }
+    }
+
     public func jobState(id: Int64) async throws -> (state: JobState, version: Int64?, frozen: Bool)? {
         state.withLock { s in
             guard let j = s.jobs[id] else { return nil }
@@ -370,12 +386,14 @@ public final class InMemoryStore: ContinuumStore {
             guard s.users[userID] != nil else { return [] }   // erased meanwhile: nothing to apply to
             var current = (version: memory.version, levels: memory.levelIDs)
             var applied: [AppliedJob] = []
-            for (job, (change, taught)) in zip(jobs, zip(outcome.changes, outcome.taughtTokens)) {
+            var unconsolidated = user.unconsolidatedTokens
+            for (i, (job, (change, taught))) in zip(jobs, zip(outcome.changes, outcome.taughtTokens)).enumerated() {
                 let from = current.version
                 if let change { current = s.apply(change, after: current, userID: userID) }
+                unconsolidated = job.kind == .consolidate ? 0 : unconsolidated + Int64(taught)
                 s.audit(userID: userID, event: AuditEventKind(job.kind.cause) ?? .learning, from: from, to: current.version,
                         actor: job.actor, causeID: job.sourceID?.uuidString.lowercased(),
-                        detail: "{\"job_id\": \(job.id), \"learnable_tokens\": \(taught)}")
+                        detail: LearningOutcome.auditDetail(job: job, taught: taught, details: outcome.details[i]))
                 let now = Date()
                 s.jobs[job.id]?.state = .done
                 s.jobs[job.id]?.appliedVersion = current.version
@@ -386,8 +404,10 @@ public final class InMemoryStore: ContinuumStore {
             if let u = s.users[userID]?.user {
                 s.users[userID]?.user = User(id: u.id, tenantID: u.tenantID, name: u.name, version: u.version,
                                              jobsApplied: u.jobsApplied + Int64(jobs.count), learning: u.learning, frozen: u.frozen,
-                                             createdAt: u.createdAt)
+                                             createdAt: u.createdAt, unconsolidatedTokens: unconsolidated)
             }
+            if jobs.contains(where: { $0.kind != .consolidate }) { s.users[userID]?.lastLearnedAt = Date() }
+            if let trigger = outcome.consolidate { s.enqueueConsolidation(userID: userID, trigger: trigger) }
             s.prune(userID: userID, keep: keep)
             return applied
         }
@@ -478,7 +498,7 @@ public final class InMemoryStore: ContinuumStore {
         state.withLock { s in
             guard let u = s.users[userID]?.user, u.frozen != frozen else { return false }
             s.users[userID]?.user = User(id: u.id, tenantID: u.tenantID, name: u.name, version: u.version, jobsApplied: u.jobsApplied,
-                                         learning: u.learning, frozen: frozen, createdAt: u.createdAt)
+                                         learning: u.learning, frozen: frozen, createdAt: u.createdAt, unconsolidatedTokens: u.unconsolidatedTokens)
             s.audit(userID: userID, event: frozen ? .freeze : .unfreeze, from: nil, to: nil, actor: actor, causeID: causeID,
                     detail: detail)
             return true
@@ -576,7 +596,8 @@ extension InMemoryStore.State {
         users[userID]?.learner = learner
         if let u = users[userID]?.user {
             users[userID]?.user = User(id: u.id, tenantID: u.tenantID, name: u.name, version: version, jobsApplied: u.jobsApplied,
-                                       learning: u.learning, frozen: u.frozen, createdAt: u.createdAt)
+                                       learning: u.learning, frozen: u.frozen, createdAt: u.createdAt,
+                                       unconsolidatedTokens: cause == .consolidate || cause == .reset ? 0 : u.unconsolidatedTokens)
         }
     }
 
@@ -598,6 +619,18 @@ extension InMemoryStore.State {
         audit(userID: userID, event: .learningCancelled, from: version, to: version, actor: actor, causeID: cause.rawValue,
               detail: "{\"by\": \"\(cause.rawValue)\", \"job_ids\": [\(ids.map(String.init).joined(separator: ", "))]}")
         return ids
+    }
+
+    /// Queues a consolidation unless one is waiting for the user; true when queued.
+    @discardableResult
+    mutating func enqueueConsolidation(userID: Int64, trigger: ConsolidationTrigger) -> Bool {
+        guard !jobs.values.contains(where: { $0.userID == userID && $0.state == .queued && $0.job.kind == .consolidate })
+        else { return false }
+        let id = self.id()
+        jobs[id] = .init(job: LearningJob(id: id, kind: .consolidate, sourceID: nil, tokens: [], learnable: [], actor: "system",
+                                          trigger: trigger),
+                         userID: userID, state: .queued, appliedVersion: nil, createdAt: Date(), finishedAt: nil)
+        return true
     }
 
     mutating func enqueue(_ job: LearningRequest, kind: JobKind, source: UUID, userID: Int64, actor: String) -> Int64 {

@@ -72,12 +72,19 @@ public protocol LearningQueue: Sendable {
     func queuedJobs(userID: Int64) async throws -> Int
     /// Jobs waiting in all, and the age of the oldest in seconds.
     func queuedJobs() async throws -> (count: Int, oldestSeconds: Double)
+    /// Queues a consolidation (trigger `idle`) for up to `limit` users who
+    /// have unconsolidated tokens, whose last learning job was applied at
+    /// least `idleSeconds` ago, with no job waiting, not frozen, in a tenant
+    /// that learns; longest idle first. Never two waiting for one user,
+    /// whichever replica calls it. Returns the users queued.
+    func enqueueIdleConsolidations(idleSeconds: Double, limit: Int) async throws -> [Int64]
     /// A job's state, the version it was applied in, and whether its user is frozen.
     func jobState(id: Int64) async throws -> (state: JobState, version: Int64?, frozen: Bool)?
     /// One round: claims the unfrozen user whose oldest queued job is oldest
     /// among the users no one holds, runs `body` on their memory and up to
     /// `limit` of their jobs under their lock, and commits its outcome (the
-    /// versions, the learner part, the jobs done) wholly or not at all. A
+    /// versions, the learner part, the jobs done, the user's unconsolidated
+    /// token count, a consolidation the outcome asks for) wholly or not at all. A
     /// `JobsUnlearnable` from `body` marks the jobs failed (and `failed` is
     /// told once that is committed). Nil when no job waited.
     func learnNext(limit: Int, keep: Int, failed: (@Sendable ([LearningJob], String) -> Void)?,

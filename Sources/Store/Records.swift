@@ -19,6 +19,8 @@ public struct User: Sendable, Equatable {
     /// Frozen by a drift policy or an operator: no learning until cleared.
     public let frozen: Bool
     public let createdAt: Date
+    /// Learnable tokens applied since the memory was last consolidated or reset.
+    public internal(set) var unconsolidatedTokens: Int64 = 0
 
     /// Whether this user's requests are learned.
     public var learns: Bool { learning && !frozen }
@@ -29,12 +31,26 @@ public enum MemoryCause: String, Sendable, CaseIterable, Codable {
     case created, learning, feedback, reset, fork, rollback, consolidate, `import`
 }
 
-/// Where a learning job came from: a generation's user text, or feedback on one.
+/// Where a learning job came from: a generation's user text, feedback on
+/// one, or an automatic consolidation of the user's recent contexts.
 public enum JobKind: String, Sendable, CaseIterable {
-    case generation, feedback
+    case generation, feedback, consolidate
 
     /// The cause of the version a job of this kind makes.
-    public var cause: MemoryCause { self == .feedback ? .feedback : .learning }
+    public var cause: MemoryCause {
+        switch self {
+        case .generation: .learning
+        case .feedback: .feedback
+        case .consolidate: .consolidate
+        }
+    }
+}
+
+/// What made the service enqueue a consolidation: the user idle long enough
+/// with something to consolidate, their fast level's norm past its bound, or
+/// enough learnable tokens since the last consolidation.
+public enum ConsolidationTrigger: String, Sendable, CaseIterable, Codable {
+    case idle, fastNorm = "fast_norm", tokens
 }
 
 /// What an audit event records: a change of a memory (by its cause), a job
@@ -123,9 +139,12 @@ public struct LearningJob: Sendable, Equatable {
     public let id: Int64
     public let kind: JobKind
     public let sourceID: UUID?
+    /// Empty for a consolidation (it consolidates the learner's recent contexts).
     public let tokens: [Int]
     public let learnable: [Bool]
     public let actor: String
+    /// What enqueued a consolidation (nil for other kinds).
+    public var trigger: ConsolidationTrigger? = nil
 }
 
 /// What a learning job is made of, when a request enqueues one.
@@ -148,11 +167,29 @@ public struct LearningOutcome: Sendable {
     public var taughtTokens: [Int]
     /// The learner part after the last job.
     public var learner: Data?
+    /// Per job, further figures for its audit event's detail (a
+    /// consolidation's KL before and after, its steps); empty: none.
+    public var details: [[String: Double]]
+    /// Enqueue a consolidation of the user after this round (in the same
+    /// transaction; nothing when one is already waiting).
+    public var consolidate: ConsolidationTrigger?
 
-    public init(changes: [MemoryChange?], taughtTokens: [Int]? = nil, learner: Data?) {
+    public init(changes: [MemoryChange?], taughtTokens: [Int]? = nil, learner: Data?, details: [[String: Double]]? = nil,
+                consolidate: ConsolidationTrigger? = nil) {
         self.changes = changes
         self.taughtTokens = taughtTokens ?? changes.map { _ in 0 }
         self.learner = learner
+        self.details = details ?? changes.map { _ in [:] }
+        self.consolidate = consolidate
+    }
+
+    /// A job's audit detail: its id, the tokens it taught, what triggered it
+    /// (a consolidation) and `details`, as one JSON object with sorted keys.
+    static func auditDetail(job: LearningJob, taught: Int, details: [String: Double]) -> String {
+        var members = ["\"job_id\": \(job.id)", "\"learnable_tokens\": \(taught)"]
+        if let t = job.trigger { members.append("\"trigger\": \"\(t.rawValue)\"") }
+        for (k, v) in details.sorted(by: { $0.key < $1.key }) where v.isFinite { members.append("\"\(k)\": \(v)") }
+        return "{" + members.sorted().joined(separator: ", ") + "}"
     }
 }
 

@@ -151,7 +151,7 @@ struct BenchLearn: ParsableCommand {
             func slept(_ configuration: SleepConfiguration) throws -> (LevelLearner, Double) {
                 let learner = try bench.clone(wake)
                 let t0 = Date()
-                let r = try learner.sleep(texts: bench.texts(of: learner), configuration: configuration)
+                let r = try learner.sleep(texts: learner.recentTexts, configuration: configuration)
                 let seconds = Date().timeIntervalSince(t0)
                 log(String(format: "sleep: %d examples (+%d locality), %d steps in %.1f s; KL %.4f → %.4f", r.examples, r.localityExamples,
                            r.steps, seconds, r.klBefore, r.klAfter))
@@ -286,12 +286,6 @@ struct PersonalisationBench {
     }
 
     var learnedTokens: Int { turns.reduce(0) { $0 + LearnableTokens.count($1.learnable) } }
-
-    /// What a user's sleep distils from: the contents of their recent turns,
-    /// as the learner keeps them (the service hands sleep the same).
-    func texts(of learner: LevelLearner) -> [[Int]] {
-        learner.recentTokens.flatMap { model.chatTemplate.contents(of: $0, tokenizer: model.tokenizer) }
-    }
 
     struct FactResult {
         let nll: Double

@@ -217,6 +217,87 @@ struct StoreContractTests {
         await close()
     }
 
+    @Test("consolidation jobs: counted tokens, one waiting per user whoever enqueues, idle sweep, applied in order, counter cleared",
+          arguments: StoreKind.allCases)
+    func consolidationJobs(kind: StoreKind) async throws {
+        let (store, acme, _, close) = try await kind.make()
+        let alice = try #require(try await store.user(tenantID: acme.id, name: try UserName("alice"), create: true))
+        let bob = try #require(try await store.user(tenantID: acme.id, name: try UserName("bob"), create: true))
+        func enqueue(_ user: User, learnable: Int) async throws -> Int64 {
+            let tokens = Array(1...(learnable + 1))
+            return try #require(try await store.recordGeneration(
+                id: UUID(), userID: user.id, memoryVersion: 0, prompt: tokens, completion: [],
+                job: LearningRequest(tokens: tokens, learnable: [false] + Array(repeating: true, count: learnable)), actor: "key:1"))
+        }
+        func learn(_ f: @escaping @Sendable (User, [LearningJob]) -> LearningOutcome) async throws -> [AppliedJob]? {
+            try await store.learnNext(limit: 8, keep: 10) { user, _, jobs in f(user, jobs) }
+        }
+        // Nobody has learned anything: the sweep finds no one.
+        #expect(try await store.enqueueIdleConsolidations(idleSeconds: 0, limit: 10).isEmpty)
+        // Alice learns 3 + 4 tokens in one round that asks for a consolidation (trigger tokens).
+        _ = try await enqueue(alice, learnable: 3)
+        _ = try await enqueue(alice, learnable: 4)
+        let first = try #require(try await learn { user, jobs in
+            #expect(user.unconsolidatedTokens == 0)
+            return LearningOutcome(changes: [MemoryChange(levels: ["fast": part("f1")], learner: nil, cause: .learning, actor: "key:1"), nil],
+                                   taughtTokens: jobs.map { $0.learnable.filter { $0 }.count }, learner: part("l1"), consolidate: .tokens)
+        })
+        #expect(first.count == 2)
+        #expect(try await store.user(id: alice.id, tenantID: acme.id)?.unconsolidatedTokens == 7)
+        #expect(try await store.queuedJobs(userID: alice.id) == 1)
+        // One waits already: neither the sweep nor another round adds a second.
+        #expect(try await store.enqueueIdleConsolidations(idleSeconds: 0, limit: 10).isEmpty, "alice has a job waiting")
+        // A learning job behind the consolidation; the round applies both in order.
+        _ = try await enqueue(alice, learnable: 2)
+        let second = try #require(try await learn { user, jobs in
+            #expect(user.unconsolidatedTokens == 7)
+            #expect(jobs.map(\.kind) == [.consolidate, .generation])
+            #expect(jobs[0].trigger == .tokens && jobs[0].tokens.isEmpty && jobs[0].actor == "system")
+            return LearningOutcome(changes: [MemoryChange(levels: ["mid": part("m"), "fast": nil], learner: nil, cause: .consolidate,
+                                                          actor: "system"), nil],
+                                   taughtTokens: [0, 2], learner: part("l2"),
+                                   details: [["kl_before": 0.5, "kl_after": 0.25, "steps": 4], [:]], consolidate: .tokens)
+        })
+        #expect(second.map(\.job.kind) == [.consolidate, .generation] && second.map(\.version) == [2, 2])
+        let afterSecond = try #require(try await store.user(id: alice.id, tenantID: acme.id))
+        #expect(afterSecond.unconsolidatedTokens == 2, "counted from the consolidation on")
+        let versions = try await store.versions(userID: alice.id)
+        #expect(versions.first?.cause == .consolidate && versions.first?.levels["fast"] == nil && versions.first?.levels["mid"] != nil)
+        let event = try #require(try await store.auditEvents(userID: alice.id).first { $0.event == .consolidate })
+        let detail = try #require(try JSONSerialization.jsonObject(with: Data(event.detail.utf8)) as? [String: Any])
+        #expect(detail["trigger"] as? String == "tokens" && detail["kl_after"] as? Double == 0.25 && detail["steps"] as? Double == 4)
+        #expect(event.actor == "system")
+        // The outcome asked for another: it waits, alone.
+        #expect(try await store.queuedJobs(userID: alice.id) == 1)
+        _ = try await learn { _, jobs in
+            #expect(jobs.map(\.kind) == [.consolidate])
+            return LearningOutcome(changes: [nil], learner: part("l3"))   // nothing to consolidate: no version
+        }
+        #expect(try await store.user(id: alice.id, tenantID: acme.id)?.unconsolidatedTokens == 0)
+        #expect(try await store.user(id: alice.id, tenantID: acme.id)?.version == 2)
+        // The idle sweep: bob learned, is idle 0 s, has nothing waiting → queued once; alice has nothing to consolidate.
+        _ = try await enqueue(bob, learnable: 5)
+        _ = try await learn { _, jobs in LearningOutcome(changes: [nil], taughtTokens: [5], learner: nil) }
+        #expect(try await store.enqueueIdleConsolidations(idleSeconds: 3600, limit: 10).isEmpty, "bob has not been idle an hour")
+        try await store.setFrozen(userID: bob.id, true, actor: "k")
+        #expect(try await store.enqueueIdleConsolidations(idleSeconds: 0, limit: 10).isEmpty, "a frozen user is not consolidated")
+        try await store.setFrozen(userID: bob.id, false, actor: "k")
+        // Two sweeps at once (two replicas): one consolidation queued.
+        async let s1 = store.enqueueIdleConsolidations(idleSeconds: 0, limit: 10)
+        async let s2 = store.enqueueIdleConsolidations(idleSeconds: 0, limit: 10)
+        let swept = try await s1 + s2
+        #expect(swept == [bob.id])
+        #expect(try await store.queuedJobs(userID: bob.id) == 1)
+        // A reset cancels the waiting consolidation and clears the count.
+        _ = try await store.mutateMemory(userID: bob.id, keep: 10, cancelQueued: true) { _ in
+            MemoryChange(levels: [:], learner: nil, cause: .reset, actor: "k")
+        }
+        #expect(try await store.queuedJobs(userID: bob.id) == 0)
+        #expect(try await store.user(id: bob.id, tenantID: acme.id)?.unconsolidatedTokens == 0)
+        #expect(try await store.enqueueIdleConsolidations(idleSeconds: 0, limit: 10).isEmpty)
+        await close()
+    }
+
     @Test("reset-like changes and rollbacks cancel the queued jobs when asked", arguments: StoreKind.allCases)
     func cancellation(kind: StoreKind) async throws {
         let (store, acme, _, close) = try await kind.make()

@@ -17,6 +17,7 @@ struct MemoryController {
     let users: any MemoryStore
     let queue: any LearningQueue
     let memory: UserMemory
+    let metrics: Metrics
 
     /// The user's memory as the API shows it (`cancelled`: the jobs an operation just cancelled).
     func info(_ user: User, cancelled: [Int64]? = nil) async throws -> Components.Schemas.Memory {
@@ -135,21 +136,22 @@ struct MemoryController {
         guard (0...256).contains(budget.generatedTokens) else {
             throw APIError.invalid("generated_tokens must be in 0...256", param: "generated_tokens")
         }
-        guard let (fast, mid) = memory.levels.consolidation else {
+        guard memory.levels.consolidation != nil else {
             throw APIError.invalid("consolidation needs at least two levels in the server's level configuration")
         }
-        let memory = self.memory, actor = principal.actor, budgetValue = budget
-        let report = Handoff<ConsolidationReport>()
+        let memory = self.memory, actor = principal.actor, budgetValue = budget, metrics = self.metrics
+        let report = Handoff<UserMemory.Consolidated>()
+        let start = ContinuousClock.now
         _ = try await users.mutateMemory(userID: user.id, keep: configuration.versionsKept, cancelQueued: false) { stored in
             try await memory.compute {
                 let learner = try memory.learner(stored)
-                let r = try learner.consolidate(contexts: learner.recentTokens, level: fast, into: mid, budget: budgetValue)
+                let r = try memory.consolidate(learner, method: .distill, budget: budgetValue, sleep: SleepConfiguration(), actor: actor)
                 report.put(r)
-                guard r.steps > 0 else { return nil }
-                return try memory.change(learner, changed: [mid], fresh: [fast], cause: .consolidate, causeID: nil, actor: actor)
+                return r.change
             }
         }
         let r = report.take()
+        metrics.consolidated(trigger: nil, seconds: (ContinuousClock.now - start).seconds, changed: r?.change != nil)
         return .ok(.init(body: .json(.init(memory: try await info(user), klBefore: r?.klBefore ?? 0, klAfter: r?.klAfter ?? 0,
                                            steps: r?.steps ?? 0))))
     }
