@@ -58,7 +58,7 @@ public func buildApplication(configuration: ServiceConfiguration, model: LlamaMo
                                                                auditor: configuration.audit ? auditor : nil, logger: logger)))
     }
     services.append(RetentionService(store: store, retention: configuration.retention, logger: logger))
-    if configuration.consolidation.idleSeconds > 0 {
+    if configuration.consolidation.idleSeconds > 0 && levels.consolidation != nil {
         services.append(ConsolidationSweepService(queue: store, configuration: configuration.consolidation, metrics: metrics, logger: logger))
     }
     var app = Application(

@@ -74,6 +74,14 @@ final class LearningWorker: Sendable {
                 var unconsolidated = user.unconsolidatedTokens
                 for job in jobs {
                     if job.kind == .consolidate {
+                        // Queued under a configuration with two levels, read under one
+                        // without: nothing to consolidate into (the job is done, no version).
+                        guard memory.levels.consolidation != nil else {
+                            changes.append(nil)
+                            details.append([:])
+                            unconsolidated = 0
+                            continue
+                        }
                         let start = ContinuousClock.now
                         let r = try memory.consolidate(learner, method: automatic.method, budget: automatic.budget,
                                                        sleep: automatic.sleep, actor: job.actor)
@@ -96,8 +104,9 @@ final class LearningWorker: Sendable {
                 return LearningOutcome(changes: changes, taughtTokens: jobs.map { LearnableTokens.count($0.learnable) },
                                        learner: try LevelStateFile.encodeLearner(learner, backbone: memory.model.fingerprint),
                                        details: details,
-                                       consolidate: Self.trigger(automatic, unconsolidated: unconsolidated,
-                                                                 fastNorm: { memory.fastNorm(learner) }))
+                                       consolidate: memory.levels.consolidation == nil ? nil
+                                           : Self.trigger(automatic, unconsolidated: unconsolidated,
+                                                          fastNorm: { memory.fastNorm(learner) }))
             }
         }
         if applied?.isEmpty == false { metrics.learningRound.observe((ContinuousClock.now - start).seconds) }

@@ -177,8 +177,9 @@ public struct ConsolidationConfiguration: Codable, Sendable, Equatable {
         case sleep
     }
 
-    /// Seconds without learning after which a user with unconsolidated tokens is consolidated (0: never).
-    public var idleSeconds = 900.0
+    /// Seconds without learning after which a user with unconsolidated tokens is consolidated (0: never, the default
+    /// until the hang seen after long consolidations on the real model is understood).
+    public var idleSeconds = 0.0
     /// Consolidate when the fast level's norm (Drift.norms over its layers) reaches this (0: never).
     public var fastNorm = 0.0
     /// Consolidate after this many learnable tokens since the last consolidation (0: never).

@@ -108,7 +108,7 @@ struct ConsolidationServiceTests {
     @Test("the consolidation settings decode with defaults and refuse bad values")
     func configuration() throws {
         let d = try JSONDecoder().decode(ServiceConfiguration.self, from: Data("{}".utf8))
-        #expect(d.consolidation == ConsolidationConfiguration() && d.consolidation.idleSeconds == 900 && d.consolidation.method == .distill)
+        #expect(d.consolidation == ConsolidationConfiguration() && d.consolidation.idleSeconds == 0 && d.consolidation.method == .distill)
         let c = try JSONDecoder().decode(ServiceConfiguration.self, from: Data(#"""
             {"consolidation": {"every_tokens": 500, "fast_norm": 2.5, "method": "sleep", "sleep": {"questions_per_text": 2}}}
             """#.utf8))
