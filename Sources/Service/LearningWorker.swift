@@ -71,7 +71,6 @@ final class LearningWorker: Sendable {
                     throw JobsUnlearnable(reason: "the stored memory cannot be read by this server: \(error)")
                 }
                 var changes: [MemoryChange?] = [], details: [[String: Double]] = []
-                var unconsolidated = user.unconsolidatedTokens
                 for job in jobs {
                     if job.kind == .consolidate {
                         // Queued under a configuration with two levels, read under one
@@ -79,7 +78,6 @@ final class LearningWorker: Sendable {
                         guard memory.levels.consolidation != nil else {
                             changes.append(nil)
                             details.append([:])
-                            unconsolidated = 0
                             continue
                         }
                         let start = ContinuousClock.now
@@ -88,7 +86,6 @@ final class LearningWorker: Sendable {
                         changes.append(r.change)
                         details.append(r.details)
                         final.consolidated(trigger: job.trigger, seconds: (ContinuousClock.now - start).seconds, changed: r.change != nil)
-                        unconsolidated = 0
                         continue
                     }
                     let before = learner.updatesApplied
@@ -98,10 +95,11 @@ final class LearningWorker: Sendable {
                         learner, changed: changed, cause: job.kind.cause,
                         causeID: job.sourceID?.uuidString.lowercased(), actor: job.actor))
                     details.append([:])
-                    unconsolidated += Int64(LearnableTokens.count(job.learnable))
                 }
                 final.set(user: user.id, tenant: user.tenantID, state: learner.state, changed: changes.contains { $0 != nil })
-                return LearningOutcome(changes: changes, taughtTokens: jobs.map { LearnableTokens.count($0.learnable) },
+                let taught = jobs.map { LearnableTokens.count($0.learnable) }
+                let unconsolidated = LearningJob.unconsolidated(from: user.unconsolidatedTokens, after: jobs, taught: taught)
+                return LearningOutcome(changes: changes, taughtTokens: taught,
                                        learner: try LevelStateFile.encodeLearner(learner, backbone: memory.model.fingerprint),
                                        details: details,
                                        consolidate: memory.levels.consolidation == nil ? nil

@@ -210,11 +210,9 @@ extension Database {
             }
             precondition(outcome.changes.count == jobs.count, "one outcome per job")
             var applied: [AppliedJob] = []
-            var unconsolidated = user.unconsolidatedTokens
             for (i, (job, (change, taught))) in zip(jobs, zip(outcome.changes, outcome.taughtTokens)).enumerated() {
                 let from = current.version
                 if let change { current = try await Self.apply(change, after: current, userID: user.id, tx: tx, logger: self.logger) }
-                unconsolidated = job.kind == .consolidate ? 0 : unconsolidated + Int64(taught)
                 try await Self.audit(tx, userID: user.id, event: AuditEventKind(job.kind.cause) ?? .learning, from: from,
                                      to: current.version, actor: job.actor, causeID: job.sourceID?.uuidString.lowercased(),
                                      detail: LearningOutcome.auditDetail(job: job, taught: taught, details: outcome.details[i]),
@@ -226,6 +224,7 @@ extension Database {
                     applied.append((job, current.version, lag))
                 }
             }
+            let unconsolidated = LearningJob.unconsolidated(from: user.unconsolidatedTokens, after: jobs, taught: outcome.taughtTokens)
             let learned = jobs.contains { $0.kind != .consolidate }
             try await tx.query("""
                 UPDATE users SET learner = \(outcome.learner), jobs_applied = jobs_applied + \(Int64(jobs.count)),

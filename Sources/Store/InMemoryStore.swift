@@ -386,11 +386,9 @@ public final class InMemoryStore: ContinuumStore {
             guard s.users[userID] != nil else { return [] }   // erased meanwhile: nothing to apply to
             var current = (version: memory.version, levels: memory.levelIDs)
             var applied: [AppliedJob] = []
-            var unconsolidated = user.unconsolidatedTokens
             for (i, (job, (change, taught))) in zip(jobs, zip(outcome.changes, outcome.taughtTokens)).enumerated() {
                 let from = current.version
                 if let change { current = s.apply(change, after: current, userID: userID) }
-                unconsolidated = job.kind == .consolidate ? 0 : unconsolidated + Int64(taught)
                 s.audit(userID: userID, event: AuditEventKind(job.kind.cause) ?? .learning, from: from, to: current.version,
                         actor: job.actor, causeID: job.sourceID?.uuidString.lowercased(),
                         detail: LearningOutcome.auditDetail(job: job, taught: taught, details: outcome.details[i]))
@@ -401,6 +399,7 @@ public final class InMemoryStore: ContinuumStore {
                 applied.append((job, current.version, now.timeIntervalSince(s.jobs[job.id]?.createdAt ?? now)))
             }
             s.users[userID]?.learner = outcome.learner
+            let unconsolidated = LearningJob.unconsolidated(from: user.unconsolidatedTokens, after: jobs, taught: outcome.taughtTokens)
             if let u = s.users[userID]?.user {
                 s.users[userID]?.user = User(id: u.id, tenantID: u.tenantID, name: u.name, version: u.version,
                                              jobsApplied: u.jobsApplied + Int64(jobs.count), learning: u.learning, frozen: u.frozen,

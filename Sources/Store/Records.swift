@@ -145,6 +145,14 @@ public struct LearningJob: Sendable, Equatable {
     public let actor: String
     /// What enqueued a consolidation (nil for other kinds).
     public var trigger: ConsolidationTrigger? = nil
+
+    /// A user's unconsolidated token count after `jobs`, in order, taught
+    /// `taught` tokens each, starting from `start`: a consolidation clears it,
+    /// every other job adds what it taught. The one rule both stores and the
+    /// worker's triggers count by.
+    public static func unconsolidated(from start: Int64, after jobs: [LearningJob], taught: [Int]) -> Int64 {
+        zip(jobs, taught).reduce(start) { n, jt in jt.0.kind == .consolidate ? 0 : n + Int64(jt.1) }
+    }
 }
 
 /// What a learning job is made of, when a request enqueues one.
