@@ -151,9 +151,6 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
         }
         if !(sessionHours > 0 && sessionHours <= 24 * 30) { try fail("session_hours must be in (0, 720]") }
         try consolidation.validate()
-        if consolidation.steps > maxConsolidationSteps {
-            try fail("consolidation.steps must be at most max_consolidation_steps (\(maxConsolidationSteps))")
-        }
         try retention.validate()
     }
 }
@@ -185,7 +182,9 @@ public struct ConsolidationConfiguration: Codable, Sendable, Equatable {
     /// Consolidate after this many learnable tokens since the last consolidation (0: never).
     public var everyTokens = 0
     public var method = Method.distill
-    /// Distillation steps per consolidation (`distill`).
+    /// Distillation steps per automatic consolidation (`distill`); the
+    /// operator's budget, not bounded by `max_consolidation_steps` (which caps
+    /// what an on-demand request may ask for).
     public var steps = 16
     /// Tokens generated per recent context for the distillation (`distill`).
     public var generatedTokens = 32
@@ -223,14 +222,11 @@ public struct ConsolidationConfiguration: Codable, Sendable, Equatable {
         if !(idleSeconds >= 0 && idleSeconds <= 86400 * 30) { try fail("idle_seconds must be in [0, 2592000] (0: never)") }
         if !(fastNorm >= 0 && fastNorm.isFinite) { try fail("fast_norm must be a finite number at least 0 (0: never)") }
         if everyTokens < 0 { try fail("every_tokens must be at least 0 (0: never)") }
-        if steps < 1 { try fail("steps must be at least 1") }
+        if !(1...1000).contains(steps) { try fail("steps must be in 1...1000") }
         if !(0...256).contains(generatedTokens) { try fail("generated_tokens must be in 0...256") }
         if !(sweepSeconds >= 0.01 && sweepSeconds <= 3600) { try fail("sweep_seconds must be in [0.01, 3600]") }
         do { try sleep.validate() } catch let e as LevelConfiguration.Invalid { try fail(e.description) }
     }
-
-    /// Whether any trigger is on.
-    public var automatic: Bool { idleSeconds > 0 || fastNorm > 0 || everyTokens > 0 }
 
     /// The budget of one `distill` consolidation.
     public var budget: ConsolidationBudget { ConsolidationBudget(steps: steps, generatedTokens: generatedTokens) }

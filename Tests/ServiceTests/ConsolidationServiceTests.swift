@@ -115,7 +115,7 @@ struct ConsolidationServiceTests {
         #expect(c.consolidation.everyTokens == 500 && c.consolidation.fastNorm == 2.5 && c.consolidation.method == .sleep)
         #expect(c.consolidation.sleep.questionsPerText == 2)
         for bad in [#"{"consolidation": {"idle_seconds": -1}}"#, #"{"consolidation": {"every_token": 5}}"#,
-                    #"{"consolidation": {"steps": 65}}"#, #"{"consolidation": {"method": "nap"}}"#,
+                    #"{"consolidation": {"steps": 1001}}"#, #"{"consolidation": {"method": "nap"}}"#,
                     #"{"consolidation": {"sleep": {"answer_tokens": 0}}}"#, #"{"consolidation": {"sweep_seconds": 0}}"#] {
             #expect(throws: (any Error).self, "\(bad)") { try JSONDecoder().decode(ServiceConfiguration.self, from: Data(bad.utf8)) }
         }
