@@ -48,7 +48,7 @@ let package = Package(
         .target(
             name: "Service",
             dependencies: [
-                "Store", "Memory", "Model",
+                "Store", "Memory", "Model", "Tensor",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "OpenAPIRuntime", package: "swift-openapi-runtime"),
                 .product(name: "OpenAPIHummingbird", package: "swift-openapi-hummingbird"),

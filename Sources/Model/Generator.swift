@@ -119,8 +119,19 @@ public struct GenerationSequence {
     public var isFinished: Bool { finishReason != nil }
 
     /// The next forward step: the prompt first, then the last generated token.
-    public var step: LlamaModel.Step {
-        LlamaModel.Step(tokens: generated.isEmpty ? prompt : [generated[generated.count - 1]], cache: cache, adapter: adapter)
+    public var step: LlamaModel.Step { step(prefilling: prompt.count) }
+
+    /// Prompt tokens not yet run (chunked prefill: the prompt may be read over several steps).
+    public var promptLeft: Int { max(0, prompt.count - cache.count) }
+
+    /// The next forward step, reading at most `limit` (≥ 1) of the prompt's
+    /// remaining tokens; once the prompt is read, the last generated token.
+    /// After a step that leaves `promptLeft` above 0, the logits are not
+    /// sampled (`accept` is for the step that finishes the prompt and after).
+    public func step(prefilling limit: Int) -> LlamaModel.Step {
+        let tokens = promptLeft > 0 ? Array(prompt[cache.count..<min(prompt.count, cache.count + max(1, limit))])
+                                    : [generated[generated.count - 1]]
+        return LlamaModel.Step(tokens: tokens, cache: cache, adapter: adapter)
     }
 
     /// Samples from the logits after `step`; returns the text that became

@@ -31,8 +31,10 @@ public func buildApplication(configuration: ServiceConfiguration, model: LlamaMo
     try levels.validate(layers: model.configuration.numHiddenLayers, hiddenSize: model.configuration.hiddenSize)
 
     let metrics = Metrics()
-    let engine = BatchEngine(model: model, maxBatch: configuration.maxBatch, maxQueued: configuration.maxQueued)
-    let memory = UserMemory(model: model, levels: levels, store: store, cacheBytes: configuration.cacheBytes)
+    let engine = BatchEngine(model: model, maxBatch: configuration.maxBatch, maxQueued: configuration.maxQueued,
+                             prefillChunk: configuration.prefillChunkTokens)
+    let lanes = ComputeLanes(lanes: configuration.learningWorkers, nice: Int32(configuration.learningNice))
+    let memory = UserMemory(model: model, levels: levels, store: store, cacheBytes: configuration.cacheBytes, lanes: lanes)
     let auditor = try Auditor(memory: memory, store: store, configuration: configuration, metrics: metrics, logger: logger)
     let learning = LearningStatus(queue: store, waitSeconds: configuration.learningWaitSeconds)
     let tokenizer = model.tokenizer
@@ -53,6 +55,7 @@ public func buildApplication(configuration: ServiceConfiguration, model: LlamaMo
 
     var services = first
     services.append(BatchEngineService(engine: engine))
+    services.append(ComputeLanesService(lanes: lanes))   // stops after the learning workers and the server
     for _ in 0..<configuration.learningWorkers {
         services.append(LearningService(worker: LearningWorker(memory: memory, queue: store, configuration: configuration, metrics: metrics,
                                                                auditor: configuration.audit ? auditor : nil, logger: logger)))

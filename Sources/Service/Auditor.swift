@@ -144,7 +144,7 @@ final class Auditor: @unchecked Sendable {
         let memory = self.memory, reference = self.reference, personalTokens = configuration.auditPersonalTokens
         let probeTokens = try await probes(tenantID: user.tenantID).map { memory.model.tokenizer.encode($0) }
         let backboneReference = try await backboneReferencePerplexity()
-        let metrics = try await memory.compute {
+        let metrics = try await memory.compute(.heavy) {
             let learner = try memory.learner(stored)
             return try Drift.measure(model: memory.model, learner: learner, hasLevels: !stored.levels.isEmpty,
                                      previous: try previous.map { try memory.learner($0) }, probes: probeTokens,
@@ -197,7 +197,7 @@ final class Auditor: @unchecked Sendable {
     func backboneReferencePerplexity() async throws -> Double {
         if let cached = lock.withLock({ backboneReferencePPL }) { return cached }
         let memory = self.memory, reference = self.reference
-        let ppl = try await memory.compute { try memory.model.perplexity(tokens: reference).perplexity }
+        let ppl = try await memory.compute(.heavy) { try memory.model.perplexity(tokens: reference).perplexity }
         lock.withLock { backboneReferencePPL = ppl }
         return ppl
     }

@@ -2,12 +2,15 @@
 // iteration is one LlamaModel.forward over all sequences in flight, of any
 // users (new sequences prefill their prompt, the others decode one token),
 // each with its own KV cache and its user's memory levels. Sequences join
-// and leave between iterations. The thread lives from `run()` (the
+// and leave between iterations. Prefill is chunked: one step reads at most
+// `prefillChunk` prompt tokens in all (the oldest prompts first), so a long
+// prompt does not stall the tokens of users already decoding. The thread lives from `run()` (the
 // application's service starts it) until `shutdown()`: sequences still
 // waiting or running then end with `ShutDown`.
 import Foundation
 import Model
 import Synchronization
+import Tensor
 
 /// What a submitted generation produces, in order: tokens, then the result.
 public enum GenerationEvent: Sendable {
@@ -22,6 +25,8 @@ public final class BatchEngine: @unchecked Sendable {
     public let maxBatch: Int
     /// Most sequences admitted (running + waiting); beyond it `submit` refuses.
     public let maxQueued: Int
+    /// Most prompt tokens read in one step, over all sequences prefilling.
+    public let prefillChunk: Int
 
     final class Entry: @unchecked Sendable {
         var sequence: GenerationSequence
@@ -37,6 +42,7 @@ public final class BatchEngine: @unchecked Sendable {
     private var waiting: [Entry] = []
     private var running: [Entry] = []
     private var stopping = false   // guarded by `condition`
+    private var stepsRun = 0, largestPrefill = 0   // guarded by `condition`
 
     public struct Overloaded: Error, CustomStringConvertible {
         public let description = "the server has too many generations in flight; retry later"
@@ -47,24 +53,16 @@ public final class BatchEngine: @unchecked Sendable {
         public let description = "the server is shutting down"
     }
 
-    public init(model: LlamaModel, maxBatch: Int = 16, maxQueued: Int = 64) {
+    public init(model: LlamaModel, maxBatch: Int = 16, maxQueued: Int = 64, prefillChunk: Int = 256) {
         self.model = model
         self.maxBatch = maxBatch
         self.maxQueued = maxQueued
+        self.prefillChunk = max(1, prefillChunk)
     }
-
-    /// Engine threads running, counted for whoever set the task-local
-    /// `threads` around the application (tests check none outlives its
-    /// application; a task-local count, so other applications running in
-    /// the same process at the same time do not enter it).
-    final class ThreadCount: Sendable {
-        let running = Atomic<Int>(0)
-    }
-    @TaskLocal static var threads: ThreadCount?
 
     /// Runs the engine's thread until `shutdown()`; returns when it has ended.
     public func run() async {
-        let count = Self.threads
+        let count = ServiceThreads.counter
         await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
             let t = Thread { [self] in
                 count?.running.add(1, ordering: .relaxed)
@@ -114,6 +112,13 @@ public final class BatchEngine: @unchecked Sendable {
         return stream
     }
 
+    /// Steps run so far, and the most prompt tokens one step has read.
+    public var stats: (steps: Int, largestPrefill: Int) {
+        condition.lock()
+        defer { condition.unlock() }
+        return (stepsRun, largestPrefill)
+    }
+
     /// Sequences stepping and waiting for a slot, now.
     public var load: (running: Int, waiting: Int) {
         condition.lock()
@@ -142,9 +147,21 @@ public final class BatchEngine: @unchecked Sendable {
             condition.unlock()
             for e in cancelled { e.continuation.finish() }
             guard !batch.isEmpty else { continue }
+            // Decoding sequences step one token each; prefilling ones share the prompt budget, oldest first.
+            var budget = prefillChunk
+            var stepping: [Entry] = [], steps: [LlamaModel.Step] = []
+            for e in batch {
+                let left = e.sequence.promptLeft
+                guard left == 0 || budget > 0 else { continue }
+                let n = left == 0 ? 1 : min(left, budget)
+                if left > 0 { budget -= n }
+                stepping.append(e)
+                steps.append(e.sequence.step(prefilling: n))
+            }
             do {
-                let logits = try model.forward(batch.map(\.sequence.step))
-                for (e, l) in zip(batch, logits) {
+                let logits = try Parallel.foreground { try model.forward(steps) }
+                for (e, l) in zip(stepping, logits) {
+                    guard e.sequence.promptLeft == 0 else { continue }   // a chunk of a longer prompt: nothing to sample yet
                     for t in e.sequence.accept(logits: l) { e.continuation.yield(.token(t)) }
                     if e.sequence.isFinished {
                         e.continuation.yield(.finished(e.sequence.result))
@@ -152,13 +169,15 @@ public final class BatchEngine: @unchecked Sendable {
                     }
                 }
             } catch {
-                for e in batch {
+                for e in stepping {
                     e.continuation.finish(throwing: error)
                     _ = e.sequence.cancel()
                 }
             }
             condition.lock()
             running.removeAll { $0.sequence.isFinished }
+            stepsRun += 1
+            largestPrefill = max(largestPrefill, prefillChunk - budget)
             condition.unlock()
         }
     }

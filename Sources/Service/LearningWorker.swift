@@ -60,7 +60,7 @@ final class LearningWorker: Sendable {
         let applied = try await queue.learnNext(limit: configuration.learningBatch, keep: configuration.versionsKept,
                                                           failed: { jobs, _ in metrics.jobsFailed.increment(by: jobs.count) }) {
             user, stored, jobs in
-            try await memory.compute {
+            try await memory.compute(.heavy) {
                 let computeStart = ContinuousClock.now
                 defer { metrics.learningCompute.observe((ContinuousClock.now - computeStart).seconds) }
                 let learner: LevelLearner

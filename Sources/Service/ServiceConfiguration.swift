@@ -23,8 +23,17 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
     public var maxQueued = 64
     /// The model's name in the OpenAI-compatible API.
     public var modelName = "continuum"
-    /// Learning workers in this process (each applies one user's jobs at a time).
+    /// Learning workers in this process: each applies one user's jobs at a
+    /// time, on a compute lane (thread) of its own, so that many users learn
+    /// in parallel; consolidations and audits share those lanes.
     public var learningWorkers = 1
+    /// Scheduling niceness of the learning lanes (0...19; 0: as generation).
+    /// Generation has priority: the lanes also leave the kernels' worker
+    /// pool to a generation step in progress.
+    public var learningNice = 10
+    /// Most prompt tokens one sequence prefills in one batch step: a long
+    /// prompt is prefilled over several steps, so other users' tokens keep coming.
+    public var prefillChunkTokens = 256
     /// Most jobs of one user applied in one transaction.
     public var learningBatch = 8
     /// Memory versions kept per user (older ones cannot be rolled back to).
@@ -70,7 +79,7 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
         case host, port, maxImportBytes = "max_import_bytes"
         case maxBodyBytes = "max_body_bytes", maxPromptTokens = "max_prompt_tokens", maxTokens = "max_tokens"
         case maxBatch = "max_batch", maxQueued = "max_queued", modelName = "model_name"
-        case learningWorkers = "learning_workers", learningBatch = "learning_batch", versionsKept = "versions_kept"
+        case learningWorkers = "learning_workers", learningNice = "learning_nice", prefillChunkTokens = "prefill_chunk_tokens", learningBatch = "learning_batch", versionsKept = "versions_kept"
         case cacheBytes = "cache_bytes", learningWaitSeconds = "learning_wait_seconds"
         case audit, auditIntervalSeconds = "audit_interval_seconds", auditPersonalTokens = "audit_personal_tokens"
         case auditReferenceTokens = "audit_reference_tokens", auditsPerUserPerMinute = "audits_per_user_per_minute"
@@ -100,6 +109,8 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
         maxQueued = try c.decodeIfPresent(Int.self, forKey: .maxQueued) ?? d.maxQueued
         modelName = try c.decodeIfPresent(String.self, forKey: .modelName) ?? d.modelName
         learningWorkers = try c.decodeIfPresent(Int.self, forKey: .learningWorkers) ?? d.learningWorkers
+        learningNice = try c.decodeIfPresent(Int.self, forKey: .learningNice) ?? d.learningNice
+        prefillChunkTokens = try c.decodeIfPresent(Int.self, forKey: .prefillChunkTokens) ?? d.prefillChunkTokens
         learningBatch = try c.decodeIfPresent(Int.self, forKey: .learningBatch) ?? d.learningBatch
         versionsKept = try c.decodeIfPresent(Int.self, forKey: .versionsKept) ?? d.versionsKept
         cacheBytes = try c.decodeIfPresent(Int.self, forKey: .cacheBytes) ?? d.cacheBytes
@@ -134,6 +145,8 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
         if maxQueued < maxBatch { try fail("max_queued must be at least max_batch") }
         if modelName.isEmpty { try fail("model_name must not be empty") }
         if learningWorkers < 0 { try fail("learning_workers must be at least 0 (0: this replica applies no jobs)") }
+        if !(0...19).contains(learningNice) { try fail("learning_nice must be in 0...19") }
+        if prefillChunkTokens < 1 { try fail("prefill_chunk_tokens must be at least 1") }
         if learningBatch < 1 { try fail("learning_batch must be at least 1") }
         if versionsKept < 1 { try fail("versions_kept must be at least 1") }
         if cacheBytes < 0 { try fail("cache_bytes must be at least 0") }

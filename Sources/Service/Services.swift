@@ -1,8 +1,8 @@
 // The application's long-lived parts as ServiceLifecycle services, started
 // with the server and stopped on graceful shutdown in reverse order: the
 // HTTP server first (requests in flight finish), then the retention pruner,
-// the learning workers (the round in progress finishes), the batch engine
-// (its thread ends) and last the database pool.
+// the learning workers (the round in progress finishes), the compute lanes
+// and the batch engine (their threads end) and last the database pool.
 import Foundation
 import Logging
 import ServiceLifecycle
@@ -33,6 +33,19 @@ struct BatchEngineService: ServiceLifecycle.Service {
     }
 }
 
+/// The heavy compute lanes' threads (ComputeLanes), from start-up to shutdown.
+struct ComputeLanesService: ServiceLifecycle.Service {
+    let lanes: ComputeLanes
+
+    func run() async throws {
+        await withGracefulShutdownHandler {
+            await lanes.run()
+        } onGracefulShutdown: {
+            lanes.shutdown()
+        }
+    }
+}
+
 /// A learning worker: on graceful shutdown it finishes the round in progress and stops.
 struct LearningService: ServiceLifecycle.Service {
     let worker: LearningWorker
@@ -45,6 +58,17 @@ struct LearningService: ServiceLifecycle.Service {
             stop.set()
         }
     }
+}
+
+/// Threads the application's services run (the batch engine's, the compute
+/// lanes'), counted for whoever set the task-local `counter` around the
+/// application (tests check none outlives its application; task-local, so
+/// other applications running in the same process do not enter it).
+enum ServiceThreads {
+    final class Count: Sendable {
+        let running = Atomic<Int>(0)
+    }
+    @TaskLocal static var counter: Count?
 }
 
 /// A flag set once, read from any thread.

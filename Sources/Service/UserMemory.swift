@@ -1,7 +1,7 @@
 // Users' memories in the service: the level weights a user's requests run
 // with (from a bounded LRU cache keyed by user and version, PostgreSQL
 // behind it), the learning state the worker and the memory operations
-// decode and encode, and the thread the learning maths runs on.
+// decode and encode, and where the learning maths runs (ComputeLanes).
 import Foundation
 import Memory
 import Model
@@ -77,22 +77,23 @@ final class UserMemory: Sendable {
     let levels: LevelConfiguration
     let store: any MemoryStore
     let cache: LevelCache
-    /// Learning work (learning jobs, consolidation) runs here, off the
-    /// server's event loops and cooperative threads.
-    private let queue = DispatchQueue(label: "continuum.learning")
+    /// Where the maths runs: light work at once, heavy work (learning,
+    /// consolidation, audits) on background lanes that yield to generation.
+    let lanes: ComputeLanes
 
-    init(model: LlamaModel, levels: LevelConfiguration, store: any MemoryStore, cacheBytes: Int) {
+    init(model: LlamaModel, levels: LevelConfiguration, store: any MemoryStore, cacheBytes: Int, lanes: ComputeLanes) {
         self.model = model
         self.levels = levels
         self.store = store
+        self.lanes = lanes
         cache = LevelCache(capacityBytes: cacheBytes)
     }
 
-    /// Runs `work` on the learning thread.
-    func compute<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
-        try await withCheckedThrowingContinuation { c in
-            queue.async { c.resume(with: Result { try work() }) }
-        }
+    /// Runs `work` off the cooperative threads: `.light` (decoding or
+    /// encoding a state, a reset) at once, `.heavy` (learning, consolidation,
+    /// audits) on a background lane.
+    func compute<T: Sendable>(_ kind: ComputeLanes.Kind, _ work: @escaping @Sendable () throws -> T) async throws -> T {
+        try await lanes.run(kind, work)
     }
 
     /// The adapter for the user's current version: nil at a memory with no

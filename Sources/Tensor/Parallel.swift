@@ -22,20 +22,45 @@ public enum Parallel {
         openblas_set_num_threads(Int32(n))
     }
 
+    /// Foreground steps (generation) in progress, process-wide.
+    private static let foregroundSteps = Atomic<Int>(0)
+
+    /// Runs `body` as a foreground step: while it runs, background threads'
+    /// parallel-fors (learning) leave the worker pool to it and run on their
+    /// own thread.
+    public static func foreground<T>(_ body: () throws -> T) rethrows -> T {
+        foregroundSteps.add(1, ordering: .relaxed)
+        defer { foregroundSteps.subtract(1, ordering: .relaxed) }
+        return try body()
+    }
+
+    /// Marks the calling thread, for its lifetime, as a background thread
+    /// (see `foreground`) and lowers its scheduling priority to `nice`
+    /// (Linux, per thread). Returns false where the priority could not be set.
+    @discardableResult
+    public static func becomeBackgroundThread(nice: Int32) -> Bool {
+        ck_set_background_thread(1)
+        return ck_set_thread_nice(nice) == 0
+    }
+
+    /// Whether the calling thread is a background thread.
+    public static var isBackgroundThread: Bool { ck_is_background_thread() != 0 }
+
     /// Calls `body(range)` on disjoint chunks covering `0..<count`, in
     /// parallel when more than one thread is configured and the work is large
     /// enough. `minChunk` is the smallest range worth a thread of its own.
     /// Returns when every chunk is done.
     public static func forEachChunk(_ count: Int, minChunk: Int = 1, _ body: (Range<Int>) -> Void) {
         let parts = min(threads, pool.workers + 1, max(1, count / max(1, minChunk)))
-        if parts > 1 {
+        let yields = parts > 1 && foregroundSteps.load(ordering: .relaxed) > 0 && ck_is_background_thread() != 0
+        if parts > 1 && !yields {
             let ran = pool.run(parts: parts) { p in
                 let lo = count * p / parts, hi = count * (p + 1) / parts
                 if lo < hi { body(lo..<hi) }
             }
             if ran { return }
         }
-        // One thread, or the pool is busy with another caller's work.
+        // One thread, the pool busy with another caller's work, or a background caller yielding it.
         body(0..<count)
     }
 }
@@ -75,8 +100,10 @@ final class WorkerPool: @unchecked Sendable {
             task = body
             self.parts = parts
             remaining.store(workers, ordering: .relaxed)
-            epoch.wrappingAdd(1, ordering: .releasing)
-            if sleepers.load(ordering: .acquiring) > 0 {
+            // Sequentially consistent, with the worker's sleepers increment and
+            // epoch check: either this sees the sleeper or the sleeper sees the new epoch.
+            epoch.wrappingAdd(1, ordering: .sequentiallyConsistent)
+            if sleepers.load(ordering: .sequentiallyConsistent) > 0 {
                 condition.lock()
                 condition.broadcast()
                 condition.unlock()
@@ -100,8 +127,8 @@ final class WorkerPool: @unchecked Sendable {
                     continue
                 }
                 condition.lock()
-                sleepers.wrappingAdd(1, ordering: .acquiringAndReleasing)
-                while epoch.load(ordering: .acquiring) == seen { condition.wait() }
+                sleepers.wrappingAdd(1, ordering: .sequentiallyConsistent)
+                while epoch.load(ordering: .sequentiallyConsistent) == seen { condition.wait() }
                 sleepers.wrappingSubtract(1, ordering: .acquiringAndReleasing)
                 condition.unlock()
             }

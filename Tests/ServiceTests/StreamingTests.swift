@@ -88,23 +88,25 @@ struct StreamingTests {
 
 @Suite("Lifecycle", .serialized)
 struct LifecycleTests {
-    @Test("the batch engine's thread lives from the application's start to its shutdown, and no longer")
-    func engineThread() async throws {
+    @Test("the batch engine's and the compute lanes' threads live from the application's start to its shutdown, and no longer",
+          arguments: [0, 2])
+    func engineThread(learningWorkers: Int) async throws {
         let (db, key) = try await Fixture.database()
         // This test's applications only: the other suites' run meanwhile.
-        let count = BatchEngine.ThreadCount()
-        var engines: Int { count.running.load(ordering: .relaxed) }
+        let count = ServiceThreads.Count()
+        var threads: Int { count.running.load(ordering: .relaxed) }
         for _ in 0..<2 {
-            let app = try Fixture.app(db)
-            #expect(engines == 0, "a thread started before the application runs")
-            try await BatchEngine.$threads.withValue(count) {
+            let app = try Fixture.app(db, learning: learningWorkers > 0) { $0.learningWorkers = learningWorkers }
+            #expect(threads == 0, "a thread started before the application runs")
+            try await ServiceThreads.$counter.withValue(count) {
                 try await app.test(.live) { client in
                     _ = try await generate(client, key: key, user: "lila", prompt: "Hello", maxTokens: 2, learn: false)
-                    #expect(engines == 1)
+                    // The engine's, and one lane per learning worker (at least one, for consolidations and audits).
+                    #expect(threads == 1 + max(1, learningWorkers))
                 }
             }
-            // The service group has returned: the engine's thread has ended.
-            #expect(engines == 0, "the engine's thread outlived its application")
+            // The service group has returned: every thread has ended.
+            #expect(threads == 0, "a thread outlived its application")
         }
         await db.close()
     }

@@ -114,6 +114,16 @@ void ck_swiglu(float *gate, const float *up, size_t n, int cap);
 /// A spin-wait hint (PAUSE on x86).
 void ck_cpu_relax(void);
 
+/// Marks the calling thread as running background work (learning), whose
+/// parallel-fors leave the worker pool to foreground steps (generation).
+/// A thread-local flag (threads.c).
+void ck_set_background_thread(int on);
+int ck_is_background_thread(void);
+
+/// Sets the calling thread's scheduling niceness (Linux: per thread; higher
+/// is lower priority). Returns 0, or -1 where the system refuses or has none.
+int ck_set_thread_nice(int nice);
+
 #ifdef __cplusplus
 }
 #endif

@@ -28,7 +28,7 @@ struct MemoryController {
         }
         let memory = self.memory
         // The counters are in the learner part; the levels' weights are not needed.
-        let (levels, consolidations) = try await memory.compute {
+        let (levels, consolidations) = try await memory.compute(.light) {
             let learner = try memory.learner(levels: [:], learner: stored.learner)
             return (memory.levels.levels.enumerated().map { l, level in
                 Components.Schemas.LevelCounters(name: level.name, tokens: Int64(learner.tokenCounters[l]),
@@ -85,7 +85,7 @@ struct MemoryController {
         }
         let memory = self.memory, actor = principal.actor
         let mutation = try await users.mutateMemory(userID: user.id, keep: configuration.versionsKept, cancelQueued: !keepQueued) { stored in
-            try await memory.compute {
+            try await memory.compute(.light) {
                 let learner = try memory.learner(stored)
                 for l in indices { try learner.reset(level: l) }
                 return try memory.change(learner, changed: [], fresh: indices, cause: .reset,
@@ -143,7 +143,7 @@ struct MemoryController {
         let report = Handoff<UserMemory.Consolidated>()
         let start = ContinuousClock.now
         _ = try await users.mutateMemory(userID: user.id, keep: configuration.versionsKept, cancelQueued: false) { stored in
-            try await memory.compute {
+            try await memory.compute(.heavy) {
                 let learner = try memory.learner(stored)
                 let r = try memory.consolidate(learner, method: .distill, budget: budgetValue, sleep: SleepConfiguration(), actor: actor)
                 report.put(r)
@@ -163,7 +163,7 @@ struct MemoryController {
             throw APIError.notFound("version \(input.query.version ?? user.version) of user '\(user.name)' is not kept")
         }
         let memory = self.memory
-        let bytes = try await memory.compute {
+        let bytes = try await memory.compute(.light) {
             try LevelStateFile.encode(try memory.learner(stored), backbone: memory.model.fingerprint)
         }
         return .ok(.init(body: .binary(HTTPBody(bytes))))
@@ -183,7 +183,7 @@ struct MemoryController {
         let data = Data(buffer: try await request.body.collect(upTo: configuration.maxImportBytes))
         let memory = self.memory, actor = principal.actor
         // Checked before any row is written: a bad file changes nothing.
-        let learner = try await memory.compute { () throws -> UncheckedLearner in
+        let learner = try await memory.compute(.light) { () throws -> UncheckedLearner in
             do {
                 return UncheckedLearner(value: try LevelStateFile.decode(data, model: memory.model, expecting: memory.levels))
             } catch let e as LevelStateFile.Incompatible {
@@ -195,7 +195,7 @@ struct MemoryController {
         }
         let digest = String(LevelStateFile.sha256(data).prefix(16))
         let mutation = try await users.mutateMemory(userID: user.id, keep: configuration.versionsKept, cancelQueued: !keepQueued) { _ in
-            try await memory.compute {
+            try await memory.compute(.light) {
                 try memory.change(learner.value, changed: Array(memory.levels.levels.indices), cause: .import,
                                   causeID: "sha256:" + digest, actor: actor)
             }
