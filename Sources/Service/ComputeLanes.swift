@@ -29,7 +29,7 @@ final class ComputeLanes: @unchecked Sendable {
     private var stopping = false
 
     /// `lanes` heavy threads (at least one) at niceness `nice`; they start with `run()`.
-    init(lanes: Int, nice: Int32 = 10) {
+    init(lanes: Int, nice: Int32 = 5) {
         self.lanes = max(1, lanes)
         self.nice = nice
     }

@@ -80,6 +80,7 @@ enum Fixture {
         var c = ServiceConfiguration()
         c.port = 0
         c.learningWorkers = learning ? 1 : 0
+        c.learningNice = 0   // the tests' other suites compute at normal priority meanwhile: do not starve this one's learning
         c.audit = false   // AuditTests turn it on
         c.auditReferenceTokens = 128
         configure(&c)
