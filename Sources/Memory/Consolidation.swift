@@ -3,7 +3,10 @@
 //
 // Teacher A = backbone + every level as it is. Student B = backbone + the same
 // levels with the fast level's contribution removed; only B's target level
-// learns. The texts are the user's recent contexts, each continued by A
+// learns. With `transplant`, B's target level starts from a closed-form
+// write of the fast level's units into its least-used units (see
+// `transplant(from:into:)`), so what the fast level held is kept before any
+// step, and the steps only correct what the write changed. The texts are the user's recent contexts, each continued by A
 // itself (on-policy); B is trained to match A's next-token distributions on
 // them (KL(A ‖ B)). Afterwards the target level keeps B's weights and the fast
 // level starts over (zero output projection, fresh moments, empty chunk).
@@ -31,6 +34,11 @@ public struct ConsolidationReport: Sendable {
     public let klAfter: Double
     public let steps: Int
     public let positions: Int
+    /// Units written by a transplant (0 without one).
+    public var written = 0
+
+    /// Whether the consolidation changed the target level.
+    public var changed: Bool { steps > 0 || written > 0 }
 }
 
 extension LevelLearner {
@@ -43,8 +51,11 @@ extension LevelLearner {
         return try consolidate(contexts: contexts, level: pair.source, into: pair.target, budget: budget)
     }
 
-    /// Consolidates level `f` into level `m` (indices into the configuration's levels) within `budget`.
-    public func consolidate(contexts: [[Int]], level f: Int, into m: Int, budget: ConsolidationBudget) throws -> ConsolidationReport {
+    /// Consolidates level `f` into level `m` (indices into the configuration's
+    /// levels) within `budget`; with `transplant`, the student's level `m`
+    /// first takes level `f`'s units (`transplant(from:into:)`).
+    public func consolidate(contexts: [[Int]], level f: Int, into m: Int, budget: ConsolidationBudget,
+                            transplant: Bool = false) throws -> ConsolidationReport {
         let levels = state.configuration.levels
         guard levels.indices.contains(f), levels.indices.contains(m), f != m else {
             throw LevelConfiguration.Invalid(description: "consolidation needs two different levels of the configuration")
@@ -66,10 +77,21 @@ extension LevelLearner {
                 ? try Generator(model: model, adapter: state).generate(prompt: context, parameters: greedy).tokens : []
             if context.count + continuation.count >= 2 { texts.append(context + continuation) }
         }
-        guard !texts.isEmpty else { return ConsolidationReport(klBefore: 0, klAfter: 0, steps: 0, positions: 0) }
+        guard !texts.isEmpty else {
+            // Nothing to distil on; a transplant needs no text (no KL to report).
+            guard transplant else { return ConsolidationReport(klBefore: 0, klAfter: 0, steps: 0, positions: 0) }
+            let student = try silencedStudent(level: f)
+            var moments = self.moments[m]
+            let written = Self.transplant(state, from: f, into: student, level: m, moments: &moments)
+            if written > 0 { try commit(student, level: f, into: m, moments: moments) }
+            var report = ConsolidationReport(klBefore: 0, klAfter: 0, steps: 0, positions: 0)
+            report.written = written
+            return report
+        }
         // The teacher's distributions at every position but the last.
         let teacher = try texts.map { try distributions(tokens: $0, rows: Array(0..<($0.count - 1)), adapter: state) }
         let student = try silencedStudent(level: f)
+        var moments = self.moments[m]
         func meanKL() throws -> Double {
             var total = 0.0, count = 0
             for (text, p) in zip(texts, teacher) {
@@ -79,8 +101,9 @@ extension LevelLearner {
             }
             return total / Double(count)
         }
+        // KL before: the student without the fast level, as a reset would leave it.
         let before = try meanKL()
-        var moments = self.moments[m]
+        let written = transplant ? Self.transplant(state, from: f, into: student, level: m, moments: &moments) : 0
         for step in 0..<budget.steps {
             let i = step % texts.count
             let g = try trainer.distillationGradients(tokens: texts[i], rows: Array(0..<(texts[i].count - 1)),
@@ -89,8 +112,10 @@ extension LevelLearner {
         }
         let after = try meanKL()
         try commit(student, level: f, into: m, moments: moments)
-        return ConsolidationReport(klBefore: before, klAfter: after, steps: budget.steps,
-                                   positions: texts.reduce(0) { $0 + $1.count - 1 })
+        var report = ConsolidationReport(klBefore: before, klAfter: after, steps: budget.steps,
+                                         positions: texts.reduce(0) { $0 + $1.count - 1 })
+        report.written = written
+        return report
     }
 
     /// The teacher's next-token distributions at `rows` of `tokens` under `adapter`: [rows.count][V].
@@ -102,6 +127,68 @@ extension LevelLearner {
             p.withUnsafeMutableBufferPointer { Ops.softmax($0.baseAddress!, v) }
             return p
         }
+    }
+
+    /// The closed-form write of a consolidation with `transplant`: in each
+    /// layer both levels adapt, level `f`'s units (gate and up rows, down
+    /// column), strongest first, replace `student`'s level-`m` units that
+    /// contribute least (unused ones first), as many as level `m` is wide.
+    /// A unit's strength is ‖down[:, j]‖·‖up[j, :]‖ (zero for an unused unit);
+    /// its input weights are rescaled from level f's gains to level m's
+    /// (gate[j, d]·g_f[d] / g_m[d]), so the written unit computes what it did
+    /// in level f, but on RMSNorm(h) rather than on RMSNorm(h + level m's
+    /// output): the difference is what the distillation steps then correct.
+    /// The written units' optimizer moments start at zero. Returns the units written.
+    @discardableResult
+    static func transplant(_ source: LevelState, from f: Int, into student: LevelState, level m: Int,
+                           moments: inout [[OptimizerMoments]]) -> Int {
+        let levels = source.configuration.levels, d = source.hiddenSize
+        let rf = levels[f].width, rm = levels[m].width
+        var written = 0
+        for (bf, layer) in levels[f].layers.enumerated() {
+            guard let bm = levels[m].layers.firstIndex(of: layer) else { continue }
+            let fast = source.blocks[f][bf]
+            var mid = student.blocks[m][bm]
+            // strength[j] = ‖down[:, j]‖·‖up[j, :]‖, down [D, R], up [R, D].
+            func strength(_ b: LevelState.Block, _ r: Int) -> [Float] {
+                (0..<r).map { j in
+                    var dn: Float = 0, un: Float = 0
+                    for i in 0..<d { dn += b.down[i * r + j] * b.down[i * r + j]; un += b.up[j * d + i] * b.up[j * d + i] }
+                    return (dn * un).squareRoot()
+                }
+            }
+            let fs = strength(fast, rf), ms = strength(mid, rm)
+            let incoming = (0..<rf).filter { fs[$0] > 0 }.sorted { fs[$0] > fs[$1] }.prefix(rm)
+            let slots = (0..<rm).sorted { ms[$0] < ms[$1] }.prefix(incoming.count)
+            // Gains: level m's, kept away from zero so the rescaling stays finite.
+            let scale = (0..<d).map { i -> Float in
+                let gm = mid.gain[i], floor: Float = 1e-2
+                return fast.gain[i] / (abs(gm) < floor ? (gm < 0 ? -floor : floor) : gm)
+            }
+            for (j, slot) in zip(incoming, slots) {
+                for i in 0..<d {
+                    mid.gate[slot * d + i] = fast.gate[j * d + i] * scale[i]
+                    mid.up[slot * d + i] = fast.up[j * d + i] * scale[i]
+                    mid.down[i * rm + slot] = fast.down[i * rf + j]
+                }
+                // Moments of the written rows and column: [gain, gate, up, down].
+                for (t, indices) in [(1, (0..<d).map { slot * d + $0 }), (2, (0..<d).map { slot * d + $0 }),
+                                     (3, (0..<d).map { $0 * rm + slot })] {
+                    var mo = moments[bm][t]
+                    for k in indices {
+                        if k < mo.first.count { mo.first[k] = 0 }
+                        if k < mo.second.count { mo.second[k] = 0 }
+                        if k < mo.slow.count { mo.slow[k] = 0 }
+                        if k < mo.slowDirection.count { mo.slowDirection[k] = 0 }
+                        if k < mo.slowSum.count { mo.slowSum[k] = 0 }
+                    }
+                    moments[bm][t] = mo
+                }
+                written += 1
+            }
+            student.blocks[m][bm] = mid
+        }
+        return written
     }
 
     /// The student of a consolidation: the same levels, level `f` silenced (its output projection zero).

@@ -28,9 +28,11 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
     /// in parallel; consolidations and audits share those lanes.
     public var learningWorkers = 1
     /// Scheduling niceness of the learning lanes (0...19; 0: as generation).
-    /// Generation has priority: the lanes also leave the kernels' worker
-    /// pool to a generation step in progress.
-    public var learningNice = 10
+    /// Generation has priority: at 5, a saturated CPU gives a lane about a
+    /// quarter of a generation thread's share (CFS weights 335 : 1024), so
+    /// learning is slowed, never starved; the lanes also leave the kernels'
+    /// worker pool to a generation step in progress.
+    public var learningNice = 5
     /// Most prompt tokens one sequence prefills in one batch step: a long
     /// prompt is prefilled over several steps, so other users' tokens keep coming.
     public var prefillChunkTokens = 256
@@ -185,22 +187,39 @@ public struct ConsolidationConfiguration: Codable, Sendable, Equatable {
         /// Distil from context: the user's recent texts in the teacher's
         /// context, questions the model writes about them (see `Memory.Sleep`).
         case sleep
+        /// Write the fast level's units into the slower level's least-used
+        /// units in closed form (`LevelLearner.transplant`), then `steps`
+        /// steps of `distill` correct what the write changed.
+        case transplant
     }
 
-    /// Seconds without learning after which a user with unconsolidated tokens is consolidated (0: never, the default
-    /// until the hang seen after long consolidations on the real model is understood).
-    public var idleSeconds = 0.0
+    /// Seconds without learning after which a user with unconsolidated tokens is consolidated (0: never).
+    public var idleSeconds = 900.0
     /// Consolidate when the fast level's norm (Drift.norms over its layers) reaches this (0: never).
     public var fastNorm = 0.0
     /// Consolidate after this many learnable tokens since the last consolidation (0: never).
     public var everyTokens = 0
-    public var method = Method.distill
-    /// Distillation steps per automatic consolidation (`distill`); the
+    /// `transplant` by default: in `continuum bench learn` it keeps what the
+    /// fast level recalled (6/20 on the first fact set, as awake) where
+    /// `distill` kept 3/20 after 80 steps (BENCHMARKS.md).
+    public var method = Method.transplant
+    /// Distillation steps per consolidation (`distill`: 16 by default, at
+    /// least 1; `transplant`: 0 by default, steps after the write); the
     /// operator's budget, not bounded by `max_consolidation_steps` (which caps
-    /// what an on-demand request may ask for).
-    public var steps = 16
-    /// Tokens generated per recent context for the distillation (`distill`).
-    public var generatedTokens = 32
+    /// what an on-demand request may ask for). On-demand requests default to it.
+    public var steps = 0
+    /// Tokens the teacher generates after each recent context for the
+    /// distillation and the KL it reports (`distill`: 32 by default;
+    /// `transplant`: 0, the recent contexts themselves).
+    public var generatedTokens = 0
+
+    /// The default steps and generated tokens of a method.
+    public static func defaultBudget(_ method: Method) -> ConsolidationBudget {
+        method == .transplant ? ConsolidationBudget(steps: 0, generatedTokens: 0) : ConsolidationBudget(steps: 16, generatedTokens: 32)
+    }
+
+    /// The fewest steps a method's consolidation may take.
+    public static func minimumSteps(_ method: Method) -> Int { method == .transplant ? 0 : 1 }
     /// How `sleep` makes its data and its teacher.
     public var sleep = SleepConfiguration()
     /// Seconds between two looks for idle users by each replica's first learning worker.
@@ -221,8 +240,9 @@ public struct ConsolidationConfiguration: Codable, Sendable, Equatable {
         fastNorm = try c.decodeIfPresent(Double.self, forKey: .fastNorm) ?? d.fastNorm
         everyTokens = try c.decodeIfPresent(Int.self, forKey: .everyTokens) ?? d.everyTokens
         method = try c.decodeIfPresent(Method.self, forKey: .method) ?? d.method
-        steps = try c.decodeIfPresent(Int.self, forKey: .steps) ?? d.steps
-        generatedTokens = try c.decodeIfPresent(Int.self, forKey: .generatedTokens) ?? d.generatedTokens
+        let budget = Self.defaultBudget(method)
+        steps = try c.decodeIfPresent(Int.self, forKey: .steps) ?? budget.steps
+        generatedTokens = try c.decodeIfPresent(Int.self, forKey: .generatedTokens) ?? budget.generatedTokens
         sleep = try c.decodeIfPresent(SleepConfiguration.self, forKey: .sleep) ?? d.sleep
         sweepSeconds = try c.decodeIfPresent(Double.self, forKey: .sweepSeconds) ?? d.sweepSeconds
         try validate()
@@ -235,13 +255,14 @@ public struct ConsolidationConfiguration: Codable, Sendable, Equatable {
         if !(idleSeconds >= 0 && idleSeconds <= 86400 * 30) { try fail("idle_seconds must be in [0, 2592000] (0: never)") }
         if !(fastNorm >= 0 && fastNorm.isFinite) { try fail("fast_norm must be a finite number at least 0 (0: never)") }
         if everyTokens < 0 { try fail("every_tokens must be at least 0 (0: never)") }
-        if !(1...1000).contains(steps) { try fail("steps must be in 1...1000") }
+        let least = Self.minimumSteps(method)
+        if !(least...1000).contains(steps) { try fail("steps must be in \(least)...1000 for method \(method.rawValue)") }
         if !(0...256).contains(generatedTokens) { try fail("generated_tokens must be in 0...256") }
         if !(sweepSeconds >= 0.01 && sweepSeconds <= 3600) { try fail("sweep_seconds must be in [0.01, 3600]") }
         do { try sleep.validate() } catch let e as LevelConfiguration.Invalid { try fail(e.description) }
     }
 
-    /// The budget of one `distill` consolidation.
+    /// The budget of one consolidation (`distill`, `transplant`).
     public var budget: ConsolidationBudget { ConsolidationBudget(steps: steps, generatedTokens: generatedTokens) }
 }
 

@@ -154,11 +154,13 @@ final class UserMemory: Sendable {
 
     /// What a consolidation did, for its reply, audit event and metrics.
     struct Consolidated {
-        var klBefore = 0.0, klAfter = 0.0, steps = 0
+        var klBefore = 0.0, klAfter = 0.0, steps = 0, written = 0
         /// The new version's change (nil: nothing to consolidate, nothing changed).
         var change: MemoryChange?
 
-        var details: [String: Double] { ["kl_before": klBefore, "kl_after": klAfter, "steps": Double(steps)] }
+        var details: [String: Double] {
+            ["kl_before": klBefore, "kl_after": klAfter, "steps": Double(steps), "units_written": Double(written)]
+        }
     }
 
     /// Consolidates `learner`'s fastest level into the next slower one by
@@ -171,14 +173,15 @@ final class UserMemory: Sendable {
         }
         var out = Consolidated()
         switch method {
-        case .distill:
-            let r = try learner.consolidate(contexts: learner.recentTokens, level: fast, into: mid, budget: budget)
-            (out.klBefore, out.klAfter, out.steps) = (r.klBefore, r.klAfter, r.steps)
+        case .distill, .transplant:
+            let r = try learner.consolidate(contexts: learner.recentTokens, level: fast, into: mid, budget: budget,
+                                            transplant: method == .transplant)
+            (out.klBefore, out.klAfter, out.steps, out.written) = (r.klBefore, r.klAfter, r.steps, r.written)
         case .sleep:
             let r = try learner.sleep(texts: learner.recentTexts, configuration: sleep)
             (out.klBefore, out.klAfter, out.steps) = (r.klBefore, r.klAfter, r.steps)
         }
-        if out.steps > 0 {
+        if out.steps > 0 || out.written > 0 {
             out.change = try change(learner, changed: [mid], fresh: [fast], cause: .consolidate, causeID: nil, actor: actor)
         }
         return out

@@ -6,9 +6,11 @@
 //   in context   the bare backbone with the asked fact's turns, all turns, or nothing in its context
 //   wake         the levels after the turns
 //   fast cleared the fast level decayed, nothing consolidated
-//   consolidated today's consolidation (teacher: the levels), fast cleared
+//   consolidated distillation (teacher: the levels), fast cleared
+//   transplant   fast's units written into mid's least-used units (the service's default), alone and + steps
 //   sleep        sleep that distils from context (Sleep.swift), fast cleared
 //   sleep + wake after sleep, the user goes on to teach the other set's turns
+//   two nights   transplant, the other set's turns, transplant again
 // Reported per row: recall on held-out questions (answer NLL, greedy exact
 // match, free answers), locality (perplexity of unrelated general text and
 // of the set's neighbourhood paragraphs: its topics without its facts),
@@ -144,9 +146,27 @@ struct BenchLearn: ParsableCommand {
             let report = try consolidated.consolidate(contexts: consolidated.recentTokens,
                                                       budget: ConsolidationBudget(steps: consolidationSteps, generatedTokens: 32))
             let consolidationSeconds = Date().timeIntervalSince(t0)
+            var transplantSeconds = 0.0
             log(String(format: "consolidation: %d steps on %d positions in %.1f s; KL %.4f → %.4f", report.steps,
                        report.positions, consolidationSeconds, report.klBefore, report.klAfter))
             rows.append(("consolidated (teacher: the levels), fast cleared", bench.row(try bench.evaluate(consolidated.state), from: wakeRow, learner: consolidated)))
+            var transplantedOnce: LevelLearner?
+            var transplantRow: PersonalisationBench.Row?
+            for steps in [0, consolidationSteps] {
+                let transplanted = try bench.clone(wake)
+                if steps == 0 { transplantedOnce = transplanted }
+                let t0 = Date()
+                let r = try transplanted.consolidate(contexts: transplanted.recentTokens, level: pair.source, into: pair.target,
+                                                     budget: ConsolidationBudget(steps: steps, generatedTokens: steps == 0 ? 0 : 32),
+                                                     transplant: true)
+                let seconds = Date().timeIntervalSince(t0)
+                if steps == 0 { transplantSeconds = seconds }
+                log(String(format: "transplant + %d steps on %d positions in %.1f s; KL (fast silenced → after) %.4f → %.4f", r.steps,
+                           r.positions, seconds, r.klBefore, r.klAfter))
+                let row = bench.row(try bench.evaluate(transplanted.state), from: wakeRow, learner: transplanted)
+                if steps == 0 { transplantRow = row }
+                rows.append(("consolidated by transplant\(steps > 0 ? " + \(steps) steps" : " (the service's default)"), fast cleared", row))
+            }
 
             func slept(_ configuration: SleepConfiguration) throws -> (LevelLearner, Double) {
                 let learner = try bench.clone(wake)
@@ -167,6 +187,14 @@ struct BenchLearn: ParsableCommand {
                 t0 = Date()
                 for t in other.turns { try asleep.learn(tokens: t.tokens, learnable: t.learnable) }
                 rows.append(("sleep, then wake on \(other.set.name)'s turns", bench.row(try bench.evaluate(asleep.state), from: wakeRow, learner: asleep)))
+                // Two nights: transplant, a day of the other set's turns, transplant again (this set's facts must survive both).
+                if let once = transplantedOnce {
+                    for t in other.turns { try once.learn(tokens: t.tokens, learnable: t.learnable) }
+                    rows.append(("transplant, wake on \(other.set.name)'s turns", bench.row(try bench.evaluate(once.state), from: wakeRow, learner: once)))
+                    _ = try once.consolidate(contexts: once.recentTokens, level: pair.source, into: pair.target,
+                                             budget: ConsolidationBudget(steps: 0, generatedTokens: 0), transplant: true)
+                    rows.append(("transplant, wake on \(other.set.name)'s turns, transplant again", bench.row(try bench.evaluate(once.state), from: wakeRow, learner: once)))
+                }
             }
             if k == 0 {
                 for a in chosen { if let row = try ablation(a, bench: bench, base: base, wake: wake, wakeRow: wakeRow, sleep: sleepConfiguration, slept: slept) { rows.append(row) } }
@@ -182,13 +210,13 @@ struct BenchLearn: ParsableCommand {
             }
             print("")
             print("Isolation: a second user's logits on the \(n) questions, batched with the taught user: \(isolation.identical)/\(n) bit-identical to the backbone (max |Δ| \(isolation.maxDifference)).")
-            print(String(format: "Sleep cost: %.1f s for %d learned tokens = %.1f s per 1,000 (today's consolidation: %.1f s = %.1f s per 1,000).",
-                         sleepSeconds, bench.learnedTokens, sleepSeconds * 1000 / Double(bench.learnedTokens),
-                         consolidationSeconds, consolidationSeconds * 1000 / Double(bench.learnedTokens)))
-            let s = sleepRow.evaluation
+            print(String(format: "Sleep cost per 1,000 learned tokens (%d here): transplant %.1f s (with its KL report), distill %.1f s, sleep from context %.1f s.",
+                         bench.learnedTokens, transplantSeconds * 1000 / Double(bench.learnedTokens),
+                         consolidationSeconds * 1000 / Double(bench.learnedTokens), sleepSeconds * 1000 / Double(bench.learnedTokens)))
+            let s = (transplantRow ?? sleepRow).evaluation
             let fall = 1 - s.meanNLL / before.meanNLL
             let general = s.perplexity / before.perplexity - 1, near = s.neighbourhood / before.neighbourhood - 1
-            print(String(format: "After sleep (fast cleared): exact %d/%d, answer NLL %+.1f%%, general ppl %+.2f%% (≤ 2%%: %@), neighbourhood ppl %+.2f%% (≤ 5%%: %@); wake only %d/%d.",
+            print(String(format: "After the service's sleep (transplant, fast cleared): exact %d/%d, answer NLL %+.1f%%, general ppl %+.2f%% (≤ 2%%: %@), neighbourhood ppl %+.2f%% (≤ 5%%: %@); wake only %d/%d.",
                          s.exact, n, -fall * 100, general * 100, general <= 0.02 ? "met" : "NOT met", near * 100, near <= 0.05 ? "met" : "NOT met",
                          wakeRow.evaluation.exact, n))
             print("")

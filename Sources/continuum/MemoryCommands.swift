@@ -111,27 +111,37 @@ struct Score: ParsableCommand {
 
 struct Consolidate: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Sleep: distil the fast level into mid on the user's recent texts, clear fast, save the state.")
+        abstract: "Sleep: move the fast level into mid (transplant, or distil on the user's recent texts), clear fast, save the state.")
 
     @OptionGroup var modelOptions: ModelOptions
     @OptionGroup var stateOptions: StateOptions
 
-    @Option(help: "Distillation steps on the mid level.")
-    var steps: Int = 16
+    @Option(help: "transplant (write fast's units into mid's least-used units, then --steps) or distill.")
+    var method: String = "transplant"
 
-    @Option(help: "Tokens the current model generates after each recent text (on-policy data).")
-    var generatedTokens: Int = 32
+    @Option(help: "Distillation steps on the mid level (default: 0 for transplant, 16 for distill).")
+    var steps: Int?
+
+    @Option(help: "Tokens the current model generates after each recent text (default: 0 for transplant, 32 for distill).")
+    var generatedTokens: Int?
 
     func run() throws {
         guard stateOptions.state != nil else { throw ValidationError("consolidate needs --state FILE") }
-        guard steps >= 1, generatedTokens >= 0 else { throw ValidationError("--steps must be ≥ 1 and --generated-tokens ≥ 0") }
+        guard method == "transplant" || method == "distill" else { throw ValidationError("--method is transplant or distill") }
+        let transplant = method == "transplant"
+        let steps = self.steps ?? (transplant ? 0 : 16), generatedTokens = self.generatedTokens ?? (transplant ? 0 : 32)
+        guard steps >= (transplant ? 0 : 1), generatedTokens >= 0 else {
+            throw ValidationError("--steps must be ≥ \(transplant ? 0 : 1) and --generated-tokens ≥ 0")
+        }
         let model = try modelOptions.load()
         let learner = try stateOptions.load(model: model, create: false)!
         guard !learner.recentTokens.isEmpty else { throw CLIError("the state has no recent texts to consolidate on: teach it with `continuum learn` first") }
-        let report = try learner.consolidate(contexts: learner.recentTokens,
-                                             budget: ConsolidationBudget(steps: steps, generatedTokens: generatedTokens))
+        guard let pair = learner.state.configuration.consolidation else { throw CLIError("consolidation needs at least two levels") }
+        let report = try learner.consolidate(contexts: learner.recentTokens, level: pair.source, into: pair.target,
+                                             budget: ConsolidationBudget(steps: steps, generatedTokens: generatedTokens),
+                                             transplant: transplant)
         try stateOptions.save(learner, model: model)
-        print(String(format: "consolidated %d positions in %d steps; KL(teacher‖student) %.4f → %.4f", report.positions,
-                     report.steps, report.klBefore, report.klAfter))
+        print(String(format: "consolidated %d positions: %d units written, %d steps; KL(teacher‖student) %.4f (fast silenced) → %.4f",
+                     report.positions, report.written, report.steps, report.klBefore, report.klAfter))
     }
 }

@@ -378,6 +378,72 @@ struct ConsolidationTests {
         #expect(report.steps == 1 && report.positions > 0 && report.positions <= 255)
     }
 
+    @Test("transplant: into an unused mid the write is exact (same logits without fast); fast cleared; written units' moments zero")
+    func transplantExact() throws {
+        // mid never updates (its chunk is never reached): the write lands in unused units with gains 1.
+        let learner = try Tiny.learner([.init(name: "mid", chunkSize: 1_000_000, width: 4, layers: [0, 1], learningRate: 1e-2),
+                                        .init(name: "fast", chunkSize: 4, width: 2, layers: [0, 1], learningRate: 3e-2)])
+        for _ in 0..<3 { try learner.learn(tokens: Tiny.tokens, learnable: Tiny.mask(1..<30)) }
+        #expect(learner.updatesApplied[0] == 0 && learner.updatesApplied[1] > 0)
+        let model = learner.trainer.model
+        let before = try model.forward([LlamaModel.Step(tokens: Tiny.tokens, cache: model.makeCache(), adapter: learner.state)])[0]
+        let fastBlocks = learner.state.blocks[1]
+        let report = try learner.consolidate(contexts: learner.recentTokens, level: 1, into: 0,
+                                             budget: ConsolidationBudget(steps: 0, generatedTokens: 0), transplant: true)
+        print("transplant into an unused mid: KL \(report.klBefore) → \(report.klAfter)")
+        #expect(report.steps == 0 && report.klBefore > 0, "the fast level held something")
+        #expect(report.klAfter <= 1e-3 * report.klBefore, "KL after the write \(report.klAfter)")
+        #expect(learner.state.blocks[1].allSatisfy { $0.down.allSatisfy { $0 == 0 } }, "fast is cleared")
+        let after = try model.forward([LlamaModel.Step(tokens: Tiny.tokens, cache: model.makeCache(), adapter: learner.state)])[0]
+        let scale = before.map(abs).max()!
+        #expect(zip(before, after).map { abs($0 - $1) }.max()! <= 1e-4 * scale)
+        // Fast's two units sit in two of mid's four, in every layer; mid's other units are untouched (still unused).
+        for (b, fast) in fastBlocks.enumerated() {
+            let mid = learner.state.blocks[0][b], d = learner.state.hiddenSize
+            let used = (0..<4).filter { j in (0..<d).contains { mid.down[$0 * 4 + j] != 0 } }
+            #expect(used.count == 2)
+            for j in 0..<2 {
+                let column = (0..<d).map { fast.down[$0 * 2 + j] }
+                #expect(used.contains { u in (0..<d).map { mid.down[$0 * 4 + u] } == column })
+            }
+            // Adam's moments of the written rows start at zero (mid had none: still zero everywhere).
+            #expect(learner.moments[0][b].allSatisfy { $0.first.allSatisfy { $0 == 0 } })
+        }
+        #expect(learner.consolidations == 1 && learner.accumulatedTokens[1] == 0)
+    }
+
+    @Test("transplant: into a used mid, fast's unit replaces mid's weakest one, its inputs rescaled to mid's gains, its moments zeroed")
+    func transplantReplacesWeakest() throws {
+        let learner = try Tiny.learner([.init(name: "mid", chunkSize: 4, width: 2, layers: [1], learningRate: 1e-2),
+                                        .init(name: "fast", chunkSize: 4, width: 1, layers: [1], learningRate: 3e-2)])
+        for _ in 0..<2 { try learner.learn(tokens: Tiny.tokens, learnable: Tiny.mask(1..<30)) }
+        #expect(learner.updatesApplied[0] > 0 && learner.updatesApplied[1] > 0)
+        let source = learner.state, d = source.hiddenSize
+        // Make mid's unit 1 clearly the weaker one.
+        source.blocks[0][0].down = source.blocks[0][0].down.enumerated().map { $0.offset % 2 == 1 ? $0.element * 1e-3 : $0.element }
+        let mid = source.blocks[0][0], fast = source.blocks[1][0]
+        var moments = learner.moments[0]
+        #expect(moments[0][3].first.contains { $0 != 0 }, "mid has moments to clear")
+        let student = try LevelState(configuration: source.configuration, model: learner.trainer.model.configuration)
+        student.blocks = source.blocks
+        #expect(LevelLearner.transplant(source, from: 1, into: student, level: 0, moments: &moments) == 1)
+        let written = student.blocks[0][0]
+        for i in 0..<d {
+            #expect(written.down[i * 2] == mid.down[i * 2], "the stronger unit is kept")
+            #expect(written.down[i * 2 + 1] == fast.down[i], "fast's unit is written over the weaker one")
+            let gate = fast.gate[i] * fast.gain[i] / mid.gain[i], up = fast.up[i] * fast.gain[i] / mid.gain[i]
+            #expect(abs(written.gate[d + i] - gate) <= 1e-6 * max(1, abs(gate)) && abs(written.up[d + i] - up) <= 1e-6 * max(1, abs(up)))
+            #expect(written.gate[i] == mid.gate[i] && written.up[i] == mid.up[i])
+        }
+        // [gain, gate, up, down]: the written row of gate and up, and column of down, have zero moments; the rest are kept.
+        for t in [1, 2] {
+            #expect(moments[0][t].first[d..<(2 * d)].allSatisfy { $0 == 0 } && moments[0][t].second[d..<(2 * d)].allSatisfy { $0 == 0 })
+            #expect(Array(moments[0][t].first[0..<d]) == Array(learner.moments[0][0][t].first[0..<d]))
+        }
+        #expect((0..<d).allSatisfy { moments[0][3].first[$0 * 2 + 1] == 0 && moments[0][3].first[$0 * 2] == learner.moments[0][0][3].first[$0 * 2] })
+        #expect(moments[0][0] == learner.moments[0][0][0], "the gain's moments are kept")
+    }
+
     @Test("sleep moves a fact from the fast level into mid and clears fast")
     func consolidate() throws {
         let model = try Fixtures.backbone()

@@ -108,7 +108,11 @@ struct ConsolidationServiceTests {
     @Test("the consolidation settings decode with defaults and refuse bad values")
     func configuration() throws {
         let d = try JSONDecoder().decode(ServiceConfiguration.self, from: Data("{}".utf8))
-        #expect(d.consolidation == ConsolidationConfiguration() && d.consolidation.idleSeconds == 0 && d.consolidation.method == .distill)
+        #expect(d.consolidation == ConsolidationConfiguration() && d.consolidation.idleSeconds == 900 && d.consolidation.method == .transplant)
+        #expect(d.consolidation.steps == 0 && d.consolidation.generatedTokens == 0)
+        // A method's own budget when none is given.
+        let distill = try JSONDecoder().decode(ServiceConfiguration.self, from: Data(#"{"consolidation": {"method": "distill"}}"#.utf8))
+        #expect(distill.consolidation.steps == 16 && distill.consolidation.generatedTokens == 32)
         let c = try JSONDecoder().decode(ServiceConfiguration.self, from: Data(#"""
             {"consolidation": {"every_tokens": 500, "fast_norm": 2.5, "method": "sleep", "sleep": {"questions_per_text": 2}}}
             """#.utf8))
@@ -116,6 +120,7 @@ struct ConsolidationServiceTests {
         #expect(c.consolidation.sleep.questionsPerText == 2)
         for bad in [#"{"consolidation": {"idle_seconds": -1}}"#, #"{"consolidation": {"every_token": 5}}"#,
                     #"{"consolidation": {"steps": 1001}}"#, #"{"consolidation": {"method": "nap"}}"#,
+                    #"{"consolidation": {"method": "distill", "steps": 0}}"#,
                     #"{"consolidation": {"sleep": {"answer_tokens": 0}}}"#, #"{"consolidation": {"sweep_seconds": 0}}"#] {
             #expect(throws: (any Error).self, "\(bad)") { try JSONDecoder().decode(ServiceConfiguration.self, from: Data(bad.utf8)) }
         }

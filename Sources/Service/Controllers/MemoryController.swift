@@ -124,14 +124,17 @@ struct MemoryController {
 
     func consolidate(_ input: Operations.ConsolidateMemory.Input) async throws -> Operations.ConsolidateMemory.Output {
         let (principal, user) = try await users.requestUser()
-        var budget = ConsolidationBudget()
+        // The configured method and budget; the request may change the budget (`sleep` budgets itself).
+        let automatic = configuration.consolidation, method = automatic.method
+        var budget = automatic.budget
         if case .json(let body)? = input.body {
             if let s = body.steps { budget.steps = s }
             if let g = body.generatedTokens { budget.generatedTokens = g }
         }
-        let maxSteps = configuration.maxConsolidationSteps
-        guard (1...maxSteps).contains(budget.steps) else {
-            throw APIError.invalid("steps must be in 1...\(maxSteps) (max_consolidation_steps)", param: "steps")
+        let maxSteps = configuration.maxConsolidationSteps, least = ConsolidationConfiguration.minimumSteps(method)
+        guard (least...max(least, maxSteps)).contains(budget.steps) else {
+            throw APIError.invalid("steps must be in \(least)...\(maxSteps) (max_consolidation_steps) for method \(method.rawValue)",
+                                   param: "steps")
         }
         guard (0...256).contains(budget.generatedTokens) else {
             throw APIError.invalid("generated_tokens must be in 0...256", param: "generated_tokens")
@@ -145,7 +148,7 @@ struct MemoryController {
         _ = try await users.mutateMemory(userID: user.id, keep: configuration.versionsKept, cancelQueued: false) { stored in
             try await memory.compute(.heavy) {
                 let learner = try memory.learner(stored)
-                let r = try memory.consolidate(learner, method: .distill, budget: budgetValue, sleep: SleepConfiguration(), actor: actor)
+                let r = try memory.consolidate(learner, method: method, budget: budgetValue, sleep: automatic.sleep, actor: actor)
                 report.put(r)
                 return r.change
             }
@@ -153,7 +156,7 @@ struct MemoryController {
         let r = report.take()
         metrics.consolidated(trigger: nil, seconds: (ContinuousClock.now - start).seconds, changed: r?.change != nil)
         return .ok(.init(body: .json(.init(memory: try await info(user), klBefore: r?.klBefore ?? 0, klAfter: r?.klAfter ?? 0,
-                                           steps: r?.steps ?? 0))))
+                                           steps: r?.steps ?? 0, unitsWritten: r?.written ?? 0))))
     }
 
     func export(_ input: Operations.ExportMemory.Input) async throws -> Operations.ExportMemory.Output {
