@@ -62,18 +62,7 @@ public final class BatchEngine: @unchecked Sendable {
 
     /// Runs the engine's thread until `shutdown()`; returns when it has ended.
     public func run() async {
-        let count = ServiceThreads.counter
-        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
-            let t = Thread { [self] in
-                count?.running.add(1, ordering: .relaxed)
-                loop()
-                count?.running.subtract(1, ordering: .relaxed)
-                done.resume()
-            }
-            t.name = "continuum.batch"
-            t.stackSize = 8 << 20
-            t.start()
-        }
+        await ServiceThreads.run(named: "continuum.batch") { [self] in loop() }
     }
 
     /// Stops the engine: its thread ends after the step in progress; sequences left end with `ShutDown`.

@@ -64,21 +64,12 @@ final class ComputeLanes: @unchecked Sendable {
     /// Runs the heavy lanes' threads until `shutdown()`; returns when every one has ended.
     func run() async {
         markStarted()
-        let count = ServiceThreads.counter
         await withTaskGroup(of: Void.self) { group in
             for i in 0..<lanes {
                 group.addTask { [self] in
-                    await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
-                        let t = Thread { [self] in
-                            count?.running.add(1, ordering: .relaxed)
-                            Parallel.becomeBackgroundThread(nice: nice)
-                            loop()
-                            count?.running.subtract(1, ordering: .relaxed)
-                            done.resume()
-                        }
-                        t.name = "continuum.learning-\(i + 1)"
-                        t.stackSize = 8 << 20
-                        t.start()
+                    await ServiceThreads.run(named: "continuum.learning-\(i + 1)") { [self] in
+                        Parallel.becomeBackgroundThread(nice: nice)
+                        loop()
                     }
                 }
             }

@@ -69,6 +69,23 @@ enum ServiceThreads {
         let running = Atomic<Int>(0)
     }
     @TaskLocal static var counter: Count?
+
+    /// Runs `body` on a thread of its own (named `name`, 8 MiB of stack),
+    /// counted in `counter`; returns when the thread has ended.
+    static func run(named name: String, _ body: @escaping @Sendable () -> Void) async {
+        let count = counter
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            let t = Thread {
+                count?.running.add(1, ordering: .relaxed)
+                body()
+                count?.running.subtract(1, ordering: .relaxed)
+                done.resume()
+            }
+            t.name = name
+            t.stackSize = 8 << 20
+            t.start()
+        }
+    }
 }
 
 /// A flag set once, read from any thread.
