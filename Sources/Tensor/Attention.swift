@@ -1,5 +1,4 @@
 // Attention: causal grouped-query attention of new tokens over a KV cache.
-import CBLAS
 import CKernels
 import Foundation
 
@@ -33,9 +32,8 @@ public enum Attention {
                 for r0 in stride(from: 0, to: t, by: block) {
                     let rows = min(block, t - r0)
                     let keys = start + r0 + rows   // keys visible to the block's last row
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(keys), Int32(hs),
-                                scale, q + r0 * qDim + h * hs, Int32(qDim), k + kvh * hs, Int32(kvDim),
-                                0, scores, Int32(keys))
+                    Gemm.sgemm(transB: true, m: rows, n: keys, k: hs, alpha: scale, q + r0 * qDim + h * hs, lda: qDim,
+                               k + kvh * hs, ldb: kvDim, scores, ldc: keys)
                     Parallel.forEachChunk(rows, minChunk: 16) { range in
                         for r in range {
                             let row = scores + r * keys
@@ -44,8 +42,8 @@ public enum Attention {
                             for j in visible..<keys { row[j] = 0 }
                         }
                     }
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(hs), Int32(keys),
-                                1, scores, Int32(keys), v + kvh * hs, Int32(kvDim), 0, out + r0 * qDim + h * hs, Int32(qDim))
+                    Gemm.sgemm(m: rows, n: hs, k: keys, scores, lda: keys, v + kvh * hs, ldb: kvDim,
+                               out + r0 * qDim + h * hs, ldc: qDim)
                 }
             }
         } else {
@@ -158,17 +156,14 @@ public enum Attention {
         for h in 0..<heads {
             let kvh = h / group
             let qh = q + h * hs, kh = k + kvh * hs, vh = v + kvh * hs, doh = dOut + h * hs
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(t), Int32(t), Int32(hs),
-                        scale, qh, Int32(qDim), kh, Int32(kvDim), 0, p, Int32(t))
+            Gemm.sgemm(transB: true, m: t, n: t, k: hs, alpha: scale, qh, lda: qDim, kh, ldb: kvDim, p, ldc: t)
             for r in 0..<t {
                 Ops.softmax(p + r * t, r + 1)
                 for j in (r + 1)..<t { p[r * t + j] = 0 }
             }
             // dP = dO · Vᵀ;  dV += Pᵀ · dO
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(t), Int32(t), Int32(hs),
-                        1, doh, Int32(qDim), vh, Int32(kvDim), 0, dp, Int32(t))
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(t), Int32(hs), Int32(t),
-                        1, p, Int32(t), doh, Int32(qDim), 1, dv + kvh * hs, Int32(kvDim))
+            Gemm.sgemm(transB: true, m: t, n: t, k: hs, doh, lda: qDim, vh, ldb: kvDim, dp, ldc: t)
+            Gemm.sgemm(transA: true, m: t, n: hs, k: t, p, lda: t, doh, ldb: qDim, beta: 1, dv + kvh * hs, ldc: kvDim)
             // dS = P ⊙ (dP − Σ_j P⊙dP), in place in dp
             for r in 0..<t {
                 var s: Float = 0
@@ -176,10 +171,9 @@ public enum Attention {
                 for j in 0..<t { dp[r * t + j] = p[r * t + j] * (dp[r * t + j] - s) }
             }
             // dQ = dS · K · scale;  dK += dSᵀ · Q · scale
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(t), Int32(hs), Int32(t),
-                        scale, dp, Int32(t), kh, Int32(kvDim), 0, dq + h * hs, Int32(qDim))
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(t), Int32(hs), Int32(t),
-                        scale, dp, Int32(t), qh, Int32(qDim), 1, dk + kvh * hs, Int32(kvDim))
+            Gemm.sgemm(m: t, n: hs, k: t, alpha: scale, dp, lda: t, kh, ldb: kvDim, dq + h * hs, ldc: qDim)
+            Gemm.sgemm(transA: true, m: t, n: hs, k: t, alpha: scale, dp, lda: t, qh, ldb: qDim, beta: 1,
+                       dk + kvh * hs, ldc: kvDim)
         }
     }
 
@@ -209,18 +203,15 @@ public enum Attention {
             let kvh = h / group
             let qh = q + h * hs, kh = k + kvh * hs, vh = v + kvh * hs, doh = dOut + h * hs
             // S = scale · Q Kᵀ over every position; row r sees start + r + 1 of them.
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(t), Int32(l), Int32(hs),
-                        scale, qh, Int32(qDim), kh, Int32(kvDim), 0, p, Int32(l))
+            Gemm.sgemm(transB: true, m: t, n: l, k: hs, alpha: scale, qh, lda: qDim, kh, ldb: kvDim, p, ldc: l)
             for r in 0..<t {
                 let visible = start + r + 1
                 Ops.softmax(p + r * l, visible)
                 for j in visible..<l { p[r * l + j] = 0 }
             }
             // dP = dO · Vᵀ;  dV_new += P[:, start...]ᵀ · dO
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(t), Int32(l), Int32(hs),
-                        1, doh, Int32(qDim), vh, Int32(kvDim), 0, dp, Int32(l))
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(t), Int32(hs), Int32(t),
-                        1, p + start, Int32(l), doh, Int32(qDim), 1, dv + kvh * hs, Int32(kvDim))
+            Gemm.sgemm(transB: true, m: t, n: l, k: hs, doh, lda: qDim, vh, ldb: kvDim, dp, ldc: l)
+            Gemm.sgemm(transA: true, m: t, n: hs, k: t, p + start, lda: l, doh, ldb: qDim, beta: 1, dv + kvh * hs, ldc: kvDim)
             // dS = P ⊙ (dP − Σ_j P⊙dP), in place in dp
             for r in 0..<t {
                 let pr = p + r * l, dr = dp + r * l
@@ -228,10 +219,9 @@ public enum Attention {
                 for j in 0..<l { dr[j] = pr[j] * (dr[j] - s) }
             }
             // dQ = dS · K · scale;  dK_new += dS[:, start...]ᵀ · Q · scale
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(t), Int32(hs), Int32(l),
-                        scale, dp, Int32(l), kh, Int32(kvDim), 0, dq + h * hs, Int32(qDim))
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(t), Int32(hs), Int32(t),
-                        scale, dp + start, Int32(l), qh, Int32(qDim), 1, dk + kvh * hs, Int32(kvDim))
+            Gemm.sgemm(m: t, n: hs, k: l, alpha: scale, dp, lda: l, kh, ldb: kvDim, dq + h * hs, ldc: qDim)
+            Gemm.sgemm(transA: true, m: t, n: hs, k: t, alpha: scale, dp + start, lda: l, qh, ldb: qDim, beta: 1,
+                       dk + kvh * hs, ldc: kvDim)
         }
     }
 

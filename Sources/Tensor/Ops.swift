@@ -3,7 +3,6 @@
 // Shape letters: T tokens in the step, D model width, H heads, HS head size,
 // F feed-forward width, L key/value positions, V vocabulary.
 // Every buffer argument states its shape; all buffers are row-major fp32.
-import CBLAS
 import CKernels
 import Foundation
 
@@ -40,8 +39,7 @@ public enum Ops {
     ///   x: [T, in]   w: [out, in]   y: [T, out]
     public static func linear(_ x: UnsafePointer<Float>, rows t: Int, _ w: UnsafePointer<Float>, out: Int, in k: Int,
                               into y: UnsafeMutablePointer<Float>, accumulate: Bool = false) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(t), Int32(out), Int32(k),
-                    1, x, Int32(k), w, Int32(k), accumulate ? 1 : 0, y, Int32(out))
+        Gemm.sgemm(transB: true, m: t, n: out, k: k, x, lda: k, w, ldb: k, beta: accumulate ? 1 : 0, y, ldc: out)
     }
 
     /// Backward of `linear`: dx (+)= dy · W, and dW += dyᵀ · x.
@@ -53,12 +51,10 @@ public enum Ops {
                                       dx: UnsafeMutablePointer<Float>?, accumulate: Bool = false,
                                       dw: UnsafeMutablePointer<Float>?) {
         if let dx {
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(t), Int32(k), Int32(out),
-                        1, dy, Int32(out), w, Int32(k), accumulate ? 1 : 0, dx, Int32(k))
+            Gemm.sgemm(m: t, n: k, k: out, dy, lda: out, w, ldb: k, beta: accumulate ? 1 : 0, dx, ldc: k)
         }
         if let dw {
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(out), Int32(k), Int32(t),
-                        1, dy, Int32(out), x, Int32(k), 1, dw, Int32(k))
+            Gemm.sgemm(transA: true, m: out, n: k, k: t, dy, lda: out, x, ldb: k, beta: 1, dw, ldc: k)
         }
     }
 
@@ -220,8 +216,7 @@ extension Ops {
             for i in b.indices { b[i] = cb * a[i] + cc * b[i] }
             next = x
             // X ← aX + B·X
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(r), Int32(c), Int32(r),
-                        1, b, Int32(r), x, Int32(c), ca, &next, Int32(c))
+            Gemm.sgemm(m: r, n: c, k: r, b, lda: r, x, ldb: c, beta: ca, &next, ldc: c)
             swap(&x, &next)
         }
         if wide { return x }

@@ -1,6 +1,5 @@
 // Parallel: how many threads the kernels use, and a parallel-for over chunks
 // run by a small pool of persistent workers.
-import CBLAS
 import CKernels
 import Foundation
 import Synchronization
@@ -9,17 +8,20 @@ import Synchronization
 public enum Parallel {
     private static let threadCount = Atomic<Int>(ProcessInfo.processInfo.activeProcessorCount)
 
-    /// Workers besides the calling thread, one per extra core.
+    /// Workers besides the calling thread, one per extra core. The pool is
+    /// the process's, as the loaded model is: its threads sleep on a condition
+    /// when idle, are shared by every application and command in the process,
+    /// and end with it (a service's own threads — batch engine, compute
+    /// lanes — are lifecycle services that stop with their application).
     static let pool = WorkerPool(workers: max(1, ProcessInfo.processInfo.activeProcessorCount - 1))
 
-    /// Number of threads kernels split work across (and OpenBLAS uses).
+    /// Number of threads kernels split work across, fp32 products included
+    /// (OpenBLAS itself runs single-threaded, see `Gemm`).
     public static var threads: Int { threadCount.load(ordering: .relaxed) }
 
-    /// Sets the thread count for our kernels and for OpenBLAS.
+    /// Sets the thread count for every kernel.
     public static func setThreads(_ n: Int) {
-        let n = max(1, n)
-        threadCount.store(n, ordering: .relaxed)
-        openblas_set_num_threads(Int32(n))
+        threadCount.store(max(1, n), ordering: .relaxed)
     }
 
     /// Foreground steps (generation) in progress, process-wide.

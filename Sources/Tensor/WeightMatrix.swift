@@ -1,6 +1,5 @@
 // WeightMatrix: a read-only [rows, cols] weight tensor in any supported
 // format, and the matrix products the model needs from it.
-import CBLAS
 import CKernels
 
 /// A read-only 2-D weight tensor, row-major: `rows` rows of `cols` elements,
@@ -46,8 +45,7 @@ public struct WeightMatrix: @unchecked Sendable {
                        kernels: KernelPath = .best) {
         if type == .f32 && kernels == .best {
             let w = data.assumingMemoryBound(to: Float.self)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(n), Int32(rows), Int32(cols),
-                        1, x, Int32(cols), w, Int32(cols), 0, y, Int32(rows))
+            Gemm.sgemm(transB: true, m: n, n: rows, k: cols, x, lda: cols, w, ldb: cols, y, ldc: rows)
         } else if n < Self.gemmThreshold || kernels != .best {
             Self.matmulRows([self], x, count: n, into: [y], kernels: kernels)
         } else {
@@ -173,16 +171,15 @@ public struct WeightMatrix: @unchecked Sendable {
                              accumulate: Bool) {
         forEachFloatChunk { start, count, w in
             // dx[n, cols] (+)= dy[:, start..<start+count] · W[start..<start+count, :]
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(n), Int32(cols), Int32(count),
-                        1, dy + start, Int32(rows), w, Int32(cols), accumulate || start > 0 ? 1 : 0, dx, Int32(cols))
+            Gemm.sgemm(m: n, n: cols, k: count, dy + start, lda: rows, w, ldb: cols, beta: accumulate || start > 0 ? 1 : 0,
+                       dx, ldc: cols)
         }
     }
 
     /// Multiplies each fp32 row block with sgemm: the prefill path.
     private func gemmByChunks(_ x: UnsafePointer<Float>, count n: Int, into y: UnsafeMutablePointer<Float>) {
         forEachFloatChunk { start, count, w in
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(n), Int32(count), Int32(cols),
-                        1, x, Int32(cols), w, Int32(cols), 0, y + start, Int32(rows))
+            Gemm.sgemm(transB: true, m: n, n: count, k: cols, x, lda: cols, w, ldb: cols, y + start, ldc: rows)
         }
     }
 
