@@ -12,13 +12,12 @@ API_VENV := .venv-api
 ## Seconds schemathesis may spend generating requests in `make test`.
 API_FUZZ_SECONDS ?= 180
 
-.PHONY: setup deps build release fetch-model test run chat bench fixtures clean
+.PHONY: setup deps deps-run build release fetch-model test run chat bench fixtures clean
 
-## Install system packages (Debian) the build and tests need: OpenBLAS,
-## PostgreSQL's server binaries and psql (the tests and `continuum serve` start
-## a private cluster), pip for fetching the model (whatever python3 is on PATH),
-## and the official openai client for the compatibility check.
-deps:
+## System packages (Debian) the build and the server need: OpenBLAS,
+## PostgreSQL's server binaries and psql (`continuum serve` and the tests start
+## a private cluster), and pip for fetching the model (whatever python3 is on PATH).
+deps-run:
 	@SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	if ! dpkg -s libopenblas-dev >/dev/null 2>&1; then \
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q libopenblas-dev; \
@@ -28,7 +27,13 @@ deps:
 	fi; \
 	if ! python3 -m pip --version >/dev/null 2>&1; then \
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q python3-pip; \
-	fi; \
+	fi
+
+## Everything the tests need besides: the official openai client for the
+## compatibility check, Chromium and its driver for the reports' browser
+## check, schemathesis and selenium in their own virtual environment.
+deps: deps-run
+	@SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	if ! python3 -c 'import openai, sys; sys.exit(openai.__version__ != "$(OPENAI_VERSION)")' 2>/dev/null; then \
 		python3 -m pip install -q --break-system-packages 'openai==$(OPENAI_VERSION)'; \
 	fi; \
@@ -59,12 +64,12 @@ setup: deps fetch-model
 ## start it the zero-config way (a private PostgreSQL in ~/.local/share/continuum,
 ## the model fetched and verified if missing); the first start prints an admin
 ## key with ready-to-paste curl and openai examples. SERVE_ARGS adds options.
-run: deps
+run: deps-run
 	$(SWIFT) build -c release --product continuum
 	$(CONTINUUM_RELEASE) serve $(SERVE_ARGS)
 
 ## Chat with the default model once from the command line (no server).
-chat: deps
+chat: deps-run
 	$(SWIFT) build -c release --product continuum
 	$(CONTINUUM_RELEASE) fetch-model
 	$(CONTINUUM_RELEASE) generate --chat --prompt "$${PROMPT:-Explain in two sentences why the sky is blue.}" --max-tokens 128

@@ -10,6 +10,12 @@ public enum LearnableTokens {
         learnable.indices.filter { $0 > 0 && learnable[$0] }
     }
 
+    /// A raw text's flags: every token is learnable (token 0 never is a
+    /// target, by the rule above).
+    public static func text(count: Int) -> [Bool] {
+        [Bool](repeating: true, count: count)
+    }
+
     /// How many targets a request has.
     public static func count(_ learnable: [Bool]) -> Int {
         learnable.indices.reduce(0) { $0 + ($1 > 0 && learnable[$1] ? 1 : 0) }

@@ -134,7 +134,7 @@ public final class LevelLearner {
                 start = end - 1
             }
         case .recomputedPrefix(let context):
-            let targets = (1..<max(1, tokens.count)).filter { learnable[$0] }
+            let targets = LearnableTokens.targets(learnable)
             try learn(targets: targets) { piece in
                 // The tokens up to the piece's last target, and at most
                 // `context` tokens of context before its first, from scratch.
@@ -149,7 +149,7 @@ public final class LevelLearner {
 
     /// One window of a request as a stream (its token 0 is not a target).
     private func learnStreaming(_ tokens: [Int], learnable: [Bool]) throws {
-        let targets = (1..<tokens.count).filter { learnable[$0] }
+        let targets = LearnableTokens.targets(learnable)
         guard let last = targets.last else { return }
         let stream = try trainer.stream(tokens: tokens, rows: last, state: state)
         try learn(targets: targets) { piece in

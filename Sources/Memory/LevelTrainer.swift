@@ -28,7 +28,7 @@ public struct LevelTrainer {
         precondition(learnable.count == tokens.count, "one learnable flag per token")
         let d = model.configuration.hiddenSize, v = model.configuration.vocabSize
         let normed = try model.hiddenStates([LlamaModel.Step(tokens: tokens, cache: model.makeCache(), adapter: state)])
-        let rows = (0..<max(0, tokens.count - 1)).filter { learnable[$0 + 1] }
+        let rows = LearnableTokens.targets(learnable).map { $0 - 1 }   // row r predicts token r + 1
         var total = 0.0
         for r in rows {
             let logits = normed.withUnsafeBufferPointer { model.logits(hidden: $0.baseAddress! + r * d, count: 1) }
@@ -48,7 +48,7 @@ public struct LevelTrainer {
     public func lossAndGradients(tokens: [Int], learnable: [Bool], state: LevelState,
                                  minSurprise: Double = 0) throws -> Result {
         precondition(learnable.count == tokens.count, "one learnable flag per token")
-        let targets = (1..<max(1, tokens.count)).filter { learnable[$0] }
+        let targets = LearnableTokens.targets(learnable)
         let stream = try stream(tokens: tokens, rows: max(1, targets.last ?? 1), state: state)
         return try lossAndGradients(stream, through: stream.rows, targets: targets, state: state, minSurprise: minSurprise)
     }

@@ -52,11 +52,15 @@ struct BenchAudit: ParsableCommand {
         }
         func median(_ x: [Double]) -> Double { x.sorted()[x.count / 2] }
 
-        // One audit: the server's measurement (Drift.measure, as the Auditor calls it, with the
-        // backbone's reference perplexity computed once and cached as the Auditor does).
+        // One audit as the Auditor's compute runs it: the version and the one before it decoded
+        // from their stored bytes, then Drift.measure, with the backbone's reference perplexity
+        // computed once and cached as the Auditor does.
         let backboneReference = try model.perplexity(tokens: referenceTokens).perplexity
-        func audit(_ learner: LevelLearner, probes: [[Int]]) throws {
-            _ = try Drift.measure(model: model, learner: learner, hasLevels: true, previous: nil, probes: probes,
+        func stored(_ learner: LevelLearner) throws -> Data { try LevelStateFile.encode(learner, backbone: model.fingerprint) }
+        func audit(_ version: Data, previous: Data?, probes: [[Int]]) throws {
+            let learner = try LevelStateFile.decode(version, model: model)
+            _ = try Drift.measure(model: model, learner: learner, hasLevels: true,
+                                  previous: try previous.map { try LevelStateFile.decode($0, model: model) }, probes: probes,
                                   reference: referenceTokens, backboneReferencePerplexity: backboneReference,
                                   personalTokens: personalTokens, version: 1, jobsApplied: 0)
         }
@@ -77,12 +81,13 @@ struct BenchAudit: ParsableCommand {
                 _ = try model.perplexity(tokens: personal)
             }
         })
+        let plainStored = try stored(plain)
         for n in [5, 10, 20, 40, 80] {
             let set = (0..<n).map { probeTokens[$0 % probeTokens.count] }
             let behaviour = median(try (0..<repeats).map { _ in
                 try seconds { _ = try Drift.behaviour(model: model, probes: set, state: plain.state) }
             })
-            let whole = median(try (0..<repeats).map { _ in try seconds { try audit(plain, probes: set) } })
+            let whole = median(try (0..<repeats).map { _ in try seconds { try audit(plainStored, previous: plainStored, probes: set) } })
             print(String(format: "| %d | %d | %.0f | %.0f | %.0f | %.0f |", n, set.reduce(0) { $0 + $1.count }, behaviour * 1000,
                          forgetting * 1000, personalisation * 1000, whole * 1000))
         }
@@ -90,12 +95,15 @@ struct BenchAudit: ParsableCommand {
         // Learning with an audit after every version change (audit_interval_seconds 0), the default probe set.
         let audited = try LevelLearner(state: try LevelState(configuration: config, model: model.configuration), model: model)
         var audits = 0
+        var auditedPrevious: Data?
         let on = try seconds {
             for t in turns {
                 let before = audited.updatesApplied
                 try audited.learn(tokens: t.tokens, learnable: t.learnable)
                 if audited.updatesApplied != before {
-                    try audit(audited, probes: probeTokens)
+                    let version = try stored(audited)
+                    try audit(version, previous: auditedPrevious, probes: probeTokens)
+                    auditedPrevious = version
                     audits += 1
                 }
             }
@@ -104,12 +112,17 @@ struct BenchAudit: ParsableCommand {
         let budgeted = try LevelLearner(state: try LevelState(configuration: config, model: model.configuration), model: model)
         var budgetedAudits = 0
         var lastAudit: ContinuousClock.Instant?
+        var budgetedPrevious: Data?
         let onBudget = try seconds {
             for t in turns {
                 let before = budgeted.updatesApplied
                 try budgeted.learn(tokens: t.tokens, learnable: t.learnable)
-                if budgeted.updatesApplied != before, lastAudit.map({ ContinuousClock.now - $0 >= .seconds(30) }) ?? true {
-                    try audit(budgeted, probes: probeTokens)
+                guard budgeted.updatesApplied != before else { continue }
+                // Every version is stored; the one before is what an audit compares with.
+                let version = try stored(budgeted)
+                defer { budgetedPrevious = version }
+                if lastAudit.map({ ContinuousClock.now - $0 >= .seconds(30) }) ?? true {
+                    try audit(version, previous: budgetedPrevious, probes: probeTokens)
                     budgetedAudits += 1
                     lastAudit = ContinuousClock.now
                 }

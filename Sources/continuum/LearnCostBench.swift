@@ -61,12 +61,10 @@ struct BenchLearnCost: ParsableCommand {
 
         // The workloads: (name, tokens, learnable).
         let tok = m.tokenizer
-        let rendered = m.chatTemplate.render([ChatMessage(role: "user", content: "\u{1}")]).components(separatedBy: "\u{1}")
-        let prefix = tok.encode(rendered[0]), content = tok.encode(message), suffix = tok.encode(rendered[1])
-        let chat = (name: "chat turn", tokens: prefix + content + suffix,
-                    learnable: prefix.map { _ in false } + content.map { _ in true } + suffix.map { _ in false })
+        let turn = m.chatTemplate.encode([ChatMessage(role: "user", content: message)], tokenizer: tok)   // as the server does
+        let chat = (name: "chat turn", tokens: turn.tokens, learnable: turn.userTokens)
         let textTokens = tok.encode(String(decoding: textData, as: UTF8.self))
-        let document = (name: "text", tokens: textTokens, learnable: textTokens.indices.map { $0 > 0 })
+        let document = (name: "text", tokens: textTokens, learnable: LearnableTokens.text(count: textTokens.count))
         let chosen = workloads.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
         if let bad = chosen.first(where: { !["chat", "text"].contains($0) }) {
             throw ValidationError("unknown workload '\(bad)' (known: chat, text)")
@@ -91,7 +89,7 @@ struct BenchLearnCost: ParsableCommand {
         print("Date: \(ISO8601DateFormatter().string(from: Date())); build: \(build); model: \(m.source); repetitions: \(repetitions) (medians)")
         print("Levels: " + configuration.levels.map { "\($0.name) chunk \($0.chunkSize) width \($0.width) layers \($0.layers.first!)–\($0.layers.last!)" }.joined(separator: "; ") + String(format: "; min_surprise %.2f", configuration.minSurprise))
         for w in workloads {
-            print("Workload \(w.name): \(w.tokens.count) tokens, \(w.learnable.dropFirst().filter { $0 }.count) learnable")
+            print("Workload \(w.name): \(w.tokens.count) tokens, \(LearnableTokens.count(w.learnable)) learnable")
         }
         print("")
         print("| workload | semantics | threads | forward ms / token | learning ms / learnable token | ratio | learning ÷ forward, whole job |")
@@ -101,7 +99,7 @@ struct BenchLearnCost: ParsableCommand {
             _ = try m.perplexity(tokens: Array(chat.tokens), adapter: warm.state)   // warm-up
             for w in workloads {
                 for (ruleName, rule) in rules {
-                    let learnable = w.learnable.dropFirst().filter { $0 }.count
+                    let learnable = LearnableTokens.count(w.learnable)
                     var forward: [Double] = [], learning: [Double] = []
                     for r in 0..<repetitions {
                         let learner = try LevelStateFile.decode(snapshot, model: m)

@@ -73,9 +73,7 @@ struct Learn: ParsableCommand {
         let limit = model.configuration.maxPositionEmbeddings
         for start in stride(from: 0, to: tokens.count - 1, by: limit - 1) {   // windows sharing one token
             let window = Array(tokens[start..<min(tokens.count, start + limit)])
-            var learnable = [Bool](repeating: true, count: window.count)
-            learnable[0] = false
-            try learner.learn(tokens: window, learnable: learnable)
+            try learner.learn(tokens: window, learnable: LearnableTokens.text(count: window.count))
         }
         try stateOptions.save(learner, model: model)
         let names = learner.state.configuration.levels.map(\.name)
