@@ -81,8 +81,12 @@ extension Database {
 
     /// Writes `change` as the version after `current` and makes it current.
     /// Runs inside the caller's transaction, which holds the user's row lock.
+    /// `setsLearner` false: the user's current learner part is left for the
+    /// caller to write (a learning round writes its final one once, after
+    /// all its versions, rather than each version's in turn).
     static func apply(_ change: MemoryChange, after current: (version: Int64, levels: [String: Int64]), userID: Int64,
-                      tx: PostgresConnection, logger: Logger) async throws -> (version: Int64, levels: [String: Int64]) {
+                      setsLearner: Bool = true, tx: PostgresConnection,
+                      logger: Logger) async throws -> (version: Int64, levels: [String: Int64]) {
         var levels = current.levels
         for (name, part) in change.levels.sorted(by: { $0.key < $1.key }) {
             guard let data = part else { levels[name] = nil; continue }
@@ -95,25 +99,35 @@ extension Database {
         let version = current.version + 1
         try await commitVersion(userID: userID, version: version, parent: current.version, levels: levelJSON(levels),
                                 learner: change.learner, cause: change.cause, causeID: change.causeID, actor: change.actor,
-                                tx: tx, logger: logger)
+                                setsLearner: setsLearner, tx: tx, logger: logger)
         return (version, levels)
     }
 
     /// Inserts version `version` (levels: JSON map of level name to snapshot id)
-    /// and makes it, with its learner part, the user's current one.
+    /// and makes it, with its learner part (unless `setsLearner` is false),
+    /// the user's current one.
     static func commitVersion(userID: Int64, version: Int64, parent: Int64, levels: String, learner: Data?, cause: MemoryCause,
-                              causeID: String?, actor: String, tx: PostgresConnection, logger: Logger) async throws {
+                              causeID: String?, actor: String, setsLearner: Bool = true, tx: PostgresConnection,
+                              logger: Logger) async throws {
         try await tx.query("""
             INSERT INTO memory_versions (user_id, version, parent, levels, learner, cause, cause_id, actor)
             VALUES (\(userID), \(version), \(parent), \(levels)::jsonb, \(learner), \(cause.rawValue), \(causeID), \(actor))
             """, logger: logger)
         // A consolidation or a reset leaves nothing to consolidate.
         let settled = cause == .consolidate || cause == .reset
-        try await tx.query("""
-            UPDATE users SET version = \(version), learner = \(learner),
-                unconsolidated_tokens = CASE WHEN \(settled) THEN 0 ELSE unconsolidated_tokens END
-            WHERE id = \(userID)
-            """, logger: logger)
+        if setsLearner {
+            try await tx.query("""
+                UPDATE users SET version = \(version), learner = \(learner),
+                    unconsolidated_tokens = CASE WHEN \(settled) THEN 0 ELSE unconsolidated_tokens END
+                WHERE id = \(userID)
+                """, logger: logger)
+        } else {
+            try await tx.query("""
+                UPDATE users SET version = \(version),
+                    unconsolidated_tokens = CASE WHEN \(settled) THEN 0 ELSE unconsolidated_tokens END
+                WHERE id = \(userID)
+                """, logger: logger)
+        }
     }
 
     /// Version 0 of a new user: the backbone, no level stored.

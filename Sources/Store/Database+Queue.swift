@@ -212,7 +212,11 @@ extension Database {
             var applied: [AppliedJob] = []
             for (i, (job, (change, taught))) in zip(jobs, zip(outcome.changes, outcome.taughtTokens)).enumerated() {
                 let from = current.version
-                if let change { current = try await Self.apply(change, after: current, userID: user.id, tx: tx, logger: self.logger) }
+                if let change {
+                    // The round's final learner part is written once, below.
+                    current = try await Self.apply(change, after: current, userID: user.id, setsLearner: false, tx: tx,
+                                                   logger: self.logger)
+                }
                 try await Self.audit(tx, userID: user.id, event: AuditEventKind(job.kind.cause) ?? .learning, from: from,
                                      to: current.version, actor: job.actor, causeID: job.sourceID?.uuidString.lowercased(),
                                      detail: LearningOutcome.auditDetail(job: job, taught: taught, details: outcome.details[i]),

@@ -21,23 +21,28 @@ extension Database {
     /// The tenant's user named `name`; created (at version 0) when `create` and missing.
     public func user(tenantID: Int64, name userName: UserName, create: Bool = false) async throws -> User? {
         let name = userName.value
-        if create {
-            try await transaction { tx in
-                let rows = try await tx.query("""
-                    INSERT INTO users (tenant_id, name) VALUES (\(tenantID), \(name)) ON CONFLICT (tenant_id, name) DO NOTHING
-                    RETURNING id
-                    """, logger: logger)
-                for try await id in rows.decode(Int64.self) {
-                    try await Self.insertCreatedVersion(userID: id, actor: "server", tx: tx, logger: logger)
-                }
+        func find() async throws -> User? {
+            let rows = try await client.query("""
+                SELECT \(unescaped: Self.userColumns) FROM users u JOIN tenants t ON t.id = u.tenant_id
+                WHERE u.tenant_id = \(tenantID) AND u.name = \(name)
+                """, logger: logger)
+            for try await r in rows.decode(UserRow.self) { return Self.user(r) }
+            return nil
+        }
+        // Read first: a plain read never waits, while INSERT … ON CONFLICT on a
+        // row that a learning round is updating waits for that round to commit.
+        if let user = try await find() { return user }
+        guard create else { return nil }
+        try await transaction { tx in
+            let rows = try await tx.query("""
+                INSERT INTO users (tenant_id, name) VALUES (\(tenantID), \(name)) ON CONFLICT (tenant_id, name) DO NOTHING
+                RETURNING id
+                """, logger: logger)
+            for try await id in rows.decode(Int64.self) {
+                try await Self.insertCreatedVersion(userID: id, actor: "server", tx: tx, logger: logger)
             }
         }
-        let rows = try await client.query("""
-            SELECT \(unescaped: Self.userColumns) FROM users u JOIN tenants t ON t.id = u.tenant_id
-            WHERE u.tenant_id = \(tenantID) AND u.name = \(name)
-            """, logger: logger)
-        for try await r in rows.decode(UserRow.self) { return Self.user(r) }
-        return nil
+        return try await find()
     }
 
     /// The tenant's user with this id.
