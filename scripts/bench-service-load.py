@@ -144,6 +144,7 @@ def run(binary, users, minutes, learn, args):
             lags = {}
         if not server.alive():
             raise SystemExit(f"the server died; see {server.log_path}")
+        lanes = lane_time(server, time.time() - start)
 
     per_minute = []
     for m in range(minutes):
@@ -159,7 +160,27 @@ def run(binary, users, minutes, learn, args):
     return {"label": label, "users": users, "learn": learn, "minutes": per_minute, "requests": len(records), "errors": errors,
             "p50": statistics.median(lat) if lat else float("nan"), "p99": pct(lat, 0.99),
             "tps": sum(r[2] for r in records) / (minutes * 60), "lag50": pct(lag, 0.5), "lag99": pct(lag, 0.99),
-            "drained": drained_at, "jobs": len(jobs), "unapplied": sum(1 for v in lags.values() if v[0] != "done")}
+            "drained": drained_at, "jobs": len(jobs), "unapplied": sum(1 for v in lags.values() if v[0] != "done"),
+            "lanes": lanes}
+
+
+def lane_time(server, wall):
+    """Where the learning lanes' time went, from the server's /metrics: the
+    sums of the round, compute, audit and consolidation histograms."""
+    req = urllib.request.Request(server.base + "/metrics", headers={"Authorization": "Bearer " + server.key})
+    text = urllib.request.urlopen(req, timeout=60).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line.split(" ")[0]:
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+
+    def get(name):
+        return values.get(name, 0.0)
+    return {"wall": wall, "jobs": get("continuum_learning_jobs_applied_total"),
+            "rounds": get("continuum_learning_round_seconds_count"), "round_s": get("continuum_learning_round_seconds_sum"),
+            "compute_s": get("continuum_learning_compute_seconds_sum"), "audits": get("continuum_audits_total"),
+            "audit_s": get("continuum_audit_seconds_sum"), "consolidation_s": get("continuum_consolidation_seconds_sum")}
 
 
 def show(r):
@@ -173,6 +194,12 @@ def show(r):
     if r["learn"]:
         drained = f"drained {r['drained']:.0f} s after the load stopped" if r["drained"] is not None else f"NOT drained within the drain limit ({r['unapplied']} jobs left)"
         print(f"\nLearning: {r['jobs']} jobs, lag p50 {r['lag50']:.2f} s, p99 {r['lag99']:.2f} s; {drained}.")
+    t = r["lanes"]
+    if t["rounds"]:
+        print(f"\nLanes, over {t['wall']:.0f} s from the first request to the end of the drain: {t['jobs']:.0f} jobs in "
+              f"{t['rounds']:.0f} rounds ({t['jobs'] / t['rounds']:.1f} jobs a round), rounds {t['round_s']:.1f} s "
+              f"(compute {t['compute_s']:.1f} s, {1000 * t['compute_s'] / max(1, t['jobs']):.0f} ms a job); "
+              f"{t['audits']:.0f} audits {t['audit_s']:.1f} s; consolidations {t['consolidation_s']:.1f} s.")
     if r["errors"]:
         print(f"\nFirst error: {r['errors'][0]}")
     print(flush=True)
