@@ -94,21 +94,30 @@ public struct APIError: Error, HTTPResponseError, CustomStringConvertible {
         return Response(status: status, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: Data(json.utf8))))
     }
 
-    /// The body: `{"error": {"message", "type", "param", "code"}}`.
-    var json: String {
-        let object: [String: Any] = ["error": ["message": message, "type": type, "param": param as Any? ?? NSNull(),
-                                               "code": code as Any? ?? NSNull()]]
-        let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data()
-        return String(decoding: data, as: UTF8.self)
+    /// The body: `{"error": {"message", "type", "param", "code"}}` (param and code null when absent).
+    var body: Components.Schemas.ErrorResponse {
+        .init(error: .init(message: message, _type: type, param: param, code: code))
     }
 
+    /// The body as JSON.
+    var json: String { String(decoding: (try? JSONReply.data(body)) ?? Data(), as: UTF8.self) }
+
     /// The API error for an error thrown while serving: the model's input
-    /// errors, sampling errors, decoding errors and the generated layer's
-    /// 4xx are the client's; anything else is ours (500, without its text).
+    /// errors, sampling errors, decoding errors, the domain's refusals and
+    /// the generated layer's 4xx are the client's; anything else is ours
+    /// (500, without its text). Controllers throw domain errors as they
+    /// come (wrapped in `FieldError` to name the request field they concern);
+    /// this is the one place they become statuses and codes.
     static func from(_ error: any Error) -> APIError {
         switch error {
         case let e as APIError: return e
         case let e as AccessMiddleware.Refusal: return e.error
+        case let e as FieldError:
+            let inner = from(e.error)
+            guard !inner.isInternal else { return inner }
+            var named = APIError(inner.status, type: inner.type, message: inner.message, param: e.param, code: inner.code)
+            named.headers = inner.headers
+            return named
         case let e as ServerError:
             // The generated layer: the handler's own error, or the status it computed for bad input.
             let inner = from(e.underlyingError)
@@ -118,14 +127,20 @@ public struct APIError: Error, HTTPResponseError, CustomStringConvertible {
                             message: "the request does not match the API: \(e.underlyingError)".prefix(1000).description,
                             code: e.httpStatus == .unsupportedMediaType ? "unsupported_media_type" : nil)
         case let e as SamplingParameters.Invalid: return .invalid(e.description, param: e.parameter)
+        case let e as Policy.Invalid: return .invalid(e.description, param: e.parameter)
         case let e as ModelInputError:
             if case .contextOverflow = e { return .tooLarge(e.description, param: "prompt") }
             return .invalid(e.description)
         case let e as UserName.Invalid: return .invalid(e.description, param: "user")
         case let e as UserMemory.Unreadable:
             return APIError(.conflict, type: "invalid_request_error", message: e.description, code: "memory_unreadable")
+        case let e as UserMemory.NotConsolidable: return .invalid(e.description)
+        // A state file the request sent (the import's body); a stored state that does not read is UserMemory.Unreadable.
+        case let e as LevelStateFile.Incompatible: return .invalid(e.description, param: "body")
         case let e as NotFound: return .notFound(e.description)
-        case let e as Conflict: return APIError(.conflict, type: "invalid_request_error", message: e.description, code: "conflict")
+        case let e as Auditor.NoMemory: return .notFound(e.description)
+        // The only rows a request creates under a name it gives are users (fork's `to`).
+        case let e as Conflict: return APIError(.conflict, type: "invalid_request_error", message: e.description, code: "user_exists")
         case is BatchEngine.Overloaded: return .overloaded
         case let e as BatchEngine.ShutDown: return APIError(.serviceUnavailable, type: "server_error", message: e.description, code: "shutting_down")
         case let e as DecodingError: return .invalid("the request body does not match the API: \(Self.describe(e))")
@@ -162,4 +177,13 @@ public struct APIError: Error, HTTPResponseError, CustomStringConvertible {
         @unknown default: return "\(e)"
         }
     }
+}
+
+/// A domain error about one field of the request: `APIError.from` maps
+/// `error` as it would alone and names `param` as the field at fault (fork's
+/// `to`: not a valid user id, or a user that exists already).
+struct FieldError: Error, CustomStringConvertible {
+    let param: String
+    let error: any Error
+    var description: String { "\(param): \(error)" }
 }

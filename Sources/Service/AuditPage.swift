@@ -1,6 +1,7 @@
 // The drift audit as HTML pages: charts of drift over versions drawn
 // server-side as inline SVG (no scripts, no external assets).
 import Foundation
+import Memory
 import Store
 
 enum AuditPage {
@@ -28,11 +29,9 @@ enum AuditPage {
         return s.addingPercentEncoding(withAllowedCharacters: unreserved) ?? ""
     }
 
-    static func number(_ metrics: [String: Any], _ key: String) -> Double? {
-        switch metrics[key] {
-        case let n as NSNumber: return n.doubleValue
-        default: return nil
-        }
+    /// A metric to draw or print: none when not measured or not finite.
+    static func number(_ metrics: Components.Schemas.DriftMetrics, _ metric: DriftMetric) -> Double? {
+        metrics.value(metric).flatMap { $0.isFinite ? $0 : nil }
     }
 
     static func format(_ v: Double?) -> String { v.map { String(format: "%.4g", $0) } ?? "–" }
@@ -64,29 +63,26 @@ enum AuditPage {
         return svg + "</svg>"
     }
 
-    static let charted = [("kl_mean", "KL(user ‖ backbone), mean"), ("top1_agreement", "top-1 agreement"),
-                          ("forgetting_ppl_ratio", "forgetting: reference ppl ratio"),
-                          ("personalization_ppl_ratio", "personalisation: own-text ppl ratio"),
-                          ("param_norm", "parameter norm"), ("param_change", "change since previous version")]
+    static let charted: [(DriftMetric, String)] = [
+        (.klMean, "KL(user ‖ backbone), mean"), (.top1Agreement, "top-1 agreement"),
+        (.forgettingPPLRatio, "forgetting: reference ppl ratio"), (.personalizationPPLRatio, "personalisation: own-text ppl ratio"),
+        (.paramNorm, "parameter norm"), (.paramChange, "change since previous version"),
+    ]
 
-    static func user(name: String, frozen: Bool, version: Int64, reports: [DriftReport], events: [AuditEvent]) -> String {
-        let parsed = reports.map { r in
-            (r, (try? JSONSerialization.jsonObject(with: Data(r.metrics.utf8))) as? [String: Any] ?? [:],
-             ((try? JSONSerialization.jsonObject(with: Data(r.flags.utf8))) as? [[String: Any]] ?? []))
-        }
+    static func user(name: String, frozen: Bool, version: Int64, reports: [Components.Schemas.AuditVersion], events: [AuditEvent]) -> String {
         var body = "<p>Current version \(version)\(frozen ? " — <span class=\"flag\">learning frozen</span>" : ""); "
         body += "\(reports.count) audited versions.</p><div class=\"charts\">"
-        for (key, title) in charted {
-            let points = parsed.compactMap { r, m, _ in number(m, key).map { (Double(r.version), $0) } }
-            let threshold = parsed.last?.2.first { $0["metric"] as? String == key }.flatMap { ($0["max"] ?? $0["min"]) as? Double }
+        for (metric, title) in charted {
+            let points = reports.compactMap { r in number(r.metrics, metric).map { (Double(r.version), $0) } }
+            let threshold = reports.last?.flags.first { $0.metric == metric.rawValue }.flatMap { $0.max ?? $0.min }
             body += chart(title, points, threshold: threshold)
         }
         body += "</div><h2>Versions</h2><table><tr><th>version</th><th>computed</th><th class=\"l\">flags</th>"
-        body += charted.map { "<th>\(escape($0.0))</th>" }.joined() + "</tr>"
-        for (r, m, flags) in parsed.reversed() {
-            let f = flags.compactMap { $0["metric"] as? String }.joined(separator: ", ")
+        body += charted.map { "<th>\(escape($0.0.rawValue))</th>" }.joined() + "</tr>"
+        for r in reports.reversed() {
+            let f = r.flagged.joined(separator: ", ")
             body += "<tr><td>\(r.version)</td><td>\(AuditController.iso(r.computedAt))</td><td class=\"l flag\">\(escape(f))</td>"
-            body += charted.map { "<td>\(format(number(m, $0.0)))</td>" }.joined() + "</tr>"
+            body += charted.map { "<td>\(format(number(r.metrics, $0.0)))</td>" }.joined() + "</tr>"
         }
         body += "</table><h2>Recent events</h2><table><tr><th>time</th><th class=\"l\">event</th><th>from</th><th>to</th>"
         body += "<th class=\"l\">actor</th><th class=\"l\">cause</th></tr>"
@@ -98,23 +94,21 @@ enum AuditPage {
         return page("Drift audit: \(name)", body + "</table>")
     }
 
-    static func tenant(metric: String, ranked: [RankedDrift], offset: Int) -> String {
-        let rows = ranked.map { r in ((try? JSONSerialization.jsonObject(with: Data(r.report.metrics.utf8))) as? [String: Any] ?? [:], r) }
-        let top = rows.compactMap { number($0.0, metric) }.max() ?? 1
-        var body = "<p>Users ranked by their latest audited version's \(escape(metric)).</p>"
-        body += "<table><tr><th>rank</th><th class=\"l\">user</th><th>version</th><th class=\"l\">\(escape(metric))</th>"
+    static func tenant(metric: DriftMetric, ranked: [Components.Schemas.RankedUser]) -> String {
+        let top = ranked.compactMap { number($0.metrics, metric) }.max() ?? 1
+        var body = "<p>Users ranked by their latest audited version's \(escape(metric.rawValue)).</p>"
+        body += "<table><tr><th>rank</th><th class=\"l\">user</th><th>version</th><th class=\"l\">\(escape(metric.rawValue))</th>"
         body += "<th class=\"l\">flags</th><th class=\"l\">state</th></tr>"
-        for (i, (m, r)) in rows.enumerated() {
-            let v = number(m, metric)
+        for r in ranked {
+            let v = number(r.metrics, metric)
             let bar = v.map { String(format: "<svg width=\"120\" height=\"10\"><rect width=\"%.1f\" height=\"10\" fill=\"#2563eb\"/></svg> ",
                                      top > 0 ? 120 * max(0, $0) / top : 0) } ?? ""
-            let flags = ((try? JSONSerialization.jsonObject(with: Data(r.report.flags.utf8))) as? [[String: Any]] ?? [])
-                .compactMap { $0["metric"] as? String }.joined(separator: ", ")
+            let flags = r.flags.map(\.metric).joined(separator: ", ")
             let href = "/v1/users/\(pathSegment(r.user))/audit?format=html"
-            body += "<tr><td>\(offset + i + 1)</td><td class=\"l\"><a href=\"\(escape(href))\">\(escape(r.user))</a></td><td>\(r.report.version)</td>"
+            body += "<tr><td>\(r.rank)</td><td class=\"l\"><a href=\"\(escape(href))\">\(escape(r.user))</a></td><td>\(r.version)</td>"
             body += "<td class=\"l\">\(bar)\(format(v))</td><td class=\"l flag\">\(escape(flags))</td>"
             body += "<td class=\"l\">\(r.frozen ? "frozen" : "learning")</td></tr>"
         }
-        return page("Drift audit: users by \(metric)", body + "</table>")
+        return page("Drift audit: users by \(metric.rawValue)", body + "</table>")
     }
 }

@@ -11,6 +11,7 @@ import Logging
 import Memory
 import Model
 import Store
+import Synchronization
 
 /// A threshold on one audit metric and what to do when it is crossed.
 struct Policy: Codable, Sendable, Equatable {
@@ -21,9 +22,15 @@ struct Policy: Codable, Sendable, Equatable {
     var min: Double?
     var action: Action
 
+    /// Why a policy a request gives cannot be used (→ 400 naming `parameter`).
+    struct Invalid: Error, CustomStringConvertible {
+        let description: String
+        let parameter: String
+    }
+
     func validate() throws {
-        guard (max == nil) != (min == nil) else { throw APIError.invalid("give exactly one of max and min", param: "max") }
-        guard (max ?? min!).isFinite else { throw APIError.invalid("the threshold must be a finite number", param: "max") }
+        guard (max == nil) != (min == nil) else { throw Invalid(description: "give exactly one of max and min", parameter: "max") }
+        guard (max ?? min!).isFinite else { throw Invalid(description: "the threshold must be a finite number", parameter: "max") }
     }
 
     /// Whether `value` crosses the threshold.
@@ -52,19 +59,30 @@ struct DriftFlag: Codable, Sendable, Equatable {
     var action: Policy.Action
 }
 
-final class Auditor: @unchecked Sendable {
+final class Auditor: Sendable {
     let memory: UserMemory
     let configuration: ServiceConfiguration
     let logger: Logger
     let defaultProbes: [String]
     let reference: [Int]
-    private let lock = NSLock()
-    private var backboneReferencePPL: Double?
-    /// Users whose new version awaits an audit, with when it is due; last audit per user.
-    private var pending: [Int64: (tenantID: Int64, due: Date)] = [:]
-    private var lastAudit: [Int64: Date] = [:]
+
+    /// What the auditor keeps between audits, behind one lock.
+    struct State {
+        /// The backbone's perplexity on the reference text (computed once).
+        var backboneReferencePPL: Double?
+        /// Users whose new version awaits an audit, with when it is due; last audit per user.
+        var pending: [Int64: (tenantID: Int64, due: Date)] = [:]
+        var lastAudit: [Int64: Date] = [:]
+    }
+    private let state = Mutex(State())
 
     struct MissingResource: Error, CustomStringConvertible { let description: String }
+
+    /// The user has no stored memory to audit (→ 404).
+    struct NoMemory: Error, CustomStringConvertible {
+        let user: String
+        var description: String { "user '\(user)' has no memory" }
+    }
 
     init(memory: UserMemory, store: any MemoryStore & AuditStore, configuration: ServiceConfiguration, metrics: Metrics,
          logger: Logger) throws {
@@ -93,18 +111,23 @@ final class Auditor: @unchecked Sendable {
     /// After a round changed the user's version: due now, or once the interval since their last audit has passed.
     func versionChanged(userID: Int64, tenantID: Int64, dueNow: Bool = false) {
         guard configuration.audit else { return }
-        lock.lock()
-        defer { lock.unlock() }
-        let due = dueNow ? Date() : lastAudit[userID].map { $0.addingTimeInterval(configuration.auditIntervalSeconds) } ?? Date()
-        pending[userID] = (tenantID, dueNow ? due : max(due, pending[userID]?.due ?? .distantPast))
+        let interval = configuration.auditIntervalSeconds
+        state.withLock { s in
+            let due = dueNow ? Date() : s.lastAudit[userID].map { $0.addingTimeInterval(interval) } ?? Date()
+            s.pending[userID] = (tenantID, dueNow ? due : max(due, s.pending[userID]?.due ?? .distantPast))
+        }
     }
 
     /// Runs the audits that are due (background, never on a request's path).
-    func runDue() async {
+    /// Learning comes first: while jobs wait (`learningWaits`), an audit runs
+    /// only once it is `audit_max_delay_seconds` past due, so audits take the
+    /// lanes' idle time and a saturated queue still audits every user.
+    func runDue(learningWaits: Bool = false) async {
         let now = Date()
-        let due = lock.withLock {
-            let due = pending.filter { $0.value.due <= now }
-            for id in due.keys { pending[id] = nil }
+        let cutoff = learningWaits ? now.addingTimeInterval(-configuration.auditMaxDelaySeconds) : now
+        let due = state.withLock { s in
+            let due = s.pending.filter { $0.value.due <= cutoff }
+            for id in due.keys { s.pending[id] = nil }
             return due
         }
         for (userID, entry) in due {
@@ -122,7 +145,7 @@ final class Auditor: @unchecked Sendable {
     /// The tenant's probe texts (its own set, else the default one).
     func probes(tenantID: Int64) async throws -> [String] {
         if let json = try await store.auditSettings(tenantID: tenantID).probes {
-            return try JSONDecoder().decode([String].self, from: Data(json.utf8))
+            return try JSONReply.stored(json, as: [String].self, "probe set")   // unreadable: the server's fault, not the request's
         }
         return defaultProbes
     }
@@ -130,7 +153,7 @@ final class Auditor: @unchecked Sendable {
     /// The tenant's policies (its own, else the defaults).
     func policies(tenantID: Int64) async throws -> [Policy] {
         if let json = try await store.auditSettings(tenantID: tenantID).policies {
-            return try JSONDecoder().decode([Policy].self, from: Data(json.utf8))
+            return try JSONReply.stored(json, as: [Policy].self, "policies")
         }
         return Policy.defaults
     }
@@ -138,13 +161,16 @@ final class Auditor: @unchecked Sendable {
     /// Measures the user's current version, stores the report, applies the
     /// policies' actions (as `actor`). Returns the metrics and flags.
     func audit(_ user: User, actor: String) async throws -> (DriftMetrics, [DriftFlag]) {
-        lock.withLock { lastAudit[user.id] = Date() }
-        guard let stored = try await store.memory(userID: user.id) else { throw APIError.notFound("user '\(user.name)' has no memory") }
+        state.withLock { $0.lastAudit[user.id] = Date() }
+        guard let stored = try await store.memory(userID: user.id) else { throw NoMemory(user: user.name) }
         let previous = stored.version > 0 ? try await store.memory(userID: user.id, version: stored.version - 1) : nil
         let memory = self.memory, reference = self.reference, personalTokens = configuration.auditPersonalTokens
         let probeTokens = try await probes(tenantID: user.tenantID).map { memory.model.tokenizer.encode($0) }
         let backboneReference = try await backboneReferencePerplexity()
+        let auditSeconds = self.metrics.auditSeconds
         let metrics = try await memory.compute(.heavy) {
+            let start = ContinuousClock.now
+            defer { auditSeconds.observe((ContinuousClock.now - start).seconds) }
             let learner = try memory.learner(stored)
             return try Drift.measure(model: memory.model, learner: learner, hasLevels: !stored.levels.isEmpty,
                                      previous: try previous.map { try memory.learner($0) }, probes: probeTokens,
@@ -195,10 +221,10 @@ final class Auditor: @unchecked Sendable {
     }
 
     func backboneReferencePerplexity() async throws -> Double {
-        if let cached = lock.withLock({ backboneReferencePPL }) { return cached }
+        if let cached = state.withLock({ $0.backboneReferencePPL }) { return cached }
         let memory = self.memory, reference = self.reference
         let ppl = try await memory.compute(.heavy) { try memory.model.perplexity(tokens: reference).perplexity }
-        lock.withLock { backboneReferencePPL = ppl }
+        state.withLock { $0.backboneReferencePPL = ppl }
         return ppl
     }
 

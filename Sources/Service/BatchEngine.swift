@@ -9,7 +9,6 @@
 // waiting or running then end with `ShutDown`.
 import Foundation
 import Model
-import Synchronization
 import Tensor
 
 /// What a submitted generation produces, in order: tokens, then the result.

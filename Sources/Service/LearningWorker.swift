@@ -16,6 +16,7 @@ import Foundation
 import Logging
 import Memory
 import Store
+import Synchronization
 
 final class LearningWorker: Sendable {
     let memory: UserMemory
@@ -41,7 +42,11 @@ final class LearningWorker: Sendable {
         while !Task.isCancelled && !stop() {
             do {
                 let applied = try await round()
-                await auditor?.runDue()   // audits of new versions, between rounds
+                // Audits of new versions, between rounds; deferred while jobs wait.
+                if let auditor {
+                    let waiting = applied != nil ? ((try? await queue.queuedJobs().count) ?? 0) : 0
+                    await auditor.runDue(learningWaits: waiting > 0)
+                }
                 if applied == nil { try? await Task.sleep(for: idle) }
             } catch {
                 logger.error("learning round failed: \(error)")
@@ -135,25 +140,18 @@ final class LearningWorker: Sendable {
 
     /// The learner state a round ended with and the consolidations it ran,
     /// handed out of the compute closure.
-    final class FinalState: @unchecked Sendable {
-        private let lock = NSLock()
-        private var value: (user: Int64, tenant: Int64, state: LevelState, changed: Bool)?
-        private var ran: [(trigger: ConsolidationTrigger?, seconds: Double, changed: Bool)] = []
+    final class FinalState: Sendable {
+        typealias Final = (user: Int64, tenant: Int64, state: LevelState, changed: Bool)
+        typealias Ran = (trigger: ConsolidationTrigger?, seconds: Double, changed: Bool)
+        private let value = Mutex<Final?>(nil)
+        private let ran = Mutex<[Ran]>([])
         func set(user: Int64, tenant: Int64, state: LevelState, changed: Bool) {
-            lock.lock(); defer { lock.unlock() }
-            value = (user, tenant, state, changed)
+            value.withLock { $0 = (user, tenant, state, changed) }
         }
-        func get() -> (user: Int64, tenant: Int64, state: LevelState, changed: Bool)? {
-            lock.lock(); defer { lock.unlock() }
-            return value
-        }
+        func get() -> Final? { value.withLock { $0 } }
         func consolidated(trigger: ConsolidationTrigger?, seconds: Double, changed: Bool) {
-            lock.lock(); defer { lock.unlock() }
-            ran.append((trigger, seconds, changed))
+            ran.withLock { $0.append((trigger, seconds, changed)) }
         }
-        var consolidations: [(trigger: ConsolidationTrigger?, seconds: Double, changed: Bool)] {
-            lock.lock(); defer { lock.unlock() }
-            return ran
-        }
+        var consolidations: [Ran] { ran.withLock { $0 } }
     }
 }

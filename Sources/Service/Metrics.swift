@@ -3,57 +3,62 @@
 // generations in flight, learning jobs queued and their lag, cache hits.
 import Foundation
 import Store
+import Synchronization
 
 /// A monotonically increasing count.
-final class Counter: @unchecked Sendable {
-    private let lock = NSLock()
-    private var value = 0.0
-    func increment(by n: Int = 1) { lock.lock(); value += Double(n); lock.unlock() }
-    var current: Double { lock.lock(); defer { lock.unlock() }; return value }
+final class Counter: Sendable {
+    private let value = Mutex(0.0)
+    func increment(by n: Int = 1) { value.withLock { $0 += Double(n) } }
+    var current: Double { value.withLock { $0 } }
 }
 
 /// Observations in cumulative buckets, with their sum and count.
-final class Histogram: @unchecked Sendable {
+final class Histogram: Sendable {
     let bounds: [Double]
-    private let lock = NSLock()
-    private var counts: [Int]
-    private var sum = 0.0
-    private var count = 0
+    /// Per bound, the observations at most that bound; their sum and count.
+    private struct Buckets {
+        var counts: [Int]
+        var sum = 0.0
+        var count = 0
+    }
+    private let buckets: Mutex<Buckets>
 
     init(bounds: [Double]) {
         self.bounds = bounds
-        counts = [Int](repeating: 0, count: bounds.count)
+        buckets = Mutex(Buckets(counts: [Int](repeating: 0, count: bounds.count)))
     }
 
     func observe(_ v: Double) {
-        lock.lock()
-        defer { lock.unlock() }
-        for (i, b) in bounds.enumerated() where v <= b { counts[i] += 1 }
-        sum += v
-        count += 1
+        let bounds = self.bounds
+        buckets.withLock { b in
+            for (i, bound) in bounds.enumerated() where v <= bound { b.counts[i] += 1 }
+            b.sum += v
+            b.count += 1
+        }
     }
 
     func render(name: String, labels: String = "") -> String {
-        lock.lock()
-        defer { lock.unlock() }
+        let b = buckets.withLock { $0 }
         let sep = labels.isEmpty ? "" : labels + ","
         var out = ""
-        for (i, b) in bounds.enumerated() { out += "\(name)_bucket{\(sep)le=\"\(b)\"} \(counts[i])\n" }
-        out += "\(name)_bucket{\(sep)le=\"+Inf\"} \(count)\n"
-        out += "\(name)_sum\(labels.isEmpty ? "" : "{\(labels)}") \(sum)\n"
-        out += "\(name)_count\(labels.isEmpty ? "" : "{\(labels)}") \(count)\n"
+        for (i, bound) in bounds.enumerated() { out += "\(name)_bucket{\(sep)le=\"\(bound)\"} \(b.counts[i])\n" }
+        out += "\(name)_bucket{\(sep)le=\"+Inf\"} \(b.count)\n"
+        out += "\(name)_sum\(labels.isEmpty ? "" : "{\(labels)}") \(b.sum)\n"
+        out += "\(name)_count\(labels.isEmpty ? "" : "{\(labels)}") \(b.count)\n"
         return out
     }
 }
 
 /// The service's metrics.
-final class Metrics: @unchecked Sendable {
+final class Metrics: Sendable {
     static let latencyBounds = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 
-    private let lock = NSLock()
-    /// route + status → count; route → latency.
-    private var requests: [String: [Int: Int]] = [:]
-    private var latency: [String: Histogram] = [:]
+    /// Requests by route: count by status, and latency.
+    private struct Routes {
+        var requests: [String: [Int: Int]] = [:]
+        var latency: [String: Histogram] = [:]
+    }
+    private let routes = Mutex(Routes())
 
     let promptTokens = Counter()
     let completionTokens = Counter()
@@ -69,6 +74,8 @@ final class Metrics: @unchecked Sendable {
     /// Drift audits run, those with a flag, and the policies' actions taken, by action.
     let auditsRun = Counter()
     let auditsFlagged = Counter()
+    /// An audit's compute (the drift measurement), background and on demand.
+    let auditSeconds = Histogram(bounds: latencyBounds)
     let policyActions: [Policy.Action: Counter] = [.warn: Counter(), .freeze: Counter(), .rollback: Counter()]
     /// Consolidations run by this replica by trigger ("demand": the on-demand
     /// endpoint), those that changed nothing, and their compute time.
@@ -86,23 +93,30 @@ final class Metrics: @unchecked Sendable {
     }
 
     func record(route: String, status: Int, seconds: Double) {
-        lock.lock()
-        requests[route, default: [:]][status, default: 0] += 1
-        let h = latency[route] ?? Histogram(bounds: Self.latencyBounds)
-        latency[route] = h
-        lock.unlock()
+        let h = routes.withLock { r in
+            r.requests[route, default: [:]][status, default: 0] += 1
+            let h = r.latency[route] ?? Histogram(bounds: Self.latencyBounds)
+            r.latency[route] = h
+            return h
+        }
         h.observe(seconds)
     }
 
-    /// The exposition text; `gauges` are sampled by the caller (queue depths, cache).
-    func render(gauges: [(name: String, help: String, value: Double)]) -> String {
+    /// A sample of a value kept elsewhere: a gauge, or a counter (`counter`: it only increases).
+    struct Sample {
+        let name: String
+        let help: String
+        let value: Double
+        var counter = false
+    }
+
+    /// The exposition text; `samples` are taken by the caller (queue depths, cache).
+    func render(samples: [Sample]) -> String {
         var out = ""
         func header(_ name: String, _ type: String, _ help: String) {
             out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
         }
-        lock.lock()
-        let requests = self.requests, latency = self.latency
-        lock.unlock()
+        let (requests, latency) = routes.withLock { ($0.requests, $0.latency) }
         header("continuum_http_requests_total", "counter", "HTTP requests by route and status.")
         for (route, byStatus) in requests.sorted(by: { $0.key < $1.key }) {
             for (status, n) in byStatus.sorted(by: { $0.key < $1.key }) {
@@ -140,15 +154,17 @@ final class Metrics: @unchecked Sendable {
         }
         header("continuum_consolidation_seconds", "histogram", "A consolidation's compute (distillation and encoding).")
         out += consolidationSeconds.render(name: "continuum_consolidation_seconds")
+        header("continuum_audit_seconds", "histogram", "A drift audit's compute (the measurement of one memory version).")
+        out += auditSeconds.render(name: "continuum_audit_seconds")
         header("continuum_learning_lag_seconds", "histogram", "From a learning job's commit to its application.")
         out += learningLag.render(name: "continuum_learning_lag_seconds")
         header("continuum_learning_round_seconds", "histogram", "A learning round of one user's jobs, claim to commit.")
         out += learningRound.render(name: "continuum_learning_round_seconds")
         header("continuum_learning_compute_seconds", "histogram", "A round's compute: decode the state, learn, encode the changes.")
         out += learningCompute.render(name: "continuum_learning_compute_seconds")
-        for g in gauges {
-            header(g.name, "gauge", g.help)
-            out += "\(g.name) \(g.value)\n"
+        for s in samples {
+            header(s.name, s.counter ? "counter" : "gauge", s.help)
+            out += "\(s.name) \(s.value)\n"
         }
         return out
     }

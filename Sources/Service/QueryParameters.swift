@@ -28,7 +28,7 @@ struct Query {
         } else {
             throw bad()
         }
-        guard Database.isStorable(date) else { throw bad() }
+        guard StoreLimits.isStorable(date) else { throw bad() }
         return date
     }
 

@@ -48,6 +48,9 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
     public var audit = true
     /// Least seconds between two background audits of one user (new versions in between wait).
     public var auditIntervalSeconds = 30.0
+    /// Longest a due background audit waits while learning jobs are queued
+    /// (learning lag comes first; audits otherwise take the lanes' idle time).
+    public var auditMaxDelaySeconds = 300.0
     /// Tokens of the user's recent text the personalisation metric scores.
     public var auditPersonalTokens = 128
     /// Tokens of the shipped reference text the forgetting metric scores.
@@ -83,7 +86,7 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
         case maxBatch = "max_batch", maxQueued = "max_queued", modelName = "model_name"
         case learningWorkers = "learning_workers", learningNice = "learning_nice", prefillChunkTokens = "prefill_chunk_tokens", learningBatch = "learning_batch", versionsKept = "versions_kept"
         case cacheBytes = "cache_bytes", learningWaitSeconds = "learning_wait_seconds"
-        case audit, auditIntervalSeconds = "audit_interval_seconds", auditPersonalTokens = "audit_personal_tokens"
+        case audit, auditIntervalSeconds = "audit_interval_seconds", auditMaxDelaySeconds = "audit_max_delay_seconds", auditPersonalTokens = "audit_personal_tokens"
         case auditReferenceTokens = "audit_reference_tokens", auditsPerUserPerMinute = "audits_per_user_per_minute"
         case maxCorrectionTokens = "max_correction_tokens", maxPolicies = "max_policies"
         case maxConsolidationSteps = "max_consolidation_steps", idleTimeoutSeconds = "idle_timeout_seconds"
@@ -119,6 +122,7 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
         learningWaitSeconds = try c.decodeIfPresent(Double.self, forKey: .learningWaitSeconds) ?? d.learningWaitSeconds
         audit = try c.decodeIfPresent(Bool.self, forKey: .audit) ?? d.audit
         auditIntervalSeconds = try c.decodeIfPresent(Double.self, forKey: .auditIntervalSeconds) ?? d.auditIntervalSeconds
+        auditMaxDelaySeconds = try c.decodeIfPresent(Double.self, forKey: .auditMaxDelaySeconds) ?? d.auditMaxDelaySeconds
         auditPersonalTokens = try c.decodeIfPresent(Int.self, forKey: .auditPersonalTokens) ?? d.auditPersonalTokens
         auditReferenceTokens = try c.decodeIfPresent(Int.self, forKey: .auditReferenceTokens) ?? d.auditReferenceTokens
         auditsPerUserPerMinute = try c.decodeIfPresent(Int.self, forKey: .auditsPerUserPerMinute) ?? d.auditsPerUserPerMinute
@@ -154,6 +158,7 @@ public struct ServiceConfiguration: Codable, Sendable, Equatable {
         if cacheBytes < 0 { try fail("cache_bytes must be at least 0") }
         if !(learningWaitSeconds > 0) { try fail("learning_wait_seconds must be positive") }
         if !(auditIntervalSeconds >= 0) { try fail("audit_interval_seconds must be at least 0") }
+        if !(auditMaxDelaySeconds >= 0) { try fail("audit_max_delay_seconds must be at least 0") }
         if auditPersonalTokens < 2 { try fail("audit_personal_tokens must be at least 2") }
         if auditReferenceTokens < 2 { try fail("audit_reference_tokens must be at least 2") }
         if auditsPerUserPerMinute < 1 { try fail("audits_per_user_per_minute must be at least 1") }

@@ -6,68 +6,73 @@ import Foundation
 import Memory
 import Model
 import Store
+import Synchronization
 
 /// The weights of users' current memory versions, least recently used
 /// dropped first beyond `capacityBytes`. Keyed by user id and version: a
 /// version's weights never change, so an entry is never stale; a request
 /// reads the user's current version from the store first.
-final class LevelCache: @unchecked Sendable {
+final class LevelCache: Sendable {
     struct Key: Hashable {
         let user: Int64
         let version: Int64
     }
 
+    /// The entries (with their size and last use) and the counters, behind one lock.
+    private struct Entries {
+        var entries: [Key: (state: LevelState, bytes: Int, tick: UInt64)] = [:]
+        var tick: UInt64 = 0
+        var bytes = 0
+        /// Lookups that found an entry, and those that did not (monotonic).
+        var hits = 0
+        var misses = 0
+    }
+
     let capacityBytes: Int
-    private let lock = NSLock()
-    private var entries: [Key: (state: LevelState, bytes: Int, tick: UInt64)] = [:]
-    private var tick: UInt64 = 0
-    private(set) var bytes = 0
-    private(set) var hits = 0
-    private(set) var misses = 0
+    private let cache = Mutex(Entries())
 
     init(capacityBytes: Int) {
         self.capacityBytes = capacityBytes
     }
 
     func get(_ key: Key) -> LevelState? {
-        lock.lock()
-        defer { lock.unlock() }
-        tick += 1
-        guard let e = entries[key] else { misses += 1; return nil }
-        hits += 1
-        entries[key]!.tick = tick
-        return e.state
+        cache.withLock { c in
+            c.tick += 1
+            guard let e = c.entries[key] else { c.misses += 1; return nil }
+            c.hits += 1
+            c.entries[key]!.tick = c.tick
+            return e.state
+        }
     }
 
     func put(_ key: Key, _ state: LevelState) {
         let size = state.blocks.joined().reduce(0) { $0 + $1.tensors.reduce(0) { $0 + 4 * $1.count } }
-        lock.lock()
-        defer { lock.unlock() }
         guard size <= capacityBytes else { return }
-        tick += 1
-        if let old = entries[key] { bytes -= old.bytes }
-        entries[key] = (state, size, tick)
-        bytes += size
-        while bytes > capacityBytes, let oldest = entries.min(by: { $0.value.tick < $1.value.tick }) {
-            bytes -= oldest.value.bytes
-            entries[oldest.key] = nil
+        let capacity = capacityBytes
+        cache.withLock { c in
+            c.tick += 1
+            if let old = c.entries[key] { c.bytes -= old.bytes }
+            c.entries[key] = (state, size, c.tick)
+            c.bytes += size
+            while c.bytes > capacity, let oldest = c.entries.min(by: { $0.value.tick < $1.value.tick }) {
+                c.bytes -= oldest.value.bytes
+                c.entries[oldest.key] = nil
+            }
         }
     }
 
     /// Drops every entry of the user (erasure).
     func remove(user: Int64) {
-        lock.lock()
-        defer { lock.unlock() }
-        for key in entries.keys where key.user == user {
-            bytes -= entries[key]!.bytes
-            entries[key] = nil
+        cache.withLock { c in
+            for key in c.entries.keys where key.user == user {
+                c.bytes -= c.entries[key]!.bytes
+                c.entries[key] = nil
+            }
         }
     }
 
     func snapshot() -> (entries: Int, bytes: Int, hits: Int, misses: Int) {
-        lock.lock()
-        defer { lock.unlock() }
-        return (entries.count, bytes, hits, misses)
+        cache.withLock { c in (c.entries.count, c.bytes, c.hits, c.misses) }
     }
 }
 
@@ -152,6 +157,11 @@ final class UserMemory: Sendable {
                             cause: cause, causeID: causeID, actor: actor)
     }
 
+    /// The server's level configuration has no level to consolidate into (→ 400).
+    struct NotConsolidable: Error, CustomStringConvertible {
+        var description: String { "consolidation needs at least two levels in the server's level configuration" }
+    }
+
     /// What a consolidation did, for its reply, audit event and metrics.
     struct Consolidated {
         var klBefore = 0.0, klAfter = 0.0, steps = 0, written = 0
@@ -168,9 +178,7 @@ final class UserMemory: Sendable {
     /// `consolidate`. With nothing to learn from it changes nothing.
     func consolidate(_ learner: LevelLearner, method: ConsolidationConfiguration.Method, budget: ConsolidationBudget,
                      sleep: SleepConfiguration, actor: String) throws -> Consolidated {
-        guard let (fast, mid) = levels.consolidation else {
-            throw APIError.invalid("consolidation needs at least two levels in the server's level configuration")
-        }
+        guard let (fast, mid) = levels.consolidation else { throw NotConsolidable() }
         var out = Consolidated()
         switch method {
         case .distill, .transplant:

@@ -7,20 +7,10 @@ import Logging
 import PostgresNIO
 
 extension Database {
-    /// The times a query may bind: PostgresNIO encodes a Date as Int64
-    /// microseconds, which traps for non-finite or far-off times, so every
-    /// caller-given time is checked to lie in years 1…9999 (the service
-    /// refuses others with 400 before they get here).
-    public static let storableDates = Date(timeIntervalSince1970: -62_135_596_800)...Date(timeIntervalSince1970: 253_402_300_799)
-
-    /// Whether a time can be bound (finite, in years 1…9999). The finiteness
-    /// test comes first: Date's `<=` is `!(>)`, which is true for NaN.
-    public static func isStorable(_ d: Date) -> Bool {
-        d.timeIntervalSince1970.isFinite && storableDates.contains(d)
-    }
-
+    /// Refuses a time a query may not bind (StoreLimits.storableDates: the
+    /// service refuses others with 400 before they get here).
     static func checkStorable(_ dates: Date?...) throws {
-        for d in dates.compactMap({ $0 }) where !isStorable(d) {
+        for d in dates.compactMap({ $0 }) where !StoreLimits.isStorable(d) {
             throw Failure(description: "time \(d.timeIntervalSince1970) s is outside years 1…9999")
         }
     }

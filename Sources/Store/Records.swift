@@ -305,3 +305,20 @@ public struct RankedDrift: Sendable, Equatable {
     public let frozen: Bool
     public let report: DriftReport
 }
+
+// MARK: Limits every store has
+
+/// What any store can hold, whatever keeps it: callers check values against
+/// these before they reach a store (the service refuses others with 400).
+public enum StoreLimits {
+    /// The times a store can bind: PostgresNIO encodes a Date as Int64
+    /// microseconds, which traps for non-finite or far-off times, so every
+    /// caller-given time must lie in years 1…9999.
+    public static let storableDates = Date(timeIntervalSince1970: -62_135_596_800)...Date(timeIntervalSince1970: 253_402_300_799)
+
+    /// Whether a time can be stored (finite, in years 1…9999). The finiteness
+    /// test comes first: Date's `<=` is `!(>)`, which is true for NaN.
+    public static func isStorable(_ d: Date) -> Bool {
+        d.timeIntervalSince1970.isFinite && storableDates.contains(d)
+    }
+}

@@ -1,6 +1,9 @@
 // continuum serve: the HTTP service. With no database URL it runs a private
 // PostgreSQL in the data directory, migrates it, and on first start creates a
-// "dev" tenant and prints its API key once.
+// "dev" tenant and prints its API key once. This is the Hummingbird
+// template's App.swift (the command that reads its arguments and runs
+// `buildApplication`, Service/App+build.swift); the CLI's other commands sit
+// beside it.
 import ArgumentParser
 import Foundation
 import Logging

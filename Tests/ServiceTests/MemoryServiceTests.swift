@@ -139,7 +139,7 @@ struct MemoryServiceTests {
             }
             #expect(value("continuum_learning_jobs_applied_total") == 13 && value("continuum_learning_jobs_enqueued_total") == 13)
             #expect(value("continuum_learning_lag_seconds_count") == 13 && value("continuum_learning_jobs_queued") == 0)
-            #expect(try #require(value("continuum_level_cache_hits")) > 0)
+            #expect(try #require(value("continuum_level_cache_hits_total")) > 0)
             #expect(lines.contains { $0.hasPrefix("continuum_http_requests_total{route=\"/v1/generate\",status=\"200\"}") })
             #expect(lines.contains { $0.hasPrefix("continuum_http_requests_total{route=\"/v1/users/{user}/memory\",status=\"200\"}") })
 

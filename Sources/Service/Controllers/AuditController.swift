@@ -1,7 +1,8 @@
 // The drift-audit endpoints (documented in openapi.yaml, routed by hand for
 // their JSON / CSV / HTML variants): a user's report and events, an audit on
 // demand, clearing a freeze, the tenant-wide ranking and events, and the
-// tenant's policies and probe set.
+// tenant's policies and probe set. The JSON replies are the generated types,
+// built from the store's records in Replies.swift; CSV and HTML read the same values.
 import Foundation
 import Hummingbird
 import Memory
@@ -37,32 +38,21 @@ struct AuditController {
 
     static func format(_ request: Request) throws -> String { try Query(request).oneOf("format", ["json", "csv", "html"]) }
 
-    static func object(_ json: String) -> Any { (try? JSONSerialization.jsonObject(with: Data(json.utf8))) ?? NSNull() }
-
-    static func eventObject(_ e: AuditEvent) -> [String: Any] {
-        ["id": e.id, "event": e.event.rawValue, "from_version": e.fromVersion as Any? ?? NSNull(), "to_version": e.toVersion as Any? ?? NSNull(),
-         "actor": e.actor, "cause_id": e.causeID as Any? ?? NSNull(), "detail": object(e.detail), "time": iso(e.createdAt),
-         "user_id": e.userID as Any? ?? NSNull()]
-    }
-
-    static func response(_ object: Any) throws -> Response {
-        let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])
-        return Response(status: .ok, headers: [.contentType: "application/json"], body: ResponseBody(byteBuffer: ByteBuffer(bytes: data)))
-    }
-
     static func text(_ text: String, type: String) -> Response {
         Response(status: .ok, headers: [.contentType: type], body: ResponseBody(byteBuffer: ByteBuffer(string: text)))
     }
 
     /// The CSV reports' metric columns: every rankable metric.
-    static let csvMetrics = DriftMetric.allCases.map(\.rawValue)
+    static let csvMetrics = DriftMetric.allCases
 
-    static func csvValue(_ metrics: [String: Any], _ key: String) -> String {
-        switch metrics[key] {
-        case let n as NSNumber: return "\(n)"
-        case let s as String: return s
-        default: return ""
-        }
+    /// A metric in a CSV cell: an integral value without a fraction, none as an empty cell.
+    static func csvValue(_ metrics: Components.Schemas.DriftMetrics, _ metric: DriftMetric) -> String {
+        guard let v = metrics.value(metric) else { return "" }
+        return v.isFinite && v.rounded() == v && abs(v) < 1e15 ? String(Int64(v)) : "\(v)"
+    }
+
+    static func csvField(_ s: String) -> String {
+        s.contains(where: { $0 == "," || $0 == "\"" || $0 == "\n" }) ? "\"" + s.replacingOccurrences(of: "\"", with: "\"\"") + "\"" : s
     }
 
     // MARK: A user's report
@@ -81,35 +71,31 @@ struct AuditController {
         }
         let current = try await store.user(id: user.id, tenantID: principal.tenantID) ?? user
         let events = try await store.auditEvents(userID: user.id, limit: 100)
+        let history = try reports.map(Components.Schemas.AuditVersion.init)
         switch format {
         case "csv":
-            var out = "version,computed_at,passed,flags," + Self.csvMetrics.joined(separator: ",") + "\n"
-            for r in reports {
-                let m = Self.object(r.metrics) as? [String: Any] ?? [:]
-                let flags = (Self.object(r.flags) as? [[String: Any]] ?? []).compactMap { $0["metric"] as? String }.joined(separator: ";")
-                out += "\(r.version),\(Self.iso(r.computedAt)),\(r.passed),\(flags)," + Self.csvMetrics.map { Self.csvValue(m, $0) }.joined(separator: ",") + "\n"
+            var out = "version,computed_at,passed,flags," + Self.csvMetrics.map(\.rawValue).joined(separator: ",") + "\n"
+            for r in history {
+                out += "\(r.version),\(Self.iso(r.computedAt)),\(r.passed),\(r.flagged.joined(separator: ";")),"
+                    + Self.csvMetrics.map { Self.csvValue(r.metrics, $0) }.joined(separator: ",") + "\n"
             }
             return Self.text(out, type: "text/csv; charset=utf-8")
         case "html":
-            return Self.text(AuditPage.user(name: user.name, frozen: current.frozen, version: current.version, reports: reports,
+            return Self.text(AuditPage.user(name: user.name, frozen: current.frozen, version: current.version, reports: history,
                                             events: events), type: "text/html; charset=utf-8")
         default:
-            guard let latest = reports.last else { throw APIError.internalError }   // an audit just stored one
-            return try Self.response([
-                "user": user.name, "version": current.version, "audited_version": latest.version, "frozen": current.frozen,
-                "metrics": Self.object(latest.metrics), "flags": Self.object(latest.flags), "passed": latest.passed,
-                "computed_at": Self.iso(latest.computedAt),
-                "history": reports.map { ["version": $0.version, "computed_at": Self.iso($0.computedAt), "passed": $0.passed,
-                                          "flags": Self.object($0.flags), "metrics": Self.object($0.metrics)] as [String: Any] },
-                "events": events.suffix(50).map(Self.eventObject),
-            ])
+            guard let latest = history.last else { throw APIError.internalError }   // an audit just stored one
+            return try JSONReply.response(Components.Schemas.AuditReport(
+                user: user.name, version: current.version, auditedVersion: latest.version, frozen: current.frozen,
+                metrics: latest.metrics, flags: latest.flags, passed: latest.passed, computedAt: latest.computedAt,
+                history: history, events: try events.suffix(50).map(Components.Schemas.AuditEvent.init)))
         }
     }
 
     func clear(_ request: Request, _ context: AppContext) async throws -> Response {
         let (principal, user) = try await store.requestUser()
         let changed = try await store.setFrozen(userID: user.id, false, actor: principal.actor)
-        return try Self.response(["user": user.name, "frozen": false, "changed": changed])
+        return try JSONReply.response(Components.Schemas.AuditCleared(user: user.name, frozen: false, changed: changed))
     }
 
     func userEvents(_ request: Request, _ context: AppContext) async throws -> Response {
@@ -117,7 +103,8 @@ struct AuditController {
         let q = Query(request)
         let events = try await store.auditEvents(userID: user.id, since: try q.date("since"), until: try q.date("until"),
                                                           limit: try q.int("limit", default: 1000, range: 1...10000))
-        return try Self.response(["user": user.name, "data": events.map(Self.eventObject)])
+        return try JSONReply.response(Components.Schemas.AuditEventList(user: user.name,
+                                                                       data: try events.map(Components.Schemas.AuditEvent.init)))
     }
 
     // MARK: The tenant's report
@@ -135,33 +122,22 @@ struct AuditController {
         let ranked = try await store.rankedDrift(tenantID: principal.tenantID, metric: metric.rawValue, ascending: order == "asc",
                                                           flaggedOnly: flagged, since: try q.date("since"),
                                                           until: try q.date("until"), limit: limit, offset: offset)
+        let rows = try ranked.enumerated().map { i, r in try Components.Schemas.RankedUser(r, rank: offset + i + 1) }
         switch format {
         case "csv":
-            var out = "rank,user,version,frozen,passed,flags,computed_at," + Self.csvMetrics.joined(separator: ",") + "\n"
-            for (i, r) in ranked.enumerated() {
-                let m = Self.object(r.report.metrics) as? [String: Any] ?? [:]
-                let flags = (Self.object(r.report.flags) as? [[String: Any]] ?? []).compactMap { $0["metric"] as? String }
-                out += "\(offset + i + 1),\(Self.csvField(r.user)),\(r.report.version),\(r.frozen),\(r.report.passed),"
-                    + "\(flags.joined(separator: ";")),\(Self.iso(r.report.computedAt)),"
-                    + Self.csvMetrics.map { Self.csvValue(m, $0) }.joined(separator: ",") + "\n"
+            var out = "rank,user,version,frozen,passed,flags,computed_at," + Self.csvMetrics.map(\.rawValue).joined(separator: ",") + "\n"
+            for r in rows {
+                out += "\(r.rank),\(Self.csvField(r.user)),\(r.version),\(r.frozen),\(r.passed),"
+                    + "\(r.flags.map(\.metric).joined(separator: ";")),\(Self.iso(r.computedAt)),"
+                    + Self.csvMetrics.map { Self.csvValue(r.metrics, $0) }.joined(separator: ",") + "\n"
             }
             return Self.text(out, type: "text/csv; charset=utf-8")
         case "html":
-            return Self.text(AuditPage.tenant(metric: metric.rawValue, ranked: ranked, offset: offset), type: "text/html; charset=utf-8")
+            return Self.text(AuditPage.tenant(metric: metric, ranked: rows), type: "text/html; charset=utf-8")
         default:
-            return try Self.response([
-                "metric": metric.rawValue, "order": order, "limit": limit, "offset": offset,
-                "data": ranked.enumerated().map { i, r in
-                    ["rank": offset + i + 1, "user": r.user, "version": r.report.version, "frozen": r.frozen, "passed": r.report.passed,
-                     "flags": Self.object(r.report.flags), "metrics": Self.object(r.report.metrics),
-                     "computed_at": Self.iso(r.report.computedAt)] as [String: Any]
-                },
-            ])
+            return try JSONReply.response(Components.Schemas.TenantAudit(metric: metric.rawValue, order: order == "asc" ? .asc : .desc,
+                                                                        limit: limit, offset: offset, data: rows))
         }
-    }
-
-    static func csvField(_ s: String) -> String {
-        s.contains(where: { $0 == "," || $0 == "\"" || $0 == "\n" }) ? "\"" + s.replacingOccurrences(of: "\"", with: "\"\"") + "\"" : s
     }
 
     func tenantEvents(_ request: Request, _ context: AppContext) async throws -> Response {
@@ -169,7 +145,7 @@ struct AuditController {
         let q = Query(request)
         let events = try await store.auditEvents(tenantID: principal.tenantID, since: try q.date("since"),
                                                           until: try q.date("until"), limit: try q.int("limit", default: 1000, range: 1...10000))
-        return try Self.response(["data": events.map(Self.eventObject)])
+        return try JSONReply.response(Components.Schemas.AuditEventList(data: try events.map(Components.Schemas.AuditEvent.init)))
     }
 
     // MARK: Settings
@@ -183,7 +159,7 @@ struct AuditController {
         let principal = try RequestScope.principal()
         let custom = try await store.auditSettings(tenantID: principal.tenantID).policies
         let policies = try await auditor.policies(tenantID: principal.tenantID)
-        return try Self.response(["policies": Self.object(try Auditor.json(policies)), "default": custom == nil])
+        return try JSONReply.response(Components.Schemas.Policies(policies: try policies.map { try $0.reply() }, _default: custom == nil))
     }
 
     func setPolicies(_ request: Request) async throws -> Response {
@@ -193,7 +169,7 @@ struct AuditController {
         if let p = body.policies, p.count > configuration.maxPolicies {
             throw APIError.invalid("give at most \(configuration.maxPolicies) policies (max_policies), got \(p.count)", param: "policies")
         }
-        try body.policies?.forEach { try $0.validate() }
+        try body.policies?.forEach { try $0.validate() }   // Policy.Invalid → 400 naming the field
         try await store.setPolicies(tenantID: principal.tenantID, json: try body.policies.map { try Auditor.json($0) })
         return try await policies()
     }
@@ -201,7 +177,8 @@ struct AuditController {
     func probes() async throws -> Response {
         let principal = try RequestScope.principal()
         let custom = try await store.auditSettings(tenantID: principal.tenantID).probes
-        return try Self.response(["probes": try await auditor.probes(tenantID: principal.tenantID), "default": custom == nil])
+        return try JSONReply.response(Components.Schemas.Probes(probes: try await auditor.probes(tenantID: principal.tenantID),
+                                                                _default: custom == nil))
     }
 
     func setProbes(_ request: Request) async throws -> Response {

@@ -2,7 +2,9 @@
 // /v1/completions and /v1/chat/completions. Each answers JSON, or server-sent
 // events when the request's `stream` is true (whatever the Accept header
 // says, as OpenAI clients expect), with the schema types generated from
-// openapi.yaml. A request with a user runs with that user's current memory
+// openapi.yaml (each event written by StreamEvent, Streaming.swift). What
+// goes wrong is thrown as it comes and mapped to HTTP in APIError.from,
+// also when it ends a started stream. A request with a user runs with that user's current memory
 // version; once generated, the generation and (unless learning is off) its
 // learning job are committed before the response's last bytes are sent.
 import Foundation
@@ -61,7 +63,7 @@ struct GenerationController {
         if let v = s.repetitionPenalty { p.repetitionPenalty = Float(v) }
         if let v = s.seed { p.seed = UInt64(bitPattern: v) }
         if let v = s.stop { p.stop = v }
-        do { try p.validate() } catch let e as SamplingParameters.Invalid { throw APIError.invalid(e.description, param: e.parameter) }
+        try p.validate()   // SamplingParameters.Invalid → 400 naming the parameter, in APIError.from
         return p
     }
 
@@ -109,8 +111,7 @@ struct GenerationController {
 
     func target(_ text: String?, _ principal: Principal) async throws -> Target {
         guard let text else { return Target(principal: principal, user: nil, adapter: nil) }
-        let name: UserName
-        do { name = try UserName(text) } catch { throw APIError.invalid("user: \(error)", param: "user") }
+        let name = try UserName(text)   // UserName.Invalid → 400, param user, in APIError.from
         for _ in 0..<5 {
             guard let user = try await users.user(tenantID: principal.tenantID, name: name, create: true) else { break }
             do {
@@ -125,11 +126,7 @@ struct GenerationController {
 
     func submit(_ prompt: Prompt, _ parameters: SamplingParameters, _ target: Target) throws
         -> AsyncThrowingStream<GenerationEvent, Error> {
-        do {
-            return try engine.submit(prompt: prompt.tokens, parameters: parameters, adapter: target.adapter)
-        } catch is BatchEngine.Overloaded {
-            throw APIError.overloaded
-        }
+        try engine.submit(prompt: prompt.tokens, parameters: parameters, adapter: target.adapter)   // Overloaded → 429
     }
 
     /// After a generation: counts its tokens, records it for a user with its
@@ -154,18 +151,6 @@ struct GenerationController {
             if case .finished(let result) = event { return result }
         }
         throw CancellationError()
-    }
-
-    static func json(_ value: some Encodable, status: HTTPResponse.Status = .ok) throws -> Response {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-        return Response(status: status, headers: [.contentType: "application/json"],
-                        body: ResponseBody(byteBuffer: ByteBuffer(bytes: try encoder.encode(value))))
-    }
-
-    static func jsonObject(_ object: Any) -> String {
-        String(decoding: (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])) ?? Data(),
-               as: UTF8.self)
     }
 
     static func usage(_ r: GenerationResult) -> Components.Schemas.Usage {
@@ -195,29 +180,31 @@ struct GenerationController {
                          finishReason: result.finishReason == .stop ? .stop : .length,
                          usage: Self.usage(result), memoryVersion: target.version, learning: learning)
         }
-        guard r.stream == true else { return try Self.json(try await response(try await collect(stream))) }
+        guard r.stream == true else { return try JSONReply.response(try await response(try await collect(stream))) }
         return eventStream(context) { writer in
             for try await event in stream {
                 switch event {
                 case .token(let t) where !t.text.isEmpty:
-                    try await writer.write(ByteBuffer(string: "event: token\ndata: \(Self.jsonObject(["text": t.text]))\n\n"))
+                    try await writer.send(StreamEvent(event: "token", Components.Schemas.GenerateToken(text: t.text)))
                 case .token:
                     break
                 case .finished(let result):
+                    let done: StreamEvent
                     do {
-                        let data = try JSONEncoder().encode(try await response(result))
-                        try await writer.write(ByteBuffer(string: "event: done\ndata: \(String(decoding: data, as: UTF8.self))\n\n"))
+                        let reply = try await response(result)
+                        done = try StreamEvent(event: "done", reply)
                     } catch {
-                        try await writer.write(ByteBuffer(string: "event: error\ndata: \(Self.errorJSON(error, context))\n\n"))
+                        done = try Self.errorEvent(error, context, event: "error")
                     }
+                    try await writer.send(done)
                 }
             }
         }
     }
 
-    /// An error as the body of a stream event, once the response has started (logged when it is the server's).
-    static func errorJSON(_ error: any Error, _ context: AppContext) -> String {
-        APIError.reported(error, logger: context.logger, route: context.endpointPath).json
+    /// An error as a stream event, once the response has started (logged when it is the server's).
+    static func errorEvent(_ error: any Error, _ context: AppContext, event: String?) throws -> StreamEvent {
+        try StreamEvent(event: event, APIError.reported(error, logger: context.logger, route: context.endpointPath).body)
     }
 
     // MARK: OpenAI-compatible
@@ -228,17 +215,6 @@ struct GenerationController {
                            message: "the model '\(name)' does not exist; this server serves '\(configuration.modelName)'",
                            param: "model", code: "model_not_found")
         }
-    }
-
-    /// One server-sent event of an OpenAI stream: `data: {id, object, created, model, choices[, usage]}`.
-    static func openAIChunk(id: String, object: String, created: Int64, model: String, choices: [[String: Any]],
-                            usage: GenerationResult?) -> ByteBuffer {
-        var o: [String: Any] = ["id": id, "object": object, "created": created, "model": model, "choices": choices]
-        if let u = usage {
-            o["usage"] = ["prompt_tokens": u.promptTokens, "completion_tokens": u.tokens.count,
-                          "total_tokens": u.promptTokens + u.tokens.count]
-        }
-        return ByteBuffer(string: "data: \(jsonObject(o))\n\n")
     }
 
     /// What the OpenAI-compatible endpoints share: the generation started
@@ -267,7 +243,7 @@ struct GenerationController {
         guard r.stream == true else {
             let result = try await collect(stream)
             try await finished(result)
-            return try Self.json(Components.Schemas.Completion(
+            return try JSONReply.response(Components.Schemas.Completion(
                 id: id, object: .textCompletion, created: created, model: model,
                 choices: [.init(index: 0, text: result.text, finishReason: result.finishReason == .stop ? .stop : .length)],
                 usage: Self.usage(result)))
@@ -287,7 +263,7 @@ struct GenerationController {
         guard r.stream == true else {
             let result = try await collect(stream)
             try await finished(result)
-            return try Self.json(Components.Schemas.ChatCompletion(
+            return try JSONReply.response(Components.Schemas.ChatCompletion(
                 id: id, object: .chat_completion, created: created, model: model,
                 choices: [.init(index: 0, message: .init(role: .assistant, content: result.text),
                                 finishReason: result.finishReason == .stop ? .stop : .length)],
@@ -300,45 +276,74 @@ struct GenerationController {
     /// Which OpenAI stream: text completion chunks or chat completion chunks.
     enum StreamKind: Sendable { case text, chat }
 
+    /// What one chunk of an OpenAI stream carries.
+    enum ChunkContent {
+        /// Chat only: the assistant's role, with empty content.
+        case opening
+        case text(String)
+        /// Empty text (delta) and the finish reason.
+        case closing(FinishReason)
+        /// No choices, the usage.
+        case usage(GenerationResult)
+    }
+
+    /// The event of one chunk of a stream of `kind` (a CompletionChunk or a ChatCompletionChunk).
+    static func chunk(_ content: ChunkContent, kind: StreamKind, id: String, created: Int64, model: String) throws -> StreamEvent {
+        var usage: Components.Schemas.Usage?
+        if case .usage(let result) = content { usage = Self.usage(result) }
+        typealias TextChoice = Components.Schemas.CompletionChunkChoice
+        typealias ChatChoice = Components.Schemas.ChatCompletionChunkChoice
+        switch kind {
+        case .text:
+            let choices: [TextChoice]
+            switch content {
+            case .opening, .usage: choices = []
+            case .text(let text): choices = [TextChoice(index: 0, text: text, finishReason: nil)]
+            case .closing(let reason): choices = [TextChoice(index: 0, text: "", finishReason: reason == .stop ? .stop : .length)]
+            }
+            return try StreamEvent(Components.Schemas.CompletionChunk(id: id, object: .textCompletion, created: created, model: model,
+                                                                          choices: choices, usage: usage))
+        case .chat:
+            let choices: [ChatChoice]
+            switch content {
+            case .opening: choices = [ChatChoice(index: 0, delta: .init(role: .assistant, content: ""), finishReason: nil)]
+            case .text(let text): choices = [ChatChoice(index: 0, delta: .init(content: text), finishReason: nil)]
+            case .closing(let reason): choices = [ChatChoice(index: 0, delta: .init(), finishReason: reason == .stop ? .stop : .length)]
+            case .usage: choices = []
+            }
+            return try StreamEvent(Components.Schemas.ChatCompletionChunk(id: id, object: .chat_completion_chunk, created: created,
+                                                                              model: model, choices: choices, usage: usage))
+        }
+    }
+
     /// An OpenAI stream: (chat: an opening chunk with the role), a chunk per
     /// piece of text, then, once `finished` has recorded the generation, the
     /// closing chunk with finish_reason, the usage chunk when asked, and
     /// `data: [DONE]`. A failure to record ends the stream with an error object.
     func openAIStream(_ context: AppContext, _ stream: AsyncThrowingStream<GenerationEvent, Error>, id: String, created: Int64,
-                      model: String,
-                             kind: StreamKind, includeUsage: Bool,
-                             finished: @escaping @Sendable (GenerationResult) async throws -> Void) -> Response {
-        @Sendable func choice(_ text: String?, finish: String?) -> [String: Any] {
-            let reason: Any = finish ?? NSNull()
-            switch kind {
-            case .text: return ["index": 0, "text": text ?? "", "finish_reason": reason]
-            case .chat: return ["index": 0, "delta": text.map { ["content": $0] } ?? [String: String](), "finish_reason": reason]
-            }
-        }
-        @Sendable func chunk(_ choices: [[String: Any]], usage: GenerationResult? = nil) -> ByteBuffer {
-            Self.openAIChunk(id: id, object: kind == .text ? "text_completion" : "chat.completion.chunk", created: created, model: model,
-                        choices: choices, usage: usage)
+                      model: String, kind: StreamKind, includeUsage: Bool,
+                      finished: @escaping @Sendable (GenerationResult) async throws -> Void) -> Response {
+        @Sendable func chunk(_ content: ChunkContent) throws -> StreamEvent {
+            try Self.chunk(content, kind: kind, id: id, created: created, model: model)
         }
         return eventStream(context) { writer in
-            if kind == .chat {
-                try await writer.write(chunk([["index": 0, "delta": ["role": "assistant", "content": ""], "finish_reason": NSNull()]]))
-            }
+            if kind == .chat { try await writer.send(chunk(.opening)) }
             for try await event in stream {
                 switch event {
                 case .token(let t) where !t.text.isEmpty:
-                    try await writer.write(chunk([choice(t.text, finish: nil)]))
+                    try await writer.send(chunk(.text(t.text)))
                 case .token:
                     break
                 case .finished(let result):
                     do { try await finished(result) } catch {
-                        try await writer.write(ByteBuffer(string: "data: \(Self.errorJSON(error, context))\n\n"))
+                        try await writer.send(Self.errorEvent(error, context, event: nil))
                         return
                     }
-                    try await writer.write(chunk([choice(nil, finish: result.finishReason.rawValue)]))
-                    if includeUsage { try await writer.write(chunk([], usage: result)) }
+                    try await writer.send(chunk(.closing(result.finishReason)))
+                    if includeUsage { try await writer.send(chunk(.usage(result))) }
                 }
             }
-            try await writer.write(ByteBuffer(string: "data: [DONE]\n\n"))
+            try await writer.send(.done)
         }
     }
 }

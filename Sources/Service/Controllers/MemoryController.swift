@@ -111,15 +111,17 @@ struct MemoryController {
     func fork(_ input: Operations.ForkMemory.Input) async throws -> Operations.ForkMemory.Output {
         let (principal, user) = try await users.requestUser()
         guard case .json(let body) = input.body else { throw APIError.invalid("expected a JSON body") }
+        // What is wrong with `to` (not a user id; a user that exists: Conflict → 409 user_exists) is named as the field.
         let target: UserName
-        do { target = try UserName(body.to) } catch { throw APIError.invalid("to: \(error)", param: "to") }
+        do { target = try UserName(body.to) } catch { throw FieldError(param: "to", error: error) }
         if let v = body.version, v < 0 { throw APIError.invalid("version must be at least 0", param: "version") }
+        let forked: User
         do {
-            let forked = try await users.forkUser(source: user, version: body.version, target: target, actor: principal.actor)
-            return .ok(.init(body: .json(try await info(forked))))
+            forked = try await users.forkUser(source: user, version: body.version, target: target, actor: principal.actor)
         } catch let e as Conflict {
-            throw APIError(.conflict, type: "invalid_request_error", message: e.description, param: "to", code: "user_exists")
+            throw FieldError(param: "to", error: e)
         }
+        return .ok(.init(body: .json(try await info(forked))))
     }
 
     func consolidate(_ input: Operations.ConsolidateMemory.Input) async throws -> Operations.ConsolidateMemory.Output {
@@ -139,9 +141,7 @@ struct MemoryController {
         guard (0...256).contains(budget.generatedTokens) else {
             throw APIError.invalid("generated_tokens must be in 0...256", param: "generated_tokens")
         }
-        guard memory.levels.consolidation != nil else {
-            throw APIError.invalid("consolidation needs at least two levels in the server's level configuration")
-        }
+        guard memory.levels.consolidation != nil else { throw UserMemory.NotConsolidable() }
         let memory = self.memory, actor = principal.actor, budgetValue = budget, metrics = self.metrics
         let report = Handoff<UserMemory.Consolidated>()
         let start = ContinuousClock.now
@@ -185,13 +185,9 @@ struct MemoryController {
         // The pipeline has read the body, within max_import_bytes.
         let data = Data(buffer: try await request.body.collect(upTo: configuration.maxImportBytes))
         let memory = self.memory, actor = principal.actor
-        // Checked before any row is written: a bad file changes nothing.
-        let learner = try await memory.compute(.light) { () throws -> UncheckedLearner in
-            do {
-                return UncheckedLearner(value: try LevelStateFile.decode(data, model: memory.model, expecting: memory.levels))
-            } catch let e as LevelStateFile.Incompatible {
-                throw APIError.invalid(e.description, param: "body")
-            }
+        // Checked before any row is written: a bad file changes nothing (LevelStateFile.Incompatible → 400, param body).
+        let learner = try await memory.compute(.light) {
+            UncheckedLearner(value: try LevelStateFile.decode(data, model: memory.model, expecting: memory.levels))
         }
         guard let user = try await users.user(tenantID: principal.tenantID, name: name, create: true) else {
             throw APIError.notFound("no user '\(name)' in this tenant")
@@ -203,7 +199,7 @@ struct MemoryController {
                                   causeID: "sha256:" + digest, actor: actor)
             }
         }
-        return try GenerationController.json(try await info(user, cancelled: mutation.cancelledJobs))
+        return try JSONReply.response(try await info(user, cancelled: mutation.cancelledJobs))
     }
 
     /// A decoded learner handed between the learning thread and the request.

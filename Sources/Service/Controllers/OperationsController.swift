@@ -49,15 +49,17 @@ struct OperationsController {
         let queue = (try? await self.queue.queuedJobs()) ?? (count: -1, oldestSeconds: -1)
         let cache = self.cache.snapshot()
         let engine = self.engine.load
-        let text = metrics.render(gauges: [
-            ("continuum_generations_running", "Sequences in the batch engine.", Double(engine.running)),
-            ("continuum_generations_waiting", "Sequences admitted, waiting for a batch slot.", Double(engine.waiting)),
-            ("continuum_learning_jobs_queued", "Learning jobs queued in the database (all replicas).", Double(queue.count)),
-            ("continuum_learning_oldest_queued_seconds", "Age of the oldest queued learning job.", queue.oldestSeconds),
-            ("continuum_level_cache_entries", "Users' level weights cached.", Double(cache.entries)),
-            ("continuum_level_cache_bytes", "Bytes of cached level weights.", Double(cache.bytes)),
-            ("continuum_level_cache_hits", "Level cache hits.", Double(cache.hits)),
-            ("continuum_level_cache_misses", "Level cache misses.", Double(cache.misses)),
+        let text = metrics.render(samples: [
+            .init(name: "continuum_generations_running", help: "Sequences in the batch engine.", value: Double(engine.running)),
+            .init(name: "continuum_generations_waiting", help: "Sequences admitted, waiting for a batch slot.", value: Double(engine.waiting)),
+            .init(name: "continuum_learning_jobs_queued", help: "Learning jobs queued in the database (all replicas).", value: Double(queue.count)),
+            .init(name: "continuum_learning_oldest_queued_seconds", help: "Age of the oldest queued learning job.", value: queue.oldestSeconds),
+            .init(name: "continuum_level_cache_entries", help: "Users' level weights cached.", value: Double(cache.entries)),
+            .init(name: "continuum_level_cache_bytes", help: "Bytes of cached level weights.", value: Double(cache.bytes)),
+            .init(name: "continuum_level_cache_hits_total", help: "Level cache lookups that found the version's weights.",
+                  value: Double(cache.hits), counter: true),
+            .init(name: "continuum_level_cache_misses_total", help: "Level cache lookups that had to decode the weights from the store.",
+                  value: Double(cache.misses), counter: true),
         ])
         return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
                         body: ResponseBody(byteBuffer: ByteBuffer(string: text)))

@@ -3,7 +3,8 @@
 // within stream_write_timeout_seconds, the connection is closed, the write
 // fails, the response's producer stops, and the generation it was reading
 // is cancelled in the batch engine (its slot freed). A generation that was
-// not delivered is not recorded and learns nothing.
+// not delivered is not recorded and learns nothing. Every event is written
+// as a StreamEvent: a name, when it has one, and a generated type's JSON.
 import Foundation
 import Hummingbird
 import NIOCore
@@ -38,6 +39,31 @@ final class WriteWatch: Sendable {
     }
 }
 
+/// One server-sent event as this server writes it: an `event:` line when it
+/// has a name, one `data:` line, a blank line. The data is a payload's JSON
+/// (written as every reply is, by JSONReply: one line, JSON has no raw
+/// newlines), or the OpenAI streams' closing `[DONE]`.
+struct StreamEvent {
+    let event: String?
+    let data: String
+
+    private init(event: String?, data: String) {
+        self.event = event
+        self.data = data
+    }
+
+    /// An event whose data is `payload` as JSON.
+    init(event: String? = nil, _ payload: some Encodable) throws {
+        self.init(event: event, data: String(decoding: try JSONReply.data(payload), as: UTF8.self))
+    }
+
+    /// `data: [DONE]`, the last event of an OpenAI stream.
+    static let done = StreamEvent(event: nil, data: "[DONE]")
+
+    /// The event's bytes on the wire.
+    var bytes: ByteBuffer { ByteBuffer(string: (event.map { "event: \($0)\n" } ?? "") + "data: \(data)\n\n") }
+}
+
 /// A streamed response's writer: each write watched.
 struct StreamWriter {
     var inner: any ResponseBodyWriter
@@ -50,6 +76,9 @@ struct StreamWriter {
     }
 
     mutating func write(_ text: String) async throws { try await write(ByteBuffer(string: text)) }
+
+    /// Writes one server-sent event.
+    mutating func send(_ event: StreamEvent) async throws { try await write(event.bytes) }
 }
 
 extension GenerationController {
