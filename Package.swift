@@ -65,17 +65,23 @@ let package = Package(
             dependencies: ["Service", "Store", "Memory", "Model", "Tensor", .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")]
         ),
-        // Shared by every test target: the one loader of the tiny Llama and the backbone, fixture paths, gradient checks.
+        // Shared by the test targets that run a model: the one loader of the tiny Llama and the backbone, fixture paths, gradient checks.
         .target(name: "TestSupport", dependencies: ["Model"], path: "Tests/TestSupport"),
+        // The one PostgreSQL fixture (a private cluster per test process) for StoreTests and ServiceTests;
+        // it needs only the store, so StoreTests link neither the model nor its kernels.
+        .target(name: "StoreTestSupport", dependencies: ["Store", .product(name: "Logging", package: "swift-log")],
+                path: "Tests/StoreTestSupport"),
         .testTarget(name: "TensorTests", dependencies: ["Tensor", "CKernels", "TestSupport"], swiftSettings: computeSettings),
         .testTarget(
-            name: "ModelTests", dependencies: ["Model", "Tensor", "TestSupport"],
+            name: "ModelTests", dependencies: ["Model", "Tensor", "Digest", "TestSupport"],
             exclude: ["Fixtures"], swiftSettings: computeSettings
         ),
-        .testTarget(name: "StoreTests", dependencies: ["Store", "TestSupport"]),
+        .testTarget(name: "StoreTests", dependencies: ["Store", "StoreTestSupport"]),
         .testTarget(name: "ServiceTests", dependencies: [
-            "Service", "Store", "Memory", "Model", "TestSupport",
+            "Service", "Store", "Memory", "Model", "Tensor", "TestSupport", "StoreTestSupport",
+            .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "HummingbirdTesting", package: "hummingbird"),
+            .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "HTTPTypes", package: "swift-http-types"),
             // Reads openapi.yaml to check the endpoint table against it.

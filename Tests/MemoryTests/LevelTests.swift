@@ -156,7 +156,7 @@ struct LevelForwardTests {
 
     @Test("all-zero levels give the backbone's logits bit for bit, next to another user's levels in one batch")
     func isolation() throws {
-        let model = try Fixtures.backbone()
+        let model = try Fixtures.tinyLlama()
         let config = LevelConfiguration.defaults(layers: model.configuration.numHiddenLayers)
         let fresh = try LevelState(configuration: config, model: model.configuration)
         let learned = try LevelState(configuration: config, model: model.configuration)
@@ -189,15 +189,21 @@ struct LevelForwardTests {
         #expect(withFresh[0] == bBare[0])
     }
 
+    // On the tiny Llama, whose F32 products run each sequence on its own:
+    // what is checked here is that levels, caches and attention keep users
+    // apart. That the backbone's Q4_1 kernels give a vector the same bits in
+    // any batch is EngineTests' `batchQuantised`, on the real backbone.
     @Test("a user's logits batched with another user's are the logits it gets alone, bit for bit (short and long prompts)")
     func isolationAlone() throws {
-        let model = try Fixtures.backbone()
+        let model = try Fixtures.tinyLlama()
         let config = LevelConfiguration.defaults(layers: model.configuration.numHiddenLayers)
         let fresh = try LevelState(configuration: config, model: model.configuration)
         let learned = try LevelState(configuration: config, model: model.configuration)
         perturb(learned, seed: 11)
-        for text in ["What is", "What is the name of the dog that I walked by the river this morning, and where did it go?"] {
+        for (text, long) in [("What is", false), ("What is the name of the dog that I walked by the river this morning, and where did it go?", true)] {
             let q = model.tokenizer.encode(text)
+            // One prompt below the prefill paths' threshold, one above it.
+            #expect((q.count >= max(WeightMatrix.gemmThreshold, Attention.prefillTokens)) == long, "\(q.count) tokens")
             let both = try model.forward([LlamaModel.Step(tokens: q, cache: model.makeCache(), adapter: learned),
                                           LlamaModel.Step(tokens: q, cache: model.makeCache(), adapter: fresh)])
             let alone = try model.forward(tokens: q, cache: model.makeCache())
@@ -205,8 +211,10 @@ struct LevelForwardTests {
             #expect(aloneFresh[0] == alone, "fresh levels alone differ from the backbone (\(q.count) tokens)")
             #expect(both[1] == alone, "batched with another user: max |Δ| \(zip(both[1], alone).map { abs($0 - $1) }.max() ?? 0) (\(q.count) tokens)")
         }
-        // Decoding after a long context (split into parts): alone or batched, the same bits.
-        let long = Array(model.tokenizer.encode(String(repeating: "The river runs past the old mill and on to the sea. ", count: 40)).prefix(600))
+        // Decoding after a long context (attention split into parts): alone or batched, the same bits.
+        let long = Array(model.tokenizer.encode(String(repeating: "The river runs past the old mill and on to the sea. ", count: 40))
+            .prefix(model.configuration.maxPositionEmbeddings - 1))
+        #expect(long.count + 1 >= 2 * 128, "the decode step sees enough positions for attention in parts")
         let cTaught = model.makeCache(), cFresh = model.makeCache(), cAlone = model.makeCache()
         _ = try model.forward([LlamaModel.Step(tokens: long, cache: cTaught, adapter: learned)])
         _ = try model.forward([LlamaModel.Step(tokens: long, cache: cFresh, adapter: fresh)])
@@ -333,11 +341,11 @@ struct LevelAutogradTests {
     }
 }
 
-@Suite("Learning on the real backbone")
+@Suite("Learning through the backbone")
 struct LevelLearningTests {
     @Test("a gradient step on a user's text lowers that text's loss, starting from the backbone")
     func gradientStepLowersLoss() throws {
-        let model = try Fixtures.backbone()
+        let model = try Fixtures.tinyLlama()
         let state = try LevelState(configuration: LevelConfiguration.defaults(layers: model.configuration.numHiddenLayers),
                                    model: model.configuration)
         let tokens = model.tokenizer.encode("My sister Ottilie Brannagh lives in Quarrendon and keeps eleven ferrets named after rivers.")

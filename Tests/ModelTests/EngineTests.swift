@@ -1,4 +1,7 @@
 // Engine behaviour: batching independent sequences, sampling, generation limits.
+// On the tiny Llama (TestSupport's `Fixtures.tinyLlama()`), since none of
+// these assertions depends on the model; one batching test also runs on the
+// backbone, for its quantised kernels (see `batchQuantised`).
 import Digest
 import Foundation
 import Testing
@@ -8,11 +11,10 @@ import Tensor
 
 @Suite("Engine")
 struct EngineTests {
-    @Test("a batch of sequences gives each sequence's own logits")
-    func batch() throws {
-        let model = try Fixtures.backbone()
-        let t = model.tokenizer
-        let prompts = ["The capital of France is", "def add(a, b):", "Once upon a time, in a land far away,"].map { t.encode($0) }
+    /// Runs `prompts` alone and as one batch (prefill, then one decode step
+    /// for all with each its own next token) and expects every sequence's
+    /// logits from the batch to be the bits it gets alone.
+    static func expectBatchEqualsAlone(_ model: LlamaModel, _ prompts: [[Int]]) throws {
         // Alone.
         var alone: [[Float]] = []
         var aloneCaches: [KVCache] = []
@@ -21,30 +23,58 @@ struct EngineTests {
             alone.append(try model.forward(tokens: p, cache: c))
             aloneCaches.append(c)
         }
-        // Together: three prefills in one step.
+        // Together: all prefills in one step.
         let caches = prompts.map { _ in model.makeCache() }
         let together = try model.forward(zip(prompts, caches).map { LlamaModel.Step(tokens: $0, cache: $1) })
         for i in prompts.indices {
-            let scale = alone[i].map(abs).max()!
-            #expect(maxAbsDiff(together[i][...], alone[i][...]) <= 1e-4 * scale)
+            #expect(together[i] == alone[i], "prefill of sequence \(i) (\(prompts[i].count) tokens): max |Δ| \(maxAbsDiff(together[i][...], alone[i][...]))")
             #expect(caches[i].count == prompts[i].count)
         }
-        // Then one decode step for all three at once (each with its own next token)
-        // equals three separate decode steps, bit for bit.
+        // Then one decode step for all at once (each with its own next token)
+        // equals the separate decode steps, bit for bit.
         let next = alone.map { Sampler.argmax($0) }
         let stepped = try model.forward(zip(next, caches).map { LlamaModel.Step(tokens: [$0], cache: $1) })
         for i in prompts.indices {
             let single = try model.forward(tokens: [next[i]], cache: aloneCaches[i])
-            let scale = single.map(abs).max()!
-            #expect(maxAbsDiff(stepped[i][...], single[...]) <= 1e-4 * scale)
-            #expect(Sampler.argmax(stepped[i]) == Sampler.argmax(single))
+            #expect(stepped[i] == single, "decode of sequence \(i): max |Δ| \(maxAbsDiff(stepped[i][...], single[...]))")
         }
+    }
+
+    /// Prompts of fewer and of more than `WeightMatrix.gemmThreshold` (and
+    /// `Attention.prefillTokens`) tokens, so one batch mixes both paths.
+    static let batchPrompts = ["The capital of France is", "def add(a, b):", "Once upon a time, in a land far away,",
+                               "A quick brown fox jumps over the lazy dog and keeps running until the sun sets behind the hills"]
+
+    @Test("a batch of sequences gives each sequence's own logits, bit for bit")
+    func batch() throws {
+        let model = try Fixtures.tinyLlama()
+        let prompts = Self.batchPrompts.map { model.tokenizer.encode($0) }
+        #expect(prompts.contains { $0.count < WeightMatrix.gemmThreshold } && prompts.contains { $0.count >= WeightMatrix.gemmThreshold })
+        try Self.expectBatchEqualsAlone(model, prompts)
+    }
+
+    // The one Engine test on the real backbone, on purpose: the tiny Llama's
+    // weights are F32, whose products run one sequence at a time through
+    // sgemm. Only a block format (the backbone's Q4_1 layers and Q8_0 head,
+    // with their packed 32-block SIMD kernels) multiplies a batch's short
+    // sequences together, and only there does "every sequence gets the bits
+    // it gets alone" depend on those kernels treating each vector
+    // independently of its batch. (LevelTests rely on this test for that.)
+    @Test("a batch of sequences gives each sequence's own logits, bit for bit, through the backbone's Q4_1 kernels")
+    func batchQuantised() throws {
+        let model = try Fixtures.backbone()
+        #expect(model.weights.matmulWeights.allSatisfy { $0.type.blockSize == 32 }, "the backbone's matrices are in 32-block formats")
+        let prompts = Self.batchPrompts.map { model.tokenizer.encode($0) }
+        #expect(prompts.contains { $0.count < WeightMatrix.gemmThreshold } && prompts.contains { $0.count >= WeightMatrix.gemmThreshold })
+        try Self.expectBatchEqualsAlone(model, prompts)
     }
 
     @Test("prefill in one step equals token-by-token decode")
     func prefillVersusDecode() throws {
-        let model = try Fixtures.backbone()
+        let model = try Fixtures.tinyLlama()
         let ids = model.tokenizer.encode("A quick brown fox jumps over the lazy dog and keeps running")
+        // Long enough for the prefill paths (sgemm products, blocked attention).
+        try #require(ids.count >= max(WeightMatrix.gemmThreshold, Attention.prefillTokens))
         let whole = try model.forward(tokens: ids, cache: model.makeCache())
         let cache = model.makeCache()
         var last: [Float] = []
@@ -56,10 +86,12 @@ struct EngineTests {
 
     @Test("a stream split at a layer (frozen layers batched once, the rest in pieces over a cache) equals one pass")
     func splitStream() throws {
-        let model = try Fixtures.backbone()
+        let model = try Fixtures.tinyLlama()
         let ids = model.tokenizer.encode("A quick brown fox jumps over the lazy dog and keeps running until the sun sets")
+        try #require(ids.count > 6)
         let whole = try model.hiddenStates([LlamaModel.Step(tokens: ids, cache: model.makeCache())])
-        let split = 15, d = model.configuration.hiddenSize, layers = model.configuration.numHiddenLayers
+        let d = model.configuration.hiddenSize, layers = model.configuration.numHiddenLayers, split = layers / 2
+        #expect(split > 0 && split < layers)
         let lower = model.makeCache(layers: 0..<split), upper = model.makeCache(layers: split..<layers)
         let residuals = try model.residualStream(tokens: ids, cache: lower, below: split)
         #expect(lower.count == ids.count)
@@ -73,11 +105,22 @@ struct EngineTests {
         #expect(maxAbsDiff(pieces[...], whole[...]) <= 1e-4 * scale)
     }
 
+    /// A prompt after which the tiny (random, flat) Llama's greedy text
+    /// varies (after most prompts it soon repeats one token) and whose top
+    /// two tokens stay apart: along its first 30 greedy tokens the runner-up
+    /// has at most 0.9987 times the top token's probability (0.9904 in the
+    /// first 12), so min-p 0.999 keeps the top token alone.
+    static let variedPrompt = "Licensed under the Apache License"
+
     @Test("bad input is rejected with a clear error")
     func badInput() throws {
-        let model = try Fixtures.backbone()
-        #expect(throws: ModelInputError.tokenOutOfRange(49152, vocabulary: 49152)) {
-            try model.forward(tokens: [1, 49152], cache: model.makeCache())
+        let model = try Fixtures.tinyLlama()
+        let vocabulary = model.configuration.vocabSize
+        #expect(throws: ModelInputError.tokenOutOfRange(vocabulary, vocabulary: vocabulary)) {
+            try model.forward(tokens: [1, vocabulary], cache: model.makeCache())
+        }
+        #expect(throws: ModelInputError.tokenOutOfRange(-1, vocabulary: vocabulary)) {
+            try model.forward(tokens: [-1], cache: model.makeCache())
         }
         #expect(throws: ModelInputError.empty) { try model.forward(tokens: [], cache: model.makeCache()) }
         let small = KVCache(layers: model.configuration.numHiddenLayers, kvDim: model.configuration.keyValueDim, maxLength: 4)
@@ -88,7 +131,7 @@ struct EngineTests {
 
     @Test("same seed gives the same text; different seeds differ")
     func seeds() throws {
-        let model = try Fixtures.backbone()
+        let model = try Fixtures.tinyLlama()
         let prompt = model.tokenizer.encode("Write a short poem about the sea:")
         var p = SamplingParameters()
         p.temperature = 1.0
@@ -100,6 +143,7 @@ struct EngineTests {
         let g = Generator(model: model)
         let a = try g.generate(prompt: prompt, parameters: p)
         let b = try g.generate(prompt: prompt, parameters: p)
+        #expect(a.tokens.count == 24, "a sampled run long enough to compare")
         #expect(a.tokens == b.tokens)
         p.seed = 43
         let c = try g.generate(prompt: prompt, parameters: p)
@@ -108,13 +152,14 @@ struct EngineTests {
 
     @Test("top-k 1 and min-p near 1 are greedy")
     func truncationIsGreedy() throws {
-        let model = try Fixtures.backbone()
-        let prompt = model.tokenizer.encode("The capital of France is")
+        let model = try Fixtures.tinyLlama()
+        let prompt = model.tokenizer.encode(Self.variedPrompt)
         var greedy = SamplingParameters()
         greedy.temperature = 0
         greedy.maxTokens = 12
         let g = Generator(model: model)
         let reference = try g.generate(prompt: prompt, parameters: greedy).tokens
+        #expect(reference.count == 12 && Set(reference).count > 3, "\(reference)")
         var k1 = greedy
         k1.temperature = 1.5
         k1.topK = 1
@@ -130,8 +175,8 @@ struct EngineTests {
 
     @Test("max tokens, stop strings and streaming agree")
     func limitsAndStops() throws {
-        let model = try Fixtures.backbone()
-        let prompt = model.tokenizer.encode("The capital of France is")
+        let model = try Fixtures.tinyLlama()
+        let prompt = model.tokenizer.encode(Self.variedPrompt)
         var p = SamplingParameters()
         p.temperature = 0
         p.maxTokens = 5
@@ -139,16 +184,38 @@ struct EngineTests {
         let five = try g.generate(prompt: prompt, parameters: p)
         #expect(five.tokens.count == 5)
         #expect(five.finishReason == .length)
-        // Greedy continues " Paris.\n\nThe answer is:" — stop at "answer".
+        // The greedy continuation without stops, token by token.
         p.maxTokens = 30
-        p.stop = ["answer"]
+        var pieces: [GeneratedToken] = []
+        let full = try g.generate(prompt: prompt, parameters: p) { pieces.append($0); return true }
+        try #require(full.finishReason == .length && full.tokens.count == 30, "\(full)")
+        #expect(Array(full.tokens.prefix(5)) == five.tokens)
+        #expect(pieces.map(\.text).joined() == full.text)
+        let texts = pieces.filter { $0.id >= 0 }.map(\.text)
+        try #require(texts.count == 30)
+        // A stop string that begins with the last character of token k − 1's
+        // text and ends inside token k's, found nowhere earlier: generation
+        // stops at token k, the streamed text held that character back, and
+        // the text ends just before it.
+        var chosen: (stop: String, text: String, tokens: Int)?
+        for k in 3..<texts.count where texts[k - 1].count >= 1 && texts[k].count >= 2 {
+            let before = texts[0..<(k - 1)].joined() + String(texts[k - 1].dropLast())
+            let stop = String(texts[k - 1].suffix(1)) + String(texts[k].prefix(2))
+            if let r = full.text.range(of: stop), String(full.text[..<r.lowerBound]) == before {
+                chosen = (stop, before, k + 1)
+                break
+            }
+        }
+        let (stop, expected, tokens) = try #require(chosen, "no stop string straddling two tokens in \(full.text.debugDescription)")
+        p.stop = [stop]
         var streamed = ""
         let stopped = try g.generate(prompt: prompt, parameters: p) { tok in
             streamed += tok.text
             return true
         }
         #expect(stopped.finishReason == .stop)
-        #expect(stopped.text == " Paris.\n\nThe ")
+        #expect(stopped.text == expected, "stop \(stop.debugDescription)")
+        #expect(stopped.tokens == Array(full.tokens.prefix(tokens)))
         #expect(streamed == stopped.text)
         // The callback can stop generation.
         var count = 0
@@ -161,12 +228,14 @@ struct EngineTests {
 
     @Test("the AsyncSequence streams the same tokens as the callback")
     func asyncStream() async throws {
-        let model = try Fixtures.backbone()
-        let prompt = model.tokenizer.encode("Hello, my name is")
+        let model = try Fixtures.tinyLlama()
+        // Its greedy text mixes tokens that complete text with bytes held back (not UTF-8 on their own).
+        let prompt = model.tokenizer.encode("Once upon a time")
         var p = SamplingParameters()
         p.temperature = 0
         p.maxTokens = 10
         let direct = try Generator(model: model).generate(prompt: prompt, parameters: p)
+        #expect(direct.tokens.count == 10)
         var ids: [Int] = []
         var text = ""
         for try await tok in Generator(model: model).stream(prompt: prompt, parameters: p) {

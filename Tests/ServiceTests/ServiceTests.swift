@@ -1,6 +1,6 @@
 // The HTTP service over real HTTP on loopback (Hummingbird's live test
-// client), with a real PostgreSQL (a private cluster started for this test
-// process) and, unless a test needs the real one, the tiny Llama fixture as
+// client), with a real PostgreSQL (StoreTestSupport's private cluster for this
+// test process) and, unless a test needs the real one, the tiny Llama fixture as
 // the backbone. Both models and the cluster must be present: the tests fail,
 // saying how to get them, when they are not.
 import Foundation
@@ -13,6 +13,7 @@ import Testing
 import TestSupport
 @testable import Service
 import Store
+import StoreTestSupport
 
 /// The backbone a service test runs on. `.tiny` (the default) for every
 /// assertion that holds for any Llama (statuses, roles, queues, bit-identity
@@ -43,20 +44,10 @@ enum TestModel: Sendable {
 }
 
 enum Fixture {
-    static let postgres: Result<LocalPostgres, Error> = Result {
-        let pg = try LocalPostgres(dataDirectory: NSTemporaryDirectory() + "continuum-service-tests-\(getpid())")
-        pg.stopAtExit(removingData: true)
-        return pg
-    }
-
-    /// A migrated scratch database with one tenant and its key.
+    /// A migrated scratch database (on StoreTestSupport's private cluster,
+    /// shared with StoreTests) with one tenant and its key.
     static func database(logger: Logger = Logger(label: "continuum.store")) async throws -> (Database, key: String) {
-        let pg = try postgres.get()
-        let name = "s_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased()
-        let admin = try Database(url: pg.url)
-        try await admin.createDatabase(named: name)
-        await admin.close()
-        let db = try Database(url: pg.url(database: name), logger: logger)
+        let db = try await TestDatabase.make(logger: logger)
         try await db.migrate()
         let tenant = try await db.createTenant(name: "acme")
         let (_, key) = try await db.createKey(tenantID: tenant.id, role: .admin)
@@ -275,7 +266,11 @@ struct ServiceTests {
     @Test("admission: beyond max_queued generations in flight, 429 in the OpenAI shape")
     func admission() async throws {
         let (db, key) = try await Fixture.database()
-        // The real model: its 96-token generations outlast the other requests' arrival; the tiny one's may not.
+        // The real model, on purpose: its 96-token generations outlast the other requests' arrival. The tiny
+        // Llama cannot hold a slot long enough: its context is 256 positions, so at most 255 tokens, which
+        // it generates in about 8 ms (measured in-process), less than the spread of four requests' arrival
+        // (each authenticates and loads its user from PostgreSQL first). Whether two would overlap, and a
+        // 429 be seen, would be chance.
         try await Fixture.app(db, on: .real, { $0.maxBatch = 1; $0.maxQueued = 1 }).test(.live) { client in
             let statuses = try await withThrowingTaskGroup(of: (Int, String).self) { group in
                 for i in 0..<4 {

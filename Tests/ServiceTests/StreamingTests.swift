@@ -45,10 +45,13 @@ struct StreamingTests {
         watch.stop()
         #expect(waited >= .milliseconds(200) && waited < .seconds(5), "\(waited)")
         #expect(stalls.withLock { $0 } == 1)
-        // A writer that keeps up is never stopped.
+        // A writer that keeps up is never stopped: 20 writes of 10 ms, 30 ms
+        // apart, take longer in all than the timeout (so the watch must time
+        // each write, not the stream), while each stays far inside it even
+        // when the other suites load the machine.
         let quick = WriteWatch()
-        quick.guarding(timeout: .milliseconds(100), period: .milliseconds(20)) { Issue.record("a prompt write was taken for a stall") }
-        for _ in 0..<10 {
+        quick.guarding(timeout: .milliseconds(500), period: .milliseconds(20)) { Issue.record("a prompt write was taken for a stall") }
+        for _ in 0..<20 {
             quick.begin()
             try await Task.sleep(for: .milliseconds(10))
             quick.end()
@@ -60,7 +63,10 @@ struct StreamingTests {
     @Test("a client that disconnects mid-stream frees its engine slot before the generation would have ended")
     func disconnect() async throws {
         let (db, key) = try await Fixture.database()
-        // The real model: 2000 tokens must outlast the test (the tiny one has 256 positions).
+        // The real model, on purpose: 2000 tokens must outlast the test by far, so that an engine slot freed
+        // within 5 s of the disconnect can only be the disconnect's doing. The tiny Llama cannot: its context
+        // is 256 positions (at most 255 tokens, about 8 ms of generation), so the generation would end on its
+        // own before `running()` is first read, and the assertions would prove nothing.
         try await Fixture.app(db, on: .real).test(.live) { client in
             let port = try #require(client.port)
             func running() async throws -> Int {

@@ -3,6 +3,7 @@
 // retention pruner deletes exactly what is past its retention and nothing a
 // current memory, a kept version or a queued job needs.
 import Foundation
+import StoreTestSupport
 import Testing
 @testable import Store
 

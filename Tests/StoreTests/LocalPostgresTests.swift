@@ -1,6 +1,7 @@
 // The private cluster is private: no TCP listener, a Unix socket in a 0700
 // directory, host lines that reject; a second process shares it.
 import Foundation
+import StoreTestSupport
 import Testing
 @testable import Store
 

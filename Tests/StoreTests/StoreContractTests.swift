@@ -5,6 +5,7 @@
 // apply, fail, retry, exactly once with two workers), the audit's events,
 // reports, rankings and settings.
 import Foundation
+import StoreTestSupport
 import Testing
 @testable import Store
 

@@ -1,28 +1,10 @@
-// The store against a real PostgreSQL: a private cluster started from the
-// system's binaries for this test process (it fails, saying why, when
-// PostgreSQL is not installed).
+// The store against a real PostgreSQL: StoreTestSupport's private cluster,
+// started from the system's binaries for this test process (it fails, saying
+// why, when PostgreSQL is not installed).
 import Foundation
+import StoreTestSupport
 import Testing
 @testable import Store
-
-/// One private PostgreSQL per test process, in a temporary directory.
-enum TestDatabase {
-    static let server: Result<LocalPostgres, Error> = Result {
-        let pg = try LocalPostgres(dataDirectory: NSTemporaryDirectory() + "continuum-store-tests-\(getpid())")
-        pg.stopAtExit(removingData: true)
-        return pg
-    }
-
-    /// A fresh, empty database on the shared server (each test its own).
-    static func make() async throws -> Database {
-        let pg = try server.get()
-        let name = "t_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased()
-        let admin = try Database(url: pg.url)
-        try await admin.createDatabase(named: name)
-        await admin.close()
-        return try Database(url: pg.url(database: name))
-    }
-}
 
 @Suite("Store")
 struct StoreTests {

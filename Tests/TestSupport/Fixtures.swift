@@ -3,7 +3,9 @@
 // scripts/make-fixtures.py: width 64, 2 layers, its own 420-token BPE and a
 // ChatML template), for every test whose assertion holds for any Llama; and
 // the default SmolLM2 backbone, only for assertions about that model (its
-// reference logits, perplexity, what learning does to it). Each is loaded at
+// reference logits, perplexity, what learning does to it) or about its block
+// formats: the tiny Llama's weights are F32, so the quantised (Q4_1/Q8_0,
+// packed 32-block SIMD) kernels run only on the backbone. Each is loaded at
 // most once per test process; a missing backbone fails the tests that need
 // it with a message saying how to get it, it is never skipped.
 import Foundation
