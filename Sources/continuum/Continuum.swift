@@ -19,7 +19,7 @@ struct ModelOptions: ParsableArguments {
     @Option(help: "A .gguf file or a Hugging Face model directory (default: $CONTINUUM_MODEL, else the cached default model).")
     var model: String?
 
-    @Option(help: "Threads for the kernels and OpenBLAS (default: all cores).")
+    @Option(help: "Threads for the kernels, fp32 products included (default: all cores).")
     var threads: Int?
 
     func load() throws -> LlamaModel {

@@ -20,7 +20,7 @@ struct BenchLearnCost: ParsableCommand {
     @Option(help: "A .gguf file or a Hugging Face model directory (default: $CONTINUUM_MODEL, else the cached default model).")
     var model: String?
 
-    @Option(help: "Thread counts to measure, comma-separated (kernels and OpenBLAS).")
+    @Option(help: "Thread counts to measure, comma-separated (the kernels', fp32 products included).")
     var threads = "1,2"
 
     @Option(help: "Repetitions per measurement; medians are reported.")
