@@ -10,7 +10,10 @@ Run by `make test` (after the build) as
    drained, every job must be applied exactly once: jobs_applied equals the
    requests, and each level's token counter equals the sum of the requests'
    learnable tokens (a job applied twice, or two rounds of one user run
-   concurrently, would break the counts).
+   concurrently, would break the counts). A second user is taught at the
+   same time: while one replica's worker holds a user, the other's takes the
+   other user, so both replicas' workers apply jobs (with one user alone,
+   whichever worker claims it first may keep it, correctly).
 2. kill -9 of a replica while jobs are being learned, then a restart: every
    acknowledged generation has its job applied, no job is applied twice (the
    counters equal the sum over the jobs the database recorded).
@@ -33,6 +36,8 @@ import urllib.request
 
 BIN = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else ".build/debug/continuum")
 N_REQUESTS = int(os.environ.get("DURABILITY_REQUESTS", "200"))
+# Requests for a second user taught at the same time (so both replicas' workers have a user to claim).
+N_OTHER = 40
 failures = []
 
 
@@ -147,8 +152,13 @@ def main():
 
         started = time.time()
         with futures.ThreadPoolExecutor(16) as pool:
+            other = [pool.submit(teach, N_REQUESTS + i, "other", ports[i % 2]) for i in range(N_OTHER)]
             learnable = list(pool.map(lambda i: teach(i, "shared", ports[i % 2]), range(N_REQUESTS)))
+            for f in other:
+                f.result()
         m = wait_drained(ports[0], key, "shared")
+        m_other = wait_drained(ports[0], key, "other")
+        check(f"the other user's jobs_applied == {N_OTHER}", m_other["jobs_applied"] == N_OTHER, str(m_other["jobs_applied"]))
         elapsed = time.time() - started
         print(f"     {N_REQUESTS} requests across 2 replicas learned in {elapsed:.1f} s", flush=True)
         check(f"jobs_applied == {N_REQUESTS}", m["jobs_applied"] == N_REQUESTS, str(m["jobs_applied"]))
@@ -160,13 +170,13 @@ def main():
                   level["updates_applied"] + level["updates_rejected"] == total // chunk,
                   f"{level['updates_applied']}+{level['updates_rejected']} vs {total // chunk}")
         done = psql(url, "SELECT count(*), count(DISTINCT id) FROM learning_jobs WHERE state = 'done'")
-        check("every job done once in the database", done == f"{N_REQUESTS}|{N_REQUESTS}", done)
+        check("every job done once in the database", done == f"{N_REQUESTS + N_OTHER}|{N_REQUESTS + N_OTHER}", done)
         per_replica = []
         for p in ports:
             text = urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics").read().decode()
             line = next(l for l in text.splitlines() if l.startswith("continuum_learning_jobs_applied_total "))
             per_replica.append(float(line.split()[1]))
-        check("both replicas' workers applied jobs", all(x > 0 for x in per_replica) and sum(per_replica) == N_REQUESTS,
+        check("both replicas' workers applied jobs", all(x > 0 for x in per_replica) and sum(per_replica) == N_REQUESTS + N_OTHER,
               str(per_replica))
         lag = psql(url, """SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM finished_at - created_at)),
                                   percentile_cont(0.99) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM finished_at - created_at))
