@@ -119,12 +119,14 @@ final class Auditor: Sendable {
     }
 
     /// Runs the audits that are due (background, never on a request's path).
-    /// Learning comes first: while jobs wait (`learningWaits`), an audit runs
-    /// only once it is `audit_max_delay_seconds` past due, so audits take the
-    /// lanes' idle time and a saturated queue still audits every user.
-    func runDue(learningWaits: Bool = false) async {
+    /// Learning comes first: while jobs wait (`learningWaits`, asked only
+    /// when an audit is due), an audit runs only once it is
+    /// `audit_max_delay_seconds` past due, so audits take the lanes' idle
+    /// time and a saturated queue still audits every user.
+    func runDue(learningWaits: () async -> Bool = { false }) async {
         let now = Date()
-        let cutoff = learningWaits ? now.addingTimeInterval(-configuration.auditMaxDelaySeconds) : now
+        guard state.withLock({ s in s.pending.values.contains { $0.due <= now } }) else { return }
+        let cutoff = await learningWaits() ? now.addingTimeInterval(-configuration.auditMaxDelaySeconds) : now
         let due = state.withLock { s in
             let due = s.pending.filter { $0.value.due <= cutoff }
             for id in due.keys { s.pending[id] = nil }

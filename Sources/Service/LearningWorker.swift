@@ -42,11 +42,12 @@ final class LearningWorker: Sendable {
         while !Task.isCancelled && !stop() {
             do {
                 let applied = try await round()
-                // Audits of new versions, between rounds; deferred while jobs wait.
-                if let auditor {
-                    let waiting = applied != nil ? ((try? await queue.queuedJobs().count) ?? 0) : 0
-                    await auditor.runDue(learningWaits: waiting > 0)
-                }
+                // Audits of new versions, between rounds; deferred while jobs wait
+                // (the queue is asked only when an audit is due and this round found work).
+                await auditor?.runDue(learningWaits: { [queue] in
+                    guard applied != nil else { return false }
+                    return ((try? await queue.queuedJobs().count) ?? 0) > 0
+                })
                 if applied == nil { try? await Task.sleep(for: idle) }
             } catch {
                 logger.error("learning round failed: \(error)")

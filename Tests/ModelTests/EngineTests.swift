@@ -45,12 +45,17 @@ struct EngineTests {
     static let batchPrompts = ["The capital of France is", "def add(a, b):", "Once upon a time, in a land far away,",
                                "A quick brown fox jumps over the lazy dog and keeps running until the sun sets behind the hills"]
 
+    /// `batchPrompts` in `model`'s tokens, checked to mix both paths.
+    static func mixedBatch(_ model: LlamaModel) -> [[Int]] {
+        let prompts = batchPrompts.map { model.tokenizer.encode($0) }
+        #expect(prompts.contains { $0.count < WeightMatrix.gemmThreshold } && prompts.contains { $0.count >= WeightMatrix.gemmThreshold })
+        return prompts
+    }
+
     @Test("a batch of sequences gives each sequence's own logits, bit for bit")
     func batch() throws {
         let model = try Fixtures.tinyLlama()
-        let prompts = Self.batchPrompts.map { model.tokenizer.encode($0) }
-        #expect(prompts.contains { $0.count < WeightMatrix.gemmThreshold } && prompts.contains { $0.count >= WeightMatrix.gemmThreshold })
-        try Self.expectBatchEqualsAlone(model, prompts)
+        try Self.expectBatchEqualsAlone(model, Self.mixedBatch(model))
     }
 
     // The one Engine test on the real backbone, on purpose: the tiny Llama's
@@ -64,9 +69,7 @@ struct EngineTests {
     func batchQuantised() throws {
         let model = try Fixtures.backbone()
         #expect(model.weights.matmulWeights.allSatisfy { $0.type.blockSize == 32 }, "the backbone's matrices are in 32-block formats")
-        let prompts = Self.batchPrompts.map { model.tokenizer.encode($0) }
-        #expect(prompts.contains { $0.count < WeightMatrix.gemmThreshold } && prompts.contains { $0.count >= WeightMatrix.gemmThreshold })
-        try Self.expectBatchEqualsAlone(model, prompts)
+        try Self.expectBatchEqualsAlone(model, Self.mixedBatch(model))
     }
 
     @Test("prefill in one step equals token-by-token decode")
