@@ -17,14 +17,22 @@
 //   rejected_norm, optimizer_steps, consolidations), recent_tokens (JSON: the recent requests' token ids,
 //   which consolidation distils on).
 //
-// The same state can be split into parts, which is how the store keeps it
-// (a level's row is written only when that level changes):
-//   a level part   format "continuum-level": levels.N.* and moments.N.* of one
-//                  level; metadata level (its name), optimizer_steps (JSON,
-//                  [block][tensor]) plus configuration/backbone as above;
-//   a learner part format "continuum-learner": accumulators.*; metadata
-//                  counters (optimizer_steps left empty) and recent_tokens.
-// A level without a part is a fresh level, a missing learner part fresh counters.
+// The same state can be split into parts, which is how the store keeps it:
+//   a level part   format "continuum-level": levels.N.* (the weights) of one
+//                  level; metadata level (its name) plus configuration/backbone
+//                  as above. A version names one per stored level, written
+//                  only when that level changes. (Parts written before the
+//                  optimizer's state moved out also hold moments.N.* and
+//                  optimizer_steps; they still decode.)
+//   a moments part format "continuum-moments": moments.N.* of one level;
+//                  metadata level, optimizer_steps (JSON, [block][tensor]).
+//                  The optimizer's state: kept for the current version only.
+//   a learner part format "continuum-learner": counters (optimizer_steps left
+//                  empty) and recent_tokens, with accumulators.* of every
+//                  level (the user's current part) or none (a version's part:
+//                  its open chunks start empty when it is restored).
+// A level without a part is a fresh level, a level without moments a fresh
+// optimizer, a missing learner part fresh counters.
 //
 // Decoding, which checks every value of a file, is in LevelStateDecoding.swift.
 import Digest
@@ -77,6 +85,7 @@ public enum LevelStateFile {
     }
 
     public static let levelFormat = "continuum-level"
+    public static let momentsFormat = "continuum-moments"
     public static let learnerFormat = "continuum-learner"
 
     /// What a tensor of the file holds for its block and tensor.
@@ -93,10 +102,12 @@ public enum LevelStateFile {
     }
 
     /// Level l's tensors in the order they are written: per block and
-    /// tensor, the weight and its moments when `weights`, the accumulator
-    /// when `accumulators`. Writing and reading both follow it, so the names
-    /// a file must hold are exactly those a file is written with.
-    static func slots(_ c: LevelConfiguration, hiddenSize d: Int, level l: Int, weights: Bool, accumulators: Bool) -> [Slot] {
+    /// tensor, the weight when `weights`, its optimizer moments when
+    /// `moments`, the accumulator when `accumulators`. Writing and reading
+    /// both follow it, so the names a file must hold are exactly those a file
+    /// is written with.
+    static func slots(_ c: LevelConfiguration, hiddenSize d: Int, level l: Int, weights: Bool, moments: Bool,
+                      accumulators: Bool) -> [Slot] {
         let level = c.levels[l], r = level.width
         let shapes = [[d], [r, d], [r, d], [d, r]]
         var out: [Slot] = []
@@ -106,8 +117,8 @@ public enum LevelStateFile {
                 func add(_ name: String, _ role: Role) {
                     out.append(Slot(name: name, shape: shapes[k], level: l, block: b, tensor: k, role: role))
                 }
-                if weights {
-                    add("levels." + base, .weight)
+                if weights { add("levels." + base, .weight) }
+                if moments {
                     add("moments." + base + ".m", .first)
                     add("moments." + base + ".v", .second)
                     if level.optimizer.kind == .m3 {
@@ -150,7 +161,7 @@ public enum LevelStateFile {
     /// The metadata keys a file of `format` may hold.
     static func metadataKeys(_ format: String) -> Set<String> {
         switch format {
-        case levelFormat: commonKeys.union(["level", "optimizer_steps"])
+        case levelFormat, momentsFormat: commonKeys.union(["level", "optimizer_steps"])
         default: commonKeys.union(["counters", "recent_tokens"])
         }
     }
@@ -170,33 +181,47 @@ public enum LevelStateFile {
 
     /// The learner's complete state as safetensors bytes.
     public static func encode(_ learner: LevelLearner, backbone: String) throws -> Data {
-        try encode(learner, format: format, weights: true, backbone: backbone)
+        try encode(learner, format: format, weights: true, accumulators: true, backbone: backbone)
     }
 
-    /// One level's weights and optimizer moments (the part written when that level changes).
+    /// One level's weights (the part a version names, written when that level changes).
     public static func encodeLevel(_ learner: LevelLearner, level li: Int, backbone: String) throws -> Data {
         var meta = try commonMetadata(learner, format: levelFormat, backbone: backbone)
         meta["level"] = learner.state.configuration.levels[li].name
-        meta["optimizer_steps"] = try json(learner.moments[li].map { $0.map(\.steps) })
-        let s = slots(learner.state.configuration, hiddenSize: learner.state.hiddenSize, level: li, weights: true, accumulators: false)
+        let s = slots(learner.state.configuration, hiddenSize: learner.state.hiddenSize, level: li, weights: true, moments: false,
+                      accumulators: false)
         return try write(learner, s, metadata: meta)
     }
 
-    /// Everything but the levels' weights and moments: accumulators, counters
-    /// and recent contexts (the part that changes with every learned request).
-    public static func encodeLearner(_ learner: LevelLearner, backbone: String) throws -> Data {
-        try encode(learner, format: learnerFormat, weights: false, backbone: backbone)
+    /// One level's optimizer moments and step counts (the current version's
+    /// optimizer state, written when that level takes a step).
+    public static func encodeMoments(_ learner: LevelLearner, level li: Int, backbone: String) throws -> Data {
+        var meta = try commonMetadata(learner, format: momentsFormat, backbone: backbone)
+        meta["level"] = learner.state.configuration.levels[li].name
+        meta["optimizer_steps"] = try json(learner.moments[li].map { $0.map(\.steps) })
+        let s = slots(learner.state.configuration, hiddenSize: learner.state.hiddenSize, level: li, weights: false, moments: true,
+                      accumulators: false)
+        return try write(learner, s, metadata: meta)
     }
 
-    /// Accumulators, counters and recent contexts, with every level's weights
-    /// and moments (and optimizer steps in the counters) when `weights`.
-    static func encode(_ learner: LevelLearner, format: String, weights: Bool, backbone: String) throws -> Data {
+    /// Everything but the levels' weights and moments: counters and recent
+    /// contexts, with the open chunks' accumulators when `accumulators` (the
+    /// user's current part; a version keeps its part without them).
+    public static func encodeLearner(_ learner: LevelLearner, accumulators: Bool = true, backbone: String) throws -> Data {
+        try encode(learner, format: learnerFormat, weights: false, accumulators: accumulators, backbone: backbone)
+    }
+
+    /// Counters and recent contexts, with the accumulators when
+    /// `accumulators`, and every level's weights and moments (and optimizer
+    /// steps in the counters) when `weights`.
+    static func encode(_ learner: LevelLearner, format: String, weights: Bool, accumulators: Bool = true,
+                       backbone: String) throws -> Data {
         var meta = try commonMetadata(learner, format: format, backbone: backbone)
         meta["counters"] = try json(counters(learner, steps: weights))
         meta["recent_tokens"] = try json(learner.recentTokens)
         let c = learner.state.configuration
         let all = c.levels.indices.flatMap {
-            slots(c, hiddenSize: learner.state.hiddenSize, level: $0, weights: weights, accumulators: true)
+            slots(c, hiddenSize: learner.state.hiddenSize, level: $0, weights: weights, moments: weights, accumulators: accumulators)
         }
         return try write(learner, all, metadata: meta)
     }

@@ -268,7 +268,9 @@ extension LevelStateFile {
         try refusing {
             let p = try Parsed(data, format: format, model: model, expecting: configuration)
             let config = p.configuration, d = model.configuration.hiddenSize
-            let all = config.levels.indices.flatMap { slots(config, hiddenSize: d, level: $0, weights: true, accumulators: true) }
+            let all = config.levels.indices.flatMap {
+                slots(config, hiddenSize: d, level: $0, weights: true, moments: true, accumulators: true)
+            }
             try p.expect(all)
             let counters = try p.decoded("counters", as: Counters.self)
             try check(counters, config, steps: true)
@@ -289,13 +291,16 @@ extension LevelStateFile {
         }
     }
 
-    /// Restores a learner from parts (`encodeLevel` per level name,
-    /// `encodeLearner`), all made under `configuration` for this backbone. A
-    /// level without a part starts fresh; without a learner part the counters
-    /// and accumulators start at zero. Every part is checked as `decode` checks
-    /// a whole file; a failure is an `Incompatible`.
-    public static func decode(levels: [String: Data], learner learnerPart: Data?, model: LlamaModel,
-                              configuration: LevelConfiguration) throws -> LevelLearner {
+    /// Restores a learner from parts (`encodeLevel` and `encodeMoments` per
+    /// level name, `encodeLearner`), all made under `configuration` for this
+    /// backbone. A level without a part starts fresh, a level without moments
+    /// with a fresh optimizer (unless its part is one written before moments
+    /// had parts of their own, which holds them); without a learner part the
+    /// counters start at zero, and a learner part without accumulators
+    /// leaves them at zero. Every part is checked as `decode` checks a whole
+    /// file; a failure is an `Incompatible`.
+    public static func decode(levels: [String: Data], moments momentParts: [String: Data] = [:], learner learnerPart: Data?,
+                              model: LlamaModel, configuration: LevelConfiguration) throws -> LevelLearner {
         try refusing {
             let state: LevelState
             do {
@@ -306,29 +311,63 @@ extension LevelStateFile {
             let d = model.configuration.hiddenSize
             var blocks = state.blocks, moments = fresh(state), accumulators = state.zeroGradients()
             var steps = [[[Int]]?](repeating: nil, count: configuration.levels.count)
-            for (name, data) in levels.sorted(by: { $0.key < $1.key }) {
+            func index(_ name: String) throws -> Int {
                 guard let li = configuration.levels.firstIndex(where: { $0.name == name }) else {
                     throw fail("no level named '\(name)' in the configuration")
                 }
-                let p = try Parsed(data, format: levelFormat, model: model, expecting: configuration)
+                return li
+            }
+            func parsed(_ data: Data, _ format: String, level name: String) throws -> Parsed {
+                let p = try Parsed(data, format: format, model: model, expecting: configuration)
                 guard p.meta["level"] == name else { throw fail("the part for level '\(name)' holds level '\(quoted(p.meta["level"]))'") }
-                let s = slots(configuration, hiddenSize: d, level: li, weights: true, accumulators: false)
-                try p.expect(s)
+                return p
+            }
+            func readSteps(_ p: Parsed, _ li: Int) throws {
                 let levelSteps = try p.decoded("optimizer_steps", as: [[Int]].self)
                 try checkSteps(levelSteps, level: configuration.levels[li])
-                try read(p, s, blocks: &blocks, moments: &moments, accumulators: &accumulators)
                 steps[li] = levelSteps
+            }
+            for (name, data) in levels.sorted(by: { $0.key < $1.key }) {
+                let li = try index(name)
+                let p = try parsed(data, levelFormat, level: name)
+                // Weights only, or (written before moments had parts of their own) weights and moments.
+                let weights = slots(configuration, hiddenSize: d, level: li, weights: true, moments: false, accumulators: false)
+                let both = slots(configuration, hiddenSize: d, level: li, weights: true, moments: true, accumulators: false)
+                let legacy = p.header.entries.count == both.count && p.meta["optimizer_steps"] != nil
+                try p.expect(legacy ? both : weights)
+                if legacy { try readSteps(p, li) } else if p.meta["optimizer_steps"] != nil {
+                    throw fail("the part for level '\(name)' holds optimizer_steps but no moments")
+                }
+                try read(p, legacy ? both : weights, blocks: &blocks, moments: &moments, accumulators: &accumulators)
+            }
+            for (name, data) in momentParts.sorted(by: { $0.key < $1.key }) {
+                let li = try index(name)
+                let p = try parsed(data, momentsFormat, level: name)
+                let s = slots(configuration, hiddenSize: d, level: li, weights: false, moments: true, accumulators: false)
+                try p.expect(s)
+                try readSteps(p, li)
+                try read(p, s, blocks: &blocks, moments: &moments, accumulators: &accumulators)
             }
             var counters = zeroCounters(configuration), recent: [[Int]] = []
             if let data = learnerPart {
                 let p = try Parsed(data, format: learnerFormat, model: model, expecting: configuration)
-                let s = configuration.levels.indices.flatMap { slots(configuration, hiddenSize: d, level: $0, weights: false, accumulators: true) }
-                try p.expect(s)
+                let s = configuration.levels.indices.flatMap {
+                    slots(configuration, hiddenSize: d, level: $0, weights: false, moments: false, accumulators: true)
+                }
+                // All the accumulators (the user's current part) or none (a version's).
+                let withAccumulators = !p.header.entries.isEmpty
+                try p.expect(withAccumulators ? s : [])
                 counters = try p.decoded("counters", as: Counters.self)
                 try check(counters, configuration, steps: false)
                 recent = try p.decoded("recent_tokens", as: [[Int]].self)
                 try checkRecent(recent, vocabulary: model.configuration.vocabSize)
-                try read(p, s, blocks: &blocks, moments: &moments, accumulators: &accumulators)
+                if withAccumulators {
+                    try read(p, s, blocks: &blocks, moments: &moments, accumulators: &accumulators)
+                } else {
+                    // The open chunks start empty: no tokens are counted as accumulated in them.
+                    counters.accumulatedTokens = counters.accumulatedTokens.map { _ in 0 }
+                    counters.nonFiniteChunk = counters.nonFiniteChunk?.map { _ in false }
+                }
             }
             return try learner(state, model: model, blocks: blocks, moments: moments, steps: steps,
                                accumulators: accumulators, counters: counters, recent: recent)

@@ -88,7 +88,7 @@ final class LearningWorker: Sendable {
                         }
                         let start = ContinuousClock.now
                         let r = try memory.consolidate(learner, method: automatic.method, budget: automatic.budget,
-                                                       sleep: automatic.sleep, actor: job.actor)
+                                                       sleep: automatic.sleep, actor: job.actor, current: false)
                         changes.append(r.change)
                         details.append(r.details)
                         final.consolidated(trigger: job.trigger, seconds: (ContinuousClock.now - start).seconds, changed: r.change != nil)
@@ -99,14 +99,14 @@ final class LearningWorker: Sendable {
                     let changed = learner.updatesApplied.indices.filter { learner.updatesApplied[$0] != before[$0] }
                     changes.append(changed.isEmpty ? nil : try memory.change(
                         learner, changed: changed, cause: job.kind.cause,
-                        causeID: job.sourceID?.uuidString.lowercased(), actor: job.actor))
+                        causeID: job.sourceID?.uuidString.lowercased(), actor: job.actor, current: false))
                     details.append([:])
                 }
                 final.set(user: user.id, tenant: user.tenantID, state: learner.state, changed: changes.contains { $0 != nil })
                 let taught = jobs.map { LearnableTokens.count($0.learnable) }
                 let unconsolidated = LearningJob.unconsolidated(from: user.unconsolidatedTokens, after: jobs, taught: taught)
-                return LearningOutcome(changes: changes, taughtTokens: taught,
-                                       learner: try LevelStateFile.encodeLearner(learner, backbone: memory.model.fingerprint),
+                let end = try memory.roundState(learner, after: changes)
+                return LearningOutcome(changes: changes, taughtTokens: taught, learner: end.learner, moments: end.moments,
                                        details: details,
                                        consolidate: memory.levels.consolidation == nil ? nil
                                            : Self.trigger(automatic, unconsolidated: unconsolidated,

@@ -130,31 +130,58 @@ final class UserMemory: Sendable {
 
     /// The learner a stored memory holds.
     func learner(_ stored: StoredMemory) throws -> LevelLearner {
-        try learner(levels: stored.levels, learner: stored.learner)
+        try learner(levels: stored.levels, moments: stored.moments, learner: stored.learner)
     }
 
-    /// The learner of stored parts (levels by name; without them, fresh weights under the stored counters).
-    func learner(levels parts: [String: Data], learner part: Data?) throws -> LevelLearner {
+    /// The learner of stored parts (levels and moments by name; without
+    /// them, fresh weights and a fresh optimizer under the stored counters).
+    func learner(levels parts: [String: Data], moments: [String: Data] = [:], learner part: Data?) throws -> LevelLearner {
         do {
-            return try LevelStateFile.decode(levels: parts, learner: part, model: model, configuration: levels)
+            return try LevelStateFile.decode(levels: parts, moments: moments, learner: part, model: model, configuration: levels)
         } catch let e as LevelStateFile.Incompatible {
             throw Unreadable(reason: e.description)
         }
     }
 
-    /// A change writing the `changed` levels' parts of `learner` (and
-    /// marking the `fresh` ones fresh) and its learner part.
+    /// A change writing the `changed` levels' weights (and marking the
+    /// `fresh` ones fresh) and the version's learner part; with `current`,
+    /// also what the user keeps while it is the current version: the learner
+    /// part with its accumulators and the changed levels' optimizer moments
+    /// (a learning round leaves those to its last job: `roundState`).
     func change(_ learner: LevelLearner, changed: [Int], fresh: [Int] = [], cause: MemoryCause, causeID: String?,
-                actor: String) throws -> MemoryChange {
-        var parts: [String: Data?] = [:], shapes: [String: String] = [:]
+                actor: String, current: Bool = true) throws -> MemoryChange {
+        var parts: [String: Data?] = [:], shapes: [String: String] = [:], moments: [String: Data?] = [:]
         for l in changed {
+            let name = levels.levels[l].name
             let part = try LevelStateFile.encodeLevel(learner, level: l, backbone: model.fingerprint)
-            parts[levels.levels[l].name] = part
-            shapes[levels.levels[l].name] = Safetensors.shapesJSON(part)
+            parts[name] = part
+            shapes[name] = Safetensors.shapesJSON(part)
+            if current { moments[name] = try LevelStateFile.encodeMoments(learner, level: l, backbone: model.fingerprint) }
         }
-        for l in fresh { parts[levels.levels[l].name] = .some(nil) }
-        return MemoryChange(levels: parts, shapes: shapes, learner: try LevelStateFile.encodeLearner(learner, backbone: model.fingerprint),
-                            cause: cause, causeID: causeID, actor: actor)
+        for l in fresh {
+            parts[levels.levels[l].name] = .some(nil)
+            moments[levels.levels[l].name] = .some(nil)
+        }
+        return MemoryChange(levels: parts, shapes: shapes,
+                            learner: try LevelStateFile.encodeLearner(learner, accumulators: false, backbone: model.fingerprint),
+                            working: current ? try LevelStateFile.encodeLearner(learner, backbone: model.fingerprint) : nil,
+                            moments: current ? moments : [:], cause: cause, causeID: causeID, actor: actor)
+    }
+
+    /// What a learning round leaves its user with after `changes` (in
+    /// order): the learner part with its accumulators, and the optimizer
+    /// moments of every level a change named (nil for one it left fresh).
+    func roundState(_ learner: LevelLearner, after changes: [MemoryChange?]) throws -> (learner: Data, moments: [String: Data?]) {
+        var fresh: [String: Bool] = [:]
+        for change in changes.compactMap({ $0 }) {
+            for (name, part) in change.levels { fresh[name] = part == nil }
+        }
+        var moments: [String: Data?] = [:]
+        for (l, level) in levels.levels.enumerated() {
+            guard let isFresh = fresh[level.name] else { continue }
+            moments[level.name] = isFresh ? .some(nil) : try LevelStateFile.encodeMoments(learner, level: l, backbone: model.fingerprint)
+        }
+        return (try LevelStateFile.encodeLearner(learner, backbone: model.fingerprint), moments)
     }
 
     /// The server's level configuration has no level to consolidate into (→ 400).
@@ -175,9 +202,10 @@ final class UserMemory: Sendable {
 
     /// Consolidates `learner`'s fastest level into the next slower one by
     /// `method` (fast cleared) and makes the version change, cause
-    /// `consolidate`. With nothing to learn from it changes nothing.
+    /// `consolidate` (`current` as for `change`). With nothing to learn from
+    /// it changes nothing.
     func consolidate(_ learner: LevelLearner, method: ConsolidationConfiguration.Method, budget: ConsolidationBudget,
-                     sleep: SleepConfiguration, actor: String) throws -> Consolidated {
+                     sleep: SleepConfiguration, actor: String, current: Bool = true) throws -> Consolidated {
         guard let (fast, mid) = levels.consolidation else { throw NotConsolidable() }
         var out = Consolidated()
         switch method {
@@ -190,7 +218,8 @@ final class UserMemory: Sendable {
             (out.klBefore, out.klAfter, out.steps) = (r.klBefore, r.klAfter, r.steps)
         }
         if out.steps > 0 || out.written > 0 {
-            out.change = try change(learner, changed: [mid], fresh: [fast], cause: .consolidate, causeID: nil, actor: actor)
+            out.change = try change(learner, changed: [mid], fresh: [fast], cause: .consolidate, causeID: nil, actor: actor,
+                                    current: current)
         }
         return out
     }

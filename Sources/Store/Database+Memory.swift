@@ -1,8 +1,11 @@
 // Memory versions in PostgreSQL. Version n of a user is a memory_versions
-// row naming one level_snapshots row per stored level and holding the learner
-// part; users.version is the current version and users.learner the current
-// learner part, which every learning job rewrites, while a level's snapshot
-// is written only when that level changes. Every change runs in a
+// row naming one level_snapshots row (the level's weights) per stored level
+// and holding its learner part (counters, recent contexts); users.version is
+// the current version. What only the current version needs is the user's:
+// users.learner (the learner part with the open chunks' accumulators, which
+// every learning round rewrites) and level_moments (each level's optimizer
+// moments, rewritten when the level takes a step). A level's snapshot is
+// written only when that level changes. Every change runs in a
 // transaction holding the user's row lock (FOR NO KEY UPDATE), so it waits
 // for a learning round in progress and is applied wholly or not at all.
 import Foundation
@@ -55,13 +58,22 @@ extension Database {
         let rows = try await conn.query("""
             SELECT m.version, m.levels::text,
                    CASE WHEN NOT \(withLearner) THEN NULL WHEN m.version = u.version THEN u.learner ELSE m.learner END,
-                   u.jobs_applied
+                   u.jobs_applied, m.version = u.version
             FROM users u JOIN memory_versions m ON m.user_id = u.id AND m.version = COALESCE(\(version), u.version)
             WHERE u.id = \(userID)
             """, logger: logger)
-        var found: (Int64, [String: Int64], Data?, Int64)?
-        for try await r in rows.decode((Int64, String, Data?, Int64).self) { found = (r.0, try levelMap(r.1), r.2, r.3) }
-        guard let (v, map, learner, jobsApplied) = found else { return nil }
+        var found: (Int64, [String: Int64], Data?, Int64, Bool)?
+        for try await r in rows.decode((Int64, String, Data?, Int64, Bool).self) { found = (r.0, try levelMap(r.1), r.2, r.3, r.4) }
+        guard let (v, map, learner, jobsApplied, isCurrent) = found else { return nil }
+        // The optimizer's moments are the current version's only.
+        var moments: [String: Data] = [:]
+        if withLevels && withLearner && isCurrent {
+            for try await (name, data) in try await conn.query("""
+                SELECT level, tensors FROM level_moments WHERE user_id = \(userID)
+                """, logger: logger).decode((String, Data).self) {
+                moments[name] = data
+            }
+        }
         var levels: [String: Data] = [:]
         if withLevels && !map.isEmpty {
             let ids = Array(map.values)
@@ -76,14 +88,15 @@ extension Database {
                 levels[name] = data
             }
         }
-        return StoredMemory(userID: userID, version: v, levels: levels, levelIDs: map, learner: learner, jobsApplied: jobsApplied)
+        return StoredMemory(userID: userID, version: v, levels: levels, levelIDs: map, moments: moments, learner: learner,
+                            jobsApplied: jobsApplied)
     }
 
     /// Writes `change` as the version after `current` and makes it current.
     /// Runs inside the caller's transaction, which holds the user's row lock.
-    /// `setsLearner` false: the user's current learner part is left for the
-    /// caller to write (a learning round writes its final one once, after
-    /// all its versions, rather than each version's in turn).
+    /// `setsLearner` false: the user's current learner part and moments are
+    /// left for the caller to write (a learning round writes its final ones
+    /// once, after all its versions, rather than each version's in turn).
     static func apply(_ change: MemoryChange, after current: (version: Int64, levels: [String: Int64]), userID: Int64,
                       setsLearner: Bool = true, tx: PostgresConnection,
                       logger: Logger) async throws -> (version: Int64, levels: [String: Int64]) {
@@ -98,16 +111,33 @@ extension Database {
         }
         let version = current.version + 1
         try await commitVersion(userID: userID, version: version, parent: current.version, levels: levelJSON(levels),
-                                learner: change.learner, cause: change.cause, causeID: change.causeID, actor: change.actor,
-                                setsLearner: setsLearner, tx: tx, logger: logger)
+                                learner: change.learner, working: change.working, cause: change.cause, causeID: change.causeID,
+                                actor: change.actor, setsLearner: setsLearner, tx: tx, logger: logger)
+        if setsLearner { try await writeMoments(change.moments, userID: userID, tx: tx, logger: logger) }
         return (version, levels)
     }
 
-    /// Inserts version `version` (levels: JSON map of level name to snapshot id)
-    /// and makes it, with its learner part (unless `setsLearner` is false),
-    /// the user's current one.
-    static func commitVersion(userID: Int64, version: Int64, parent: Int64, levels: String, learner: Data?, cause: MemoryCause,
-                              causeID: String?, actor: String, setsLearner: Bool = true, tx: PostgresConnection,
+    /// Writes the user's optimizer moments by level (nil: the level's
+    /// optimizer starts afresh, its row is deleted); levels not named keep theirs.
+    static func writeMoments(_ moments: [String: Data?], userID: Int64, tx: PostgresConnection, logger: Logger) async throws {
+        for (name, part) in moments.sorted(by: { $0.key < $1.key }) {
+            if let part {
+                try await tx.query("""
+                    INSERT INTO level_moments (user_id, level, tensors) VALUES (\(userID), \(name), \(part))
+                    ON CONFLICT (user_id, level) DO UPDATE SET tensors = EXCLUDED.tensors
+                    """, logger: logger)
+            } else {
+                try await tx.query("DELETE FROM level_moments WHERE user_id = \(userID) AND level = \(name)", logger: logger)
+            }
+        }
+    }
+
+    /// Inserts version `version` (levels: JSON map of level name to snapshot
+    /// id; `learner` its learner part) and makes it the user's current one,
+    /// with `working` (nil: `learner`) as the user's learner part unless
+    /// `setsLearner` is false.
+    static func commitVersion(userID: Int64, version: Int64, parent: Int64, levels: String, learner: Data?, working: Data? = nil,
+                              cause: MemoryCause, causeID: String?, actor: String, setsLearner: Bool = true, tx: PostgresConnection,
                               logger: Logger) async throws {
         try await tx.query("""
             INSERT INTO memory_versions (user_id, version, parent, levels, learner, cause, cause_id, actor)
@@ -117,7 +147,7 @@ extension Database {
         let settled = cause == .consolidate || cause == .reset
         if setsLearner {
             try await tx.query("""
-                UPDATE users SET version = \(version), learner = \(learner),
+                UPDATE users SET version = \(version), learner = \(working ?? learner),
                     unconsolidated_tokens = CASE WHEN \(settled) THEN 0 ELSE unconsolidated_tokens END
                 WHERE id = \(userID)
                 """, logger: logger)
@@ -201,7 +231,8 @@ extension Database {
 
     /// Makes `target` (a new user of the same tenant) a copy of the source
     /// user's memory at `version` (the current one when nil): its levels'
-    /// snapshots are copied, so erasing either user leaves the other whole.
+    /// snapshots are copied, so erasing either user leaves the other whole;
+    /// at the current version the optimizer's state too.
     /// Fails when the target exists or the version is not kept.
     public func forkUser(source: User, version: Int64?, target targetName: UserName, actor: String) async throws -> User {
         let target = targetName.value
@@ -217,6 +248,15 @@ extension Database {
             guard let id = newID else { throw Conflict(description: "user '\(target)' already exists") }
             try await Self.insertCreatedVersion(userID: id, actor: actor, tx: tx, logger: self.logger)
             let copied = !memory.levelIDs.isEmpty || memory.learner != nil
+            // At the source's current version the copy also takes its optimizer's state
+            // (memory.learner is then the user's learner part; the version's is kept with the row).
+            var versionLearner = memory.learner, isCurrent = false
+            for try await r in try await tx.query("""
+                SELECT m.learner, m.version = u.version FROM memory_versions m JOIN users u ON u.id = m.user_id
+                WHERE m.user_id = \(source.id) AND m.version = \(memory.version)
+                """, logger: self.logger).decode((Data?, Bool).self) where r.1 {
+                (versionLearner, isCurrent) = (r.0, true)
+            }
             if copied {
                 // The source's snapshot rows are copied in the database, so erasing either user leaves the other whole.
                 var levels: [String: Int64] = [:]
@@ -228,9 +268,15 @@ extension Database {
                         """, logger: self.logger).decode(Int64.self) { levels[name] = copy }
                     guard levels[name] != nil else { throw Failure(description: "level snapshot \(snapshot) of user \(source.id) is missing") }
                 }
-                try await Self.commitVersion(userID: id, version: 1, parent: 0, levels: Self.levelJSON(levels), learner: memory.learner,
-                                             cause: .fork, causeID: "\(source.name)@\(memory.version)", actor: actor, tx: tx,
-                                             logger: self.logger)
+                try await Self.commitVersion(userID: id, version: 1, parent: 0, levels: Self.levelJSON(levels), learner: versionLearner,
+                                             working: isCurrent ? memory.learner : nil, cause: .fork,
+                                             causeID: "\(source.name)@\(memory.version)", actor: actor, tx: tx, logger: self.logger)
+                if isCurrent {
+                    try await tx.query("""
+                        INSERT INTO level_moments (user_id, level, tensors)
+                        SELECT \(id), level, tensors FROM level_moments WHERE user_id = \(source.id)
+                        """, logger: self.logger)
+                }
             }
             try await Self.audit(tx, userID: id, event: .fork, from: nil, to: copied ? 1 : 0,
                                  actor: actor, causeID: "\(source.name)@\(memory.version)", logger: self.logger)
@@ -242,7 +288,8 @@ extension Database {
     }
 
     /// Makes kept version `version` current again, as a new version naming
-    /// the same level snapshots and holding the same learner part. Waits for
+    /// the same level snapshots and holding the same learner part; its
+    /// optimizer starts afresh (no moments, the open chunks empty). Waits for
     /// a learning round in progress. With `ifCurrent`, only when that is
     /// still the user's current version (a policy acting on the version it
     /// measured). With `cancelQueued`, the user's queued jobs are cancelled
@@ -257,9 +304,7 @@ extension Database {
             if let ifCurrent, ifCurrent != current { return .moved(current: current) }
             var target: (String, Data?)?
             for try await r in try await tx.query("""
-                SELECT m.levels::text, CASE WHEN m.version = u.version THEN u.learner ELSE m.learner END
-                FROM memory_versions m JOIN users u ON u.id = m.user_id
-                WHERE m.user_id = \(userID) AND m.version = \(version)
+                SELECT levels::text, learner FROM memory_versions WHERE user_id = \(userID) AND version = \(version)
                 """, logger: self.logger).decode((String, Data?).self) { target = r }
             guard let (levels, learner) = target else { return .notKept }
             let cancelled = cancelQueued
@@ -269,6 +314,8 @@ extension Database {
             let next = current + 1
             try await Self.commitVersion(userID: userID, version: next, parent: current, levels: levels, learner: learner,
                                          cause: .rollback, causeID: String(version), actor: actor, tx: tx, logger: self.logger)
+            // The version's weights and counters; its optimizer starts afresh.
+            try await tx.query("DELETE FROM level_moments WHERE user_id = \(userID)", logger: self.logger)
             try await Self.audit(tx, userID: userID, event: .rollback, from: current, to: next, actor: actor,
                                  causeID: String(version), detail: "{\"restored\": \(version)}", logger: self.logger)
             try await Self.prune(userID: userID, keep: keep, tx: tx, logger: self.logger)

@@ -236,6 +236,7 @@ extension Database {
                     last_learned_at = CASE WHEN \(learned) THEN clock_timestamp() ELSE last_learned_at END
                 WHERE id = \(user.id)
                 """, logger: self.logger)
+            try await Self.writeMoments(outcome.moments, userID: user.id, tx: tx, logger: self.logger)
             if let trigger = outcome.consolidate {
                 try await Self.enqueueConsolidation(userID: user.id, trigger: trigger, tx: tx, logger: self.logger)
             }

@@ -15,6 +15,8 @@ public final class InMemoryStore: ContinuumStore {
     struct UserRow {
         var user: User
         var learner: Data?
+        /// The current version's optimizer moments by level.
+        var moments: [String: Data] = [:]
         /// When a learning round last applied one of the user's jobs.
         var lastLearnedAt: Date?
     }
@@ -223,11 +225,11 @@ public final class InMemoryStore: ContinuumStore {
             guard let current = s.users[userID]?.user.version else { return .notKept }
             if let ifCurrent, ifCurrent != current { return .moved(current: current) }
             guard let target = s.versions[userID]?[version] else { return .notKept }
-            let learner = version == current ? s.users[userID]?.learner : target.learner
             let cancelled = cancelQueued ? s.cancelQueued(userID: userID, version: current, cause: .rollback, actor: actor) : []
             let next = current + 1
-            s.commitVersion(userID: userID, version: next, parent: current, levels: target.version.levels, learner: learner,
+            s.commitVersion(userID: userID, version: next, parent: current, levels: target.version.levels, learner: target.learner,
                             cause: .rollback, causeID: String(version), actor: actor)
+            s.users[userID]?.moments = [:]   // the version's weights and counters; its optimizer starts afresh
             s.audit(userID: userID, event: .rollback, from: current, to: next, actor: actor, causeID: String(version),
                     detail: "{\"restored\": \(version)}")
             s.prune(userID: userID, keep: keep)
@@ -250,7 +252,12 @@ public final class InMemoryStore: ContinuumStore {
             s.insertCreatedVersion(userID: id, actor: actor)
             let copied = !memory.levels.isEmpty || memory.learner != nil
             if copied {
-                let change = MemoryChange(levels: memory.levels.mapValues { Optional($0) }, learner: memory.learner, cause: .fork,
+                // At the source's current version the copy also takes its optimizer's state.
+                let isCurrent = memory.version == s.users[source.id]?.user.version
+                let change = MemoryChange(levels: memory.levels.mapValues { Optional($0) },
+                                          learner: isCurrent ? s.versions[source.id]?[memory.version]?.learner : memory.learner,
+                                          working: isCurrent ? memory.learner : nil,
+                                          moments: isCurrent ? memory.moments.mapValues { Optional($0) } : [:], cause: .fork,
                                           causeID: "\(source.name)@\(memory.version)", actor: actor)
                 _ = s.apply(change, after: (0, [:]), userID: id)
             }
@@ -388,7 +395,7 @@ public final class InMemoryStore: ContinuumStore {
             var applied: [AppliedJob] = []
             for (i, (job, (change, taught))) in zip(jobs, zip(outcome.changes, outcome.taughtTokens)).enumerated() {
                 let from = current.version
-                if let change { current = s.apply(change, after: current, userID: userID) }
+                if let change { current = s.apply(change, after: current, userID: userID, setsLearner: false) }
                 s.audit(userID: userID, event: AuditEventKind(job.kind.cause) ?? .learning, from: from, to: current.version,
                         actor: job.actor, causeID: job.sourceID?.uuidString.lowercased(),
                         detail: LearningOutcome.auditDetail(job: job, taught: taught, details: outcome.details[i]))
@@ -399,6 +406,7 @@ public final class InMemoryStore: ContinuumStore {
                 applied.append((job, current.version, now.timeIntervalSince(s.jobs[job.id]?.createdAt ?? now)))
             }
             s.users[userID]?.learner = outcome.learner
+            s.writeMoments(outcome.moments, userID: userID)
             let unconsolidated = LearningJob.unconsolidated(from: user.unconsolidatedTokens, after: jobs, taught: outcome.taughtTokens)
             if let u = s.users[userID]?.user {
                 s.users[userID]?.user = User(id: u.id, tenantID: u.tenantID, name: u.name, version: u.version,
@@ -562,8 +570,9 @@ extension InMemoryStore.State {
             }
         }
         let learner = withLearner ? (v == row.user.version ? row.learner : kept.learner) : nil
-        return StoredMemory(userID: userID, version: v, levels: levels, levelIDs: kept.version.levels, learner: learner,
-                            jobsApplied: row.user.jobsApplied)
+        let moments = withLearner && withLevels && v == row.user.version ? row.moments : [:]
+        return StoredMemory(userID: userID, version: v, levels: levels, levelIDs: kept.version.levels, moments: moments,
+                            learner: learner, jobsApplied: row.user.jobsApplied)
     }
 
     mutating func insertCreatedVersion(userID: Int64, actor: String) {
@@ -571,9 +580,10 @@ extension InMemoryStore.State {
                                                                         causeID: nil, actor: actor, createdAt: Date()), learner: nil)
     }
 
-    /// Writes `change` as the version after `current` and makes it current.
+    /// Writes `change` as the version after `current` and makes it current
+    /// (its learner part and moments the user's unless `setsLearner` is false).
     mutating func apply(_ change: MemoryChange, after current: (version: Int64, levels: [String: Int64]),
-                        userID: Int64) -> (version: Int64, levels: [String: Int64]) {
+                        userID: Int64, setsLearner: Bool = true) -> (version: Int64, levels: [String: Int64]) {
         var levels = current.levels
         for (name, part) in change.levels.sorted(by: { $0.key < $1.key }) {
             guard let data = part else { levels[name] = nil; continue }
@@ -583,16 +593,23 @@ extension InMemoryStore.State {
         }
         let version = current.version + 1
         commitVersion(userID: userID, version: version, parent: current.version, levels: levels, learner: change.learner,
-                      cause: change.cause, causeID: change.causeID, actor: change.actor)
+                      working: change.working, cause: change.cause, causeID: change.causeID, actor: change.actor,
+                      setsLearner: setsLearner)
+        if setsLearner { writeMoments(change.moments, userID: userID) }
         return (version, levels)
     }
 
-    mutating func commitVersion(userID: Int64, version: Int64, parent: Int64, levels: [String: Int64], learner: Data?, cause: MemoryCause,
-                                causeID: String?, actor: String) {
+    /// The user's optimizer moments by level (nil: deleted); levels not named keep theirs.
+    mutating func writeMoments(_ moments: [String: Data?], userID: Int64) {
+        for (name, part) in moments { users[userID]?.moments[name] = part }
+    }
+
+    mutating func commitVersion(userID: Int64, version: Int64, parent: Int64, levels: [String: Int64], learner: Data?,
+                                working: Data? = nil, cause: MemoryCause, causeID: String?, actor: String, setsLearner: Bool = true) {
         versions[userID, default: [:]][version] = .init(version: MemoryVersion(version: version, parent: parent, levels: levels,
                                                                               cause: cause, causeID: causeID, actor: actor,
                                                                               createdAt: Date()), learner: learner)
-        users[userID]?.learner = learner
+        if setsLearner { users[userID]?.learner = working ?? learner }
         if let u = users[userID]?.user {
             users[userID]?.user = User(id: u.id, tenantID: u.tenantID, name: u.name, version: version, jobsApplied: u.jobsApplied,
                                        learning: u.learning, frozen: u.frozen, createdAt: u.createdAt,

@@ -2,7 +2,11 @@
 // how it is stored (PostgreSQL in Database+*.swift, memory in InMemoryStore).
 // A user's memory version n names one level snapshot per level that has
 // changed since the user started (a level without one is a fresh level) and
-// holds the learner part at that version; version 0 is the backbone.
+// holds the learner part at that version; version 0 is the backbone. The
+// optimizer's working state (each level's moments, the open chunks'
+// accumulators in the user's learner part) is kept for the current version
+// only: a version restored by rollback or fork-at-an-older-version has its
+// weights and counters, and its optimizer starts afresh.
 import Foundation
 
 /// A user of a tenant.
@@ -90,6 +94,11 @@ public struct StoredMemory: Sendable {
     public let levels: [String: Data]
     /// Snapshot id per stored level (a level without one is fresh).
     public let levelIDs: [String: Int64]
+    /// The current version's optimizer moments by level name (read with the
+    /// level parts; empty for an older version, whose optimizer starts afresh).
+    public var moments: [String: Data] = [:]
+    /// The learner part: for the current version the user's (with the open
+    /// chunks' accumulators), for an older one the part kept with it.
     public let learner: Data?
     /// Learning jobs applied to the user so far (read with the rest, so consistent with the learner's counters).
     public let jobsApplied: Int64
@@ -103,17 +112,28 @@ public struct MemoryChange: Sendable {
     /// "shape"}}), kept beside the bytes for inspection ("{}" when absent):
     /// the store never decodes a part.
     public var shapes: [String: String]
-    /// The learner part after the change (nil: fresh).
+    /// The learner part kept with the new version (nil: fresh counters).
     public var learner: Data?
+    /// The user's learner part once the change is current, when it holds more
+    /// than the version's (the open chunks' accumulators); nil: `learner`.
+    /// Written only by a change that becomes current at once (a learning
+    /// round writes its last one itself, in `LearningOutcome`).
+    public var working: Data?
+    /// Optimizer moments after the change, by level: the new part, or nil
+    /// for a fresh optimizer; a level not named keeps its moments. Written
+    /// like `working`.
+    public var moments: [String: Data?]
     public var cause: MemoryCause
     public var causeID: String?
     public var actor: String
 
-    public init(levels: [String: Data?], shapes: [String: String] = [:], learner: Data?, cause: MemoryCause, causeID: String? = nil,
-                actor: String) {
+    public init(levels: [String: Data?], shapes: [String: String] = [:], learner: Data?, working: Data? = nil,
+                moments: [String: Data?] = [:], cause: MemoryCause, causeID: String? = nil, actor: String) {
         self.levels = levels
         self.shapes = shapes
         self.learner = learner
+        self.working = working
+        self.moments = moments
         self.cause = cause
         self.causeID = causeID
         self.actor = actor
@@ -173,8 +193,11 @@ public struct LearningOutcome: Sendable {
     public var changes: [MemoryChange?]
     /// Per job, the tokens it taught (its learnable targets), for its audit event.
     public var taughtTokens: [Int]
-    /// The learner part after the last job.
+    /// The user's learner part after the last job (with its accumulators).
     public var learner: Data?
+    /// The optimizer moments after the round of the levels it changed, by
+    /// level (nil: a fresh optimizer); a level not named keeps its moments.
+    public var moments: [String: Data?]
     /// Per job, further figures for its audit event's detail (a
     /// consolidation's KL before and after, its steps); empty: none.
     public var details: [[String: Double]]
@@ -182,11 +205,12 @@ public struct LearningOutcome: Sendable {
     /// transaction; nothing when one is already waiting).
     public var consolidate: ConsolidationTrigger?
 
-    public init(changes: [MemoryChange?], taughtTokens: [Int]? = nil, learner: Data?, details: [[String: Double]]? = nil,
-                consolidate: ConsolidationTrigger? = nil) {
+    public init(changes: [MemoryChange?], taughtTokens: [Int]? = nil, learner: Data?, moments: [String: Data?] = [:],
+                details: [[String: Double]]? = nil, consolidate: ConsolidationTrigger? = nil) {
         self.changes = changes
         self.taughtTokens = taughtTokens ?? changes.map { _ in 0 }
         self.learner = learner
+        self.moments = moments
         self.details = details ?? changes.map { _ in [:] }
         self.consolidate = consolidate
     }

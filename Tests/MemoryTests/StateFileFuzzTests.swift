@@ -1,5 +1,5 @@
 // Seeded fuzzing of the level state file decoders (`decode(_:model:)` and the
-// store's `decode(levels:learner:…)`), on the tiny Llama with two small
+// store's `decode(levels:moments:learner:…)`), on the tiny Llama with two small
 // levels (mid: AdamW, fast: M3), so a state file is about 16 KB.
 //
 // Cases: random bytes of many lengths; every truncation of a valid export;
@@ -102,7 +102,11 @@ struct StateFileFuzzTests {
         try learner.reset(level: 0)
         _ = try LevelStateFile.encode(learner, backbone: model.fingerprint)
         _ = try LevelStateFile.encodeLearner(learner, backbone: model.fingerprint)
-        for l in levels.indices { _ = try LevelStateFile.encodeLevel(learner, level: l, backbone: model.fingerprint) }
+        _ = try LevelStateFile.encodeLearner(learner, accumulators: false, backbone: model.fingerprint)
+        for l in levels.indices {
+            _ = try LevelStateFile.encodeLevel(learner, level: l, backbone: model.fingerprint)
+            _ = try LevelStateFile.encodeMoments(learner, level: l, backbone: model.fingerprint)
+        }
     }
 
     /// Cases that need no knowledge of the format: random bytes, truncations,
@@ -120,10 +124,11 @@ struct StateFileFuzzTests {
         // Every truncation of the valid file.
         for n in 0..<valid.count { run.check(valid.prefix(n), .refused("level state"), "\(name) truncated to \(n)") }
         run.check(valid, .accepted, "\(name) as exported")
-        // Single-bit flips, half in the header, half in the data.
+        // Single-bit flips, half in the header, half in the data (all in the header of a file without tensors).
         let headerEnd = 8 + Int(valid.prefix(8).withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) })
         for i in 0..<flips {
-            let at = i % 2 == 0 ? Int.random(in: 0..<headerEnd, using: &rng) : Int.random(in: headerEnd..<valid.count, using: &rng)
+            let at = i % 2 == 0 || headerEnd == valid.count
+                ? Int.random(in: 0..<headerEnd, using: &rng) : Int.random(in: headerEnd..<valid.count, using: &rng)
             var bytes = valid
             bytes[at] ^= 1 << UInt8.random(in: 0..<8, using: &rng)
             run.check(bytes, .either, "\(name) bit flip at \(at)")
@@ -132,7 +137,7 @@ struct StateFileFuzzTests {
         let c = UInt64(valid.count)
         for n: UInt64 in [.max, UInt64(Int.max), UInt64(Int.max) + 1, 1 << 63, 1 << 32, c - 7, c - 8, c - 9, c, 0, 1, 7, 8,
                           UInt64(headerEnd - 8) - 1, UInt64(headerEnd - 8) + 1, UInt64(headerEnd - 8) + 8, UInt64(headerEnd - 8) - 8,
-                          100_000_000, 100_000_001] {
+                          100_000_000, 100_000_001] where n != UInt64(headerEnd - 8) {   // c - 8 is the length itself when no tensor follows
             run.check(Surgery.settingLength(valid, n), .refused("level state"), "\(name) header length \(n)")
         }
     }
@@ -339,60 +344,115 @@ struct StateFileFuzzTests {
         #expect(run.cases > 15_000 && run.decoded > 500, "the cases reach both outcomes")
     }
 
-    @Test("the parts decoder (level and learner parts, as the store keeps them) does the same")
+    /// A level part as written before moments had parts of their own: the
+    /// level's weights and moments, with its optimizer steps.
+    static func legacyLevelPart(_ learner: LevelLearner, level l: Int, model: LlamaModel) throws -> Data {
+        var meta = try LevelStateFile.commonMetadata(learner, format: LevelStateFile.levelFormat, backbone: model.fingerprint)
+        meta["level"] = learner.state.configuration.levels[l].name
+        meta["optimizer_steps"] = try LevelStateFile.json(learner.moments[l].map { $0.map(\.steps) })
+        return try LevelStateFile.write(learner, LevelStateFile.slots(learner.state.configuration, hiddenSize: learner.state.hiddenSize,
+                                                                      level: l, weights: true, moments: true, accumulators: false),
+                                        metadata: meta)
+    }
+
+    @Test("the parts decoder (level, moments and learner parts, as the store keeps them) does the same")
     func parts() throws {
         let model = try Fixtures.tinyLlama()
         let learner = try Self.taught()
         let configuration = learner.state.configuration
         let mid = try LevelStateFile.encodeLevel(learner, level: 0, backbone: model.fingerprint)
         let fast = try LevelStateFile.encodeLevel(learner, level: 1, backbone: model.fingerprint)
+        let midMoments = try LevelStateFile.encodeMoments(learner, level: 0, backbone: model.fingerprint)
+        let fastMoments = try LevelStateFile.encodeMoments(learner, level: 1, backbone: model.fingerprint)
         let learnerPart = try LevelStateFile.encodeLearner(learner, backbone: model.fingerprint)
+        let versionPart = try LevelStateFile.encodeLearner(learner, accumulators: false, backbone: model.fingerprint)
+        let levelParts = ["mid": mid, "fast": fast], momentParts = ["mid": midMoments, "fast": fastMoments]
         var rng = SeededGenerator(seed: 0x9A27_5EED)
         let start = ContinuousClock.now
         var total = (cases: 0, refused: 0, decoded: 0)
         func tally(_ r: FuzzRun) { total = (total.cases + r.cases, total.refused + r.refused, total.decoded + r.decoded) }
-        // The three parts decode to the learner.
-        let whole = try LevelStateFile.decode(levels: ["mid": mid, "fast": fast], learner: learnerPart, model: model, configuration: configuration)
+        // The five parts decode to the learner.
+        let whole = try LevelStateFile.decode(levels: levelParts, moments: momentParts, learner: learnerPart, model: model,
+                                              configuration: configuration)
         #expect(whole.state.blocks == learner.state.blocks && whole.moments == learner.moments
-            && whole.accumulators == learner.accumulators && whole.tokenCounters == learner.tokenCounters)
+            && whole.accumulators == learner.accumulators && whole.tokenCounters == learner.tokenCounters
+            && whole.accumulatedTokens == learner.accumulatedTokens)
+        #expect(learner.accumulatedTokens.contains { $0 > 0 } && learner.moments.joined().joined().contains { $0.steps > 0 },
+                "the taught learner is mid-chunk and has taken steps, so what follows can tell parts apart")
+        // A version's parts (weights, counters): the same weights and counters, a fresh optimizer, empty open chunks.
+        let version = try LevelStateFile.decode(levels: levelParts, learner: versionPart, model: model, configuration: configuration)
+        let fresh = try Tiny.learner(Self.levels)
+        #expect(version.state.blocks == learner.state.blocks && version.tokenCounters == learner.tokenCounters
+            && version.updatesApplied == learner.updatesApplied && version.recentTokens == learner.recentTokens)
+        #expect(version.moments == fresh.moments && version.accumulators == fresh.accumulators
+            && version.accumulatedTokens == [0, 0])
+        // Level parts written before moments had parts of their own still decode, with their moments.
+        let legacy = ["mid": try Self.legacyLevelPart(learner, level: 0, model: model),
+                      "fast": try Self.legacyLevelPart(learner, level: 1, model: model)]
+        let old = try LevelStateFile.decode(levels: legacy, learner: learnerPart, model: model, configuration: configuration)
+        #expect(old.state.blocks == learner.state.blocks && old.moments == learner.moments)
         for (name, part) in [("mid", mid), ("fast", fast)] {
             var run = FuzzRun(model: model) {
-                try LevelStateFile.decode(levels: ["mid": mid, "fast": fast].merging([name: $0]) { $1 }, learner: learnerPart,
+                try LevelStateFile.decode(levels: levelParts.merging([name: $0]) { $1 }, moments: momentParts, learner: learnerPart,
                                           model: model, configuration: configuration)
             }
             Self.blind(&run, valid: part, flips: 600, rng: &rng, name: "\(name) part")
             Self.entries(&run, valid: part, rng: &rng, name: "\(name) part")
             Self.metadata(&run, valid: part, expected: true, name: "\(name) part")
+            run.check(Surgery.rewrite(part) { $0["optimizer_steps"] = "[[0, 0, 0, 0]]" }, .refused("optimizer_steps but no moments"),
+                      "\(name) part with steps")
+            run.check(Surgery.rewrite(part) { $0["level"] = name == "mid" ? "fast" : "mid" }, .refused("holds level"), "\(name) part of the other level")
+            run.check(Surgery.rewrite(part) { $0["counters"] = "{}" }, .refused("unexpected metadata key"), "\(name) part with counters")
+            run.check(learnerPart, .refused("format"), "learner part as \(name) part")
+            run.check(momentParts[name]!, .refused("format"), "moments part as \(name) part")
+            Self.blind(&run, valid: legacy[name]!, flips: 200, rng: &rng, name: "\(name) part, legacy")
+            run.check(Surgery.rewrite(legacy[name]!) { $0["optimizer_steps"] = nil }, .refused("unexpected tensor"),
+                      "\(name) legacy part without steps")
+            tally(run)
+            var moments = FuzzRun(model: model) {
+                try LevelStateFile.decode(levels: levelParts, moments: momentParts.merging([name: $0]) { $1 }, learner: learnerPart,
+                                          model: model, configuration: configuration)
+            }
+            let valid = momentParts[name]!
+            Self.blind(&moments, valid: valid, flips: 300, rng: &rng, name: "\(name) moments")
+            Self.entries(&moments, valid: valid, rng: &rng, name: "\(name) moments")
+            Self.metadata(&moments, valid: valid, expected: true, name: "\(name) moments")
             for (text, expect) in [("[[0, 0, 0, 0]]", Outcome.accepted), ("[[5, 9, 1, 9007199254740992]]", .accepted),
                                    ("[[0, 0, 0]]", .refused("optimizer steps")), ("[[0, 0, 0, 0], [0, 0, 0, 0]]", .refused("optimizer steps")),
                                    ("[]", .refused("optimizer steps")), ("[[-1, 0, 0, 0]]", .refused("optimizer step count")),
                                    ("[[9223372036854775807, 0, 0, 0]]", .refused("optimizer step count")), ("[[0.5, 0, 0, 0]]", .refused("optimizer_steps")),
-                                   ("x", .refused("optimizer_steps"))] {
-                run.check(Surgery.rewrite(part) { $0["optimizer_steps"] = text }, expect, "\(name) part steps \(text)")
+                                   ("x", .refused("optimizer_steps")), (nil, .refused("optimizer_steps"))] {
+                moments.check(Surgery.rewrite(valid) { $0["optimizer_steps"] = text }, expect, "\(name) moments steps \(text ?? "none")")
             }
-            run.check(Surgery.rewrite(part) { $0["level"] = name == "mid" ? "fast" : "mid" }, .refused("holds level"), "\(name) part of the other level")
-            run.check(Surgery.rewrite(part) { $0["counters"] = "{}" }, .refused("unexpected metadata key"), "\(name) part with counters")
-            run.check(learnerPart, .refused("format"), "learner part as \(name) part")
+            moments.check(Surgery.rewrite(valid) { $0["level"] = name == "mid" ? "fast" : "mid" }, .refused("holds level"), "\(name) moments of the other level")
+            moments.check(part, .refused("format"), "level part as \(name) moments")
+            tally(moments)
+        }
+        for (what, valid) in [("learner part", learnerPart), ("version's learner part", versionPart)] {
+            var run = FuzzRun(model: model) {
+                try LevelStateFile.decode(levels: levelParts, moments: momentParts, learner: $0, model: model, configuration: configuration)
+            }
+            Self.blind(&run, valid: valid, flips: 600, rng: &rng, name: what)
+            if valid == learnerPart { Self.entries(&run, valid: valid, rng: &rng, name: what) }
+            Self.metadata(&run, valid: valid, expected: true, name: what)
+            Self.counters(&run, valid: valid, steps: false, name: what)
+            run.check(mid, .refused("format"), "level part as \(what)")
             tally(run)
         }
-        var run = FuzzRun(model: model) {
-            try LevelStateFile.decode(levels: ["mid": mid, "fast": fast], learner: $0, model: model, configuration: configuration)
-        }
-        Self.blind(&run, valid: learnerPart, flips: 600, rng: &rng, name: "learner part")
-        Self.entries(&run, valid: learnerPart, rng: &rng, name: "learner part")
-        Self.metadata(&run, valid: learnerPart, expected: true, name: "learner part")
-        Self.counters(&run, valid: learnerPart, steps: false, name: "learner part")
-        run.check(mid, .refused("format"), "level part as learner part")
-        tally(run)
         // Names the configuration does not have; parts only (fresh levels, fresh counters).
         var other = FuzzRun(model: model) { try LevelStateFile.decode(levels: ["slow": $0], learner: nil, model: model, configuration: configuration) }
         other.check(mid, .refused("no level named 'slow'"), "a part for an unknown level")
+        var otherMoments = FuzzRun(model: model) {
+            try LevelStateFile.decode(levels: [:], moments: ["slow": $0], learner: nil, model: model, configuration: configuration)
+        }
+        otherMoments.check(midMoments, .refused("no level named 'slow'"), "moments for an unknown level")
         var partial = FuzzRun(model: model) { try LevelStateFile.decode(levels: ["fast": $0], learner: nil, model: model, configuration: configuration) }
         partial.check(fast, .accepted, "one level part only")
         tally(other)
+        tally(otherMoments)
         tally(partial)
         let elapsed = ContinuousClock.now - start
-        print("state-file fuzz, parts (\(mid.count), \(fast.count), \(learnerPart.count) bytes): \(total.cases) cases, \(total.refused) refused, \(total.decoded) decoded and exercised, in \(elapsed)")
+        print("state-file fuzz, parts (\(mid.count), \(fast.count), \(midMoments.count), \(learnerPart.count) bytes): \(total.cases) cases, \(total.refused) refused, \(total.decoded) decoded and exercised, in \(elapsed)")
         #expect(total.cases > 15_000 && total.decoded > 500, "the cases reach both outcomes")
     }
 }

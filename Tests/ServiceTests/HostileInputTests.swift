@@ -253,7 +253,7 @@ struct HostileInputTests {
 extension HostileInputTests {
     static func snapshot(_ db: Database) async throws -> [Int] {
         var out: [Int] = []
-        for table in ["users", "memory_versions", "level_snapshots", "learning_jobs", "generations", "feedback", "audit_events",
+        for table in ["users", "memory_versions", "level_snapshots", "level_moments", "learning_jobs", "generations", "feedback", "audit_events",
                       "drift_reports", "audit_settings", "api_keys", "tenants"] {
             out.append(try await db.integer(unsafeSQL: "SELECT count(*) FROM \(table)"))
         }

@@ -46,6 +46,17 @@ extension Fixture {
     }
 }
 
+/// An exported state's tensors whose names start with `prefix` ("levels.": the weights), as raw bytes.
+func tensors(_ x: ByteBuffer, prefix: String) throws -> [String: Data] {
+    let d = Data(buffer: x)
+    let h = try Safetensors.parse(d)
+    var out: [String: Data] = [:]
+    for (name, e) in h.entries where name.hasPrefix(prefix) {
+        out[name] = d.subdata(in: (h.dataStart + e.range.lowerBound)..<(h.dataStart + e.range.upperBound))
+    }
+    return out
+}
+
 /// Where two exported states differ (metadata keys and tensors), for failure messages.
 func difference(_ a: ByteBuffer, _ b: ByteBuffer) -> String {
     func parse(_ x: ByteBuffer) -> ([String: Any], Data) {
@@ -209,19 +220,25 @@ struct MemoryServiceTests {
             let again = try await post(client, "/v1/users/alice/memory/fork", key: key, #"{"to": "alice-copy"}"#)
             #expect(again.status == .conflict)
 
-            // More learning moves alice on; rollback to v brings back v's outputs and state.
+            // More learning moves alice on; rollback to v brings back v's outputs, weights and
+            // counters, with the optimizer started afresh (kept for the current version only).
             for text in Self.teaching.reversed() {
                 _ = try await generate(client, key: key, user: "alice", prompt: text + " Really.", maxTokens: 2, wait: true)
             }
             let moved = try await generate(client, key: key, user: "alice", prompt: probe, maxTokens: 8, learn: false)
             #expect(try #require(moved["memory_version"] as? Int) > v)
+            let exportOld = try await get(client, "/v1/users/alice/memory/export?version=\(v)", key: key).body
+            let weightsV = try tensors(exportV, prefix: "levels."), weightsOld = try tensors(exportOld, prefix: "levels.")
+            #expect(!weightsV.isEmpty && weightsOld == weightsV)
+            let momentsV = try tensors(exportV, prefix: "moments."), momentsOld = try tensors(exportOld, prefix: "moments.")
+            #expect(momentsOld != momentsV, "an older version's export has a fresh optimizer")
             let rb = try await post(client, "/v1/users/alice/memory/rollback", key: key, #"{"version": \#(v)}"#)
             #expect(rb.status == .ok, "\(rb.body.text)")
             let back = try await generate(client, key: key, user: "alice", prompt: probe, maxTokens: 8, learn: false)
             #expect(back["text"] as? String == atV["text"] as? String)
             #expect(try #require(back["memory_version"] as? Int) > v)
             let exportBack = try await get(client, "/v1/users/alice/memory/export", key: key).body
-            #expect(exportBack == exportV, "\(difference(exportBack, exportV))")
+            #expect(exportBack == exportOld, "\(difference(exportBack, exportOld))")
             let missing = try await post(client, "/v1/users/alice/memory/rollback", key: key, #"{"version": 99999}"#)
             #expect(missing.status == .notFound)
 
@@ -242,8 +259,8 @@ struct MemoryServiceTests {
             let id = try #require(try await db.user(tenantID: tenant.id, name: try UserName("alice"))?.id)
             let erase = try await delete(client, "/v1/users/alice", key: key)
             #expect(erase.status == .ok)
-            for table in ["users", "generations", "learning_jobs", "memory_versions", "level_snapshots", "feedback", "audit_events",
-                          "drift_reports"] {
+            for table in ["users", "generations", "learning_jobs", "memory_versions", "level_snapshots", "level_moments", "feedback",
+                          "audit_events", "drift_reports"] {
                 let column = table == "users" ? "id" : "user_id"
                 #expect(try await db.integer(unsafeSQL: "SELECT count(*)::bigint FROM \(table) WHERE \(column) = \(id)") == 0, "\(table)")
             }

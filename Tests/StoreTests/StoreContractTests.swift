@@ -127,6 +127,62 @@ struct StoreContractTests {
         await close()
     }
 
+    @Test("the optimizer's state (working learner part, moments) is the current version's only: rounds and changes write it, rollback drops it, fork at the current version copies it", arguments: StoreKind.allCases)
+    func optimizerState(kind: StoreKind) async throws {
+        let (store, acme, _, close) = try await kind.make()
+        let alice = try #require(try await store.user(tenantID: acme.id, name: try UserName("alice"), create: true))
+        _ = try await store.mutateMemory(userID: alice.id, keep: 10) { _ in
+            MemoryChange(levels: ["mid": part("m1"), "fast": part("f1")], learner: part("v1"), working: part("w1"),
+                         moments: ["mid": part("mm1"), "fast": part("fm1")], cause: .import, actor: "key:1")
+        }
+        var now = try #require(try await store.memory(userID: alice.id))
+        #expect(now.learner == part("w1") && now.moments == ["mid": part("mm1"), "fast": part("fm1")])
+        // Read without levels or without the learner part: no moments.
+        #expect(try await store.memory(userID: alice.id, version: nil, withLearner: true, withLevels: false)?.moments.isEmpty == true)
+        #expect(try await store.memory(userID: alice.id, version: nil, withLearner: false, withLevels: true)?.moments.isEmpty == true)
+        // A learning round: versions without working state; the round's learner part and moments at its end.
+        _ = try await store.recordGeneration(id: UUID(), userID: alice.id, memoryVersion: 1, prompt: [1], completion: [2],
+                                             job: LearningRequest(tokens: [1, 2], learnable: [false, true]), actor: "key:1")
+        let applied = try await store.learnNext(limit: 8, keep: 10, failed: nil) { _, stored, jobs in
+            #expect(stored.learner == part("w1") && stored.moments["fast"] == part("fm1"))
+            return LearningOutcome(changes: jobs.map { _ in
+                MemoryChange(levels: ["fast": part("f2")], learner: part("v2"), working: part("ignored"),
+                             moments: ["mid": nil], cause: .learning, actor: "key:1")
+            }, learner: part("w2"), moments: ["fast": part("fm2")])
+        }
+        #expect(applied?.count == 1)
+        now = try #require(try await store.memory(userID: alice.id))
+        #expect(now.version == 2 && now.learner == part("w2") && now.moments == ["mid": part("mm1"), "fast": part("fm2")])
+        // An older version: its own learner part, no moments.
+        let v1 = try #require(try await store.memory(userID: alice.id, version: 1))
+        #expect(v1.learner == part("v1") && v1.moments.isEmpty)
+        // A change that leaves a level fresh drops its moments; one not named keeps them.
+        _ = try await store.mutateMemory(userID: alice.id, keep: 10) { _ in
+            MemoryChange(levels: ["fast": nil], learner: part("v3"), moments: ["fast": nil], cause: .reset, actor: "key:1")
+        }
+        now = try #require(try await store.memory(userID: alice.id))
+        #expect(now.learner == part("v3") && now.moments == ["mid": part("mm1")])
+        // Fork at the current version copies the optimizer's state; at an older one, not.
+        let bob = try await store.forkUser(source: alice, version: nil, target: try UserName("bob"), actor: "key:1")
+        let forked = try #require(try await store.memory(userID: bob.id))
+        #expect(forked.learner == part("v3") && forked.moments == ["mid": part("mm1")])
+        let carl = try await store.forkUser(source: alice, version: 2, target: try UserName("carl"), actor: "key:1")
+        let older = try #require(try await store.memory(userID: carl.id))
+        #expect(older.levels == ["mid": part("m1"), "fast": part("f2")] && older.learner == part("v2") && older.moments.isEmpty)
+        // Rollback: the version's weights and learner part; the optimizer starts afresh.
+        guard case .rolledBack = try await store.rollback(userID: alice.id, to: 2, keep: 10, actor: "key:1") else {
+            Issue.record("not rolled back"); await close(); return
+        }
+        now = try #require(try await store.memory(userID: alice.id))
+        #expect(now.levels == ["mid": part("m1"), "fast": part("f2")] && now.learner == part("v2") && now.moments.isEmpty)
+        // Erase leaves none of it.
+        #expect(try await store.eraseUser(tenantID: acme.id, name: try UserName("bob"), actor: "key:1"))
+        if let db = store as? Database {
+            #expect(try await db.integer(unsafeSQL: "SELECT count(*)::bigint FROM level_moments WHERE user_id = \(bob.id)") == 0)
+        }
+        await close()
+    }
+
     @Test("the queue: jobs claimed per user, oldest first, applied wholly, exactly once; failures marked; errors retried",
           arguments: StoreKind.allCases)
     func queue(kind: StoreKind) async throws {
