@@ -675,6 +675,106 @@ CK_TARGET static void attend_rows_avx2(const float *q, const float *k, const flo
     }
 }
 
+/// Σ of each of four vectors' lanes: (Σa0, Σa1, Σa2, Σa3).
+CK_TARGET static inline __m128 reduce4_256(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/// AVX2, grouped: scores of G (a compile-time constant, ≤ 3) query heads qg
+/// (each [hs]) against the four rows kr[0..3] of their key/value head
+/// (offset kh); each K value is loaded once for the G heads.
+CK_TARGET static inline __attribute__((always_inline))
+void scores4_256(const float *qg, const float *const *kr, size_t kh, size_t hs, const int G, __m128 sc, float *s4) {
+    __m256 acc[3][4];
+    for (int g = 0; g < G; g++)
+        for (int p = 0; p < 4; p++) acc[g][p] = _mm256_setzero_ps();
+    for (size_t c = 0; c < hs; c += 8) {
+        __m256 kz[4];
+        for (int p = 0; p < 4; p++) kz[p] = _mm256_loadu_ps(kr[p] + kh + c);
+        for (int g = 0; g < G; g++) {
+            __m256 qz = _mm256_loadu_ps(qg + g * hs + c);
+            for (int p = 0; p < 4; p++) acc[g][p] = _mm256_fmadd_ps(qz, kz[p], acc[g][p]);
+        }
+    }
+    for (int g = 0; g < G; g++) _mm_storeu_ps(s4 + 4 * g, _mm_mul_ps(reduce4_256(acc[g][0], acc[g][1], acc[g][2], acc[g][3]), sc));
+}
+
+/// AVX2, grouped: out[g] += Σ_j p[g·count + j]·v_j for j in [j0, j1), 32
+/// dimensions, G (a compile-time constant, ≤ 3) query heads; each V value is
+/// loaded once for the G heads.
+CK_TARGET static inline __attribute__((always_inline))
+void pv_256(const float *p, size_t count, size_t j0, size_t j1, const float *v, size_t ldkv, float *out, size_t hs,
+            const int G) {
+    __m256 acc[3][4];
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < 4; c++) acc[g][c] = _mm256_loadu_ps(out + g * hs + 8 * c);
+    for (size_t j = j0; j < j1; j++) {
+        const float *vj = v + j * ldkv;
+        __m256 pj[3];
+        for (int g = 0; g < G; g++) pj[g] = _mm256_broadcast_ss(p + g * count + j);
+        for (int c = 0; c < 4; c++) {
+            __m256 vz = _mm256_loadu_ps(vj + 8 * c);
+            for (int g = 0; g < G; g++) acc[g][c] = _mm256_fmadd_ps(pj[g], vz, acc[g][c]);
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < 4; c++) _mm256_storeu_ps(out + g * hs + 8 * c, acc[g][c]);
+}
+
+/// AVX2 attention for hs a multiple of 32: the query heads that share a
+/// key/value head (up to 3 at a time) read each K and V row once, as the
+/// AVX-512 kernel below does (attend_rows_avx2 reads them once per head).
+CK_TARGET static void attend_rows_avx2_grouped(const float *q, const float *k, const float *v, size_t ldkv, size_t count,
+                                               size_t heads, size_t kv_heads, size_t hs, float scale, float *scores,
+                                               float *out, float *mz) {
+    size_t group = heads / kv_heads;
+    const __m128 sc = _mm_set1_ps(scale);
+    // Scores, four positions × up to three heads of a group at a time.
+    for (size_t j0 = 0; j0 < count; j0 += 4) {
+        size_t np = count - j0 < 4 ? count - j0 : 4;
+        for (size_t o = 0; o < 4 * ldkv * 4; o += 64)
+            _mm_prefetch((const char *)(k + (j0 + ATT_PREFETCH_ROWS) * ldkv) + o, _MM_HINT_T0);
+        const float *kr[4];
+        for (size_t p = 0; p < 4; p++) kr[p] = k + (j0 + (p < np ? p : 0)) * ldkv;
+        for (size_t kvh = 0; kvh < kv_heads; kvh++)
+            for (size_t g0 = 0; g0 < group; g0 += 3) {
+                size_t gn = group - g0 < 3 ? group - g0 : 3;
+                const float *qg = q + (kvh * group + g0) * hs;
+                float s4[12];
+                switch (gn) {
+                case 1: scores4_256(qg, kr, kvh * hs, hs, 1, sc, s4); break;
+                case 2: scores4_256(qg, kr, kvh * hs, hs, 2, sc, s4); break;
+                default: scores4_256(qg, kr, kvh * hs, hs, 3, sc, s4); break;
+                }
+                for (size_t g = 0; g < gn; g++)
+                    for (size_t p = 0; p < np; p++) scores[(kvh * group + g0 + g) * count + j0 + p] = s4[4 * g + p];
+            }
+    }
+    softmax_numerators(scores, heads, count, mz);
+    // out = p·V, block by block of rows (read once, front to back); per key/value
+    // head, up to three of its query heads × 32 dimensions in registers.
+    for (size_t h = 0; h < heads * hs; h++) out[h] = 0;
+    for (size_t j0 = 0; j0 < count; j0 += ATT_BLOCK) {
+        size_t j1 = j0 + ATT_BLOCK < count ? j0 + ATT_BLOCK : count;
+        for (size_t o = 0; o < ATT_BLOCK * ldkv * 4; o += 64)
+            _mm_prefetch((const char *)(v + (j0 + ATT_PREFETCH_ROWS) * ldkv) + o, _MM_HINT_T0);
+        for (size_t kvh = 0; kvh < kv_heads; kvh++)
+            for (size_t g0 = 0; g0 < group; g0 += 3) {
+                size_t gn = group - g0 < 3 ? group - g0 : 3;
+                for (size_t d0 = 0; d0 < hs; d0 += 32) {
+                    const float *p0 = scores + (kvh * group + g0) * count, *vh = v + kvh * hs + d0;
+                    float *o = out + (kvh * group + g0) * hs + d0;
+                    switch (gn) {
+                    case 1: pv_256(p0, count, j0, j1, vh, ldkv, o, hs, 1); break;
+                    case 2: pv_256(p0, count, j0, j1, vh, ldkv, o, hs, 2); break;
+                    default: pv_256(p0, count, j0, j1, vh, ldkv, o, hs, 3); break;
+                    }
+                }
+            }
+    }
+}
+
 /// AVX-512: the query heads that share a key/value head (up to 4 at a time)
 /// read each K and V row once; 64 dimensions per pass.
 CK_TARGET512 static inline __m128 reduce4_512(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
@@ -806,6 +906,10 @@ void ck_attend_rows(const float *q, const float *k, const float *v, size_t ldkv,
 #ifdef CK_X86
     if (ck_effective_level(cap) >= 2 && hs % 64 == 0) {
         attend_rows_512(q, k, v, ldkv, count, heads, kv_heads, hs, scale, scores, out, mz);
+        return;
+    }
+    if (ck_effective_level(cap) >= 1 && hs % 32 == 0) {
+        attend_rows_avx2_grouped(q, k, v, ldkv, count, heads, kv_heads, hs, scale, scores, out, mz);
         return;
     }
     if (ck_effective_level(cap) >= 1 && hs % 8 == 0) {

@@ -161,8 +161,17 @@ struct BlockKernelTests {
     @Test("decode attention of several sequences (the model's head shape, long contexts split) matches the textbook definition",
           arguments: [[(1, 0)], [(1, 700)], [(1, 5), (3, 40), (1, 300), (2, 0)]])
     func decodeAttention(sequences: [(tokens: Int, start: Int)]) {
-        let heads = 9, kvHeads = 3, hs = 64
-        var rng = TestRNG(state: UInt64(sequences.count * 1000 + sequences[0].start))
+        Self.decodeAttention(sequences: sequences, heads: 9, kvHeads: 3, hs: 64)
+    }
+
+    @Test("decode attention of other head shapes (groups of 1, 2 and 4 query heads per key/value head; head sizes not a multiple of 32) matches the textbook definition",
+          arguments: [(8, 2, 32), (4, 2, 96), (6, 6, 64), (5, 5, 40), (12, 3, 8)])
+    func decodeAttentionShapes(shape: (heads: Int, kvHeads: Int, hs: Int)) {
+        Self.decodeAttention(sequences: [(1, 37), (2, 130)], heads: shape.heads, kvHeads: shape.kvHeads, hs: shape.hs)
+    }
+
+    static func decodeAttention(sequences: [(tokens: Int, start: Int)], heads: Int, kvHeads: Int, hs: Int) {
+        var rng = TestRNG(state: UInt64(sequences.count * 1000 + sequences[0].start + heads * 7 + hs))
         let data = sequences.map { s in
             let l = s.start + s.tokens
             return (q: (0..<(s.tokens * heads * hs)).map { _ in rng.float(-2, 2) },
