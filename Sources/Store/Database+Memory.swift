@@ -248,14 +248,14 @@ extension Database {
             guard let id = newID else { throw Conflict(description: "user '\(target)' already exists") }
             try await Self.insertCreatedVersion(userID: id, actor: actor, tx: tx, logger: self.logger)
             let copied = !memory.levelIDs.isEmpty || memory.learner != nil
-            // At the source's current version the copy also takes its optimizer's state
-            // (memory.learner is then the user's learner part; the version's is kept with the row).
-            var versionLearner = memory.learner, isCurrent = false
+            // The version's own learner part; at the source's current version the copy also
+            // takes its optimizer's state (memory.learner is then the user's learner part).
+            var versionLearner: Data?, isCurrent = false
             for try await r in try await tx.query("""
                 SELECT m.learner, m.version = u.version FROM memory_versions m JOIN users u ON u.id = m.user_id
                 WHERE m.user_id = \(source.id) AND m.version = \(memory.version)
-                """, logger: self.logger).decode((Data?, Bool).self) where r.1 {
-                (versionLearner, isCurrent) = (r.0, true)
+                """, logger: self.logger).decode((Data?, Bool).self) {
+                (versionLearner, isCurrent) = r
             }
             if copied {
                 // The source's snapshot rows are copied in the database, so erasing either user leaves the other whole.

@@ -255,7 +255,7 @@ public final class InMemoryStore: ContinuumStore {
                 // At the source's current version the copy also takes its optimizer's state.
                 let isCurrent = memory.version == s.users[source.id]?.user.version
                 let change = MemoryChange(levels: memory.levels.mapValues { Optional($0) },
-                                          learner: isCurrent ? s.versions[source.id]?[memory.version]?.learner : memory.learner,
+                                          learner: s.versions[source.id]?[memory.version]?.learner,
                                           working: isCurrent ? memory.learner : nil,
                                           moments: isCurrent ? memory.moments.mapValues { Optional($0) } : [:], cause: .fork,
                                           causeID: "\(source.name)@\(memory.version)", actor: actor)
