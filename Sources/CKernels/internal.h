@@ -64,10 +64,12 @@ static inline float ck_block_stats(const float *xb, float *sum) {
 /// The kernel level used given the caller's cap: min(cap, ck_simd_level()).
 int ck_effective_level(int cap);
 
-/// Bytes of one vector prepared for the packed kernels (packed.c).
-size_t ck_digits_stride(size_t cols);
+/// Bytes of one vector prepared for the packed kernels at `level` (1 or 2) for
+/// `type` (packed.c).
+size_t ck_digits_stride(int type, size_t cols, int level);
 
-/// Prepares one vector x[cols] for the packed kernels into buf (packed.c).
-void ck_quantize_digits(const float *x, size_t cols, uint8_t *buf);
+/// Prepares one vector x[cols] for the packed kernels at `level` for `type`
+/// into buf (packed.c).
+void ck_quantize_digits(int type, const float *x, size_t cols, uint8_t *buf, int level);
 
 #endif

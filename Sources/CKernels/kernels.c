@@ -279,14 +279,17 @@ int ck_simd_level(void) {
 int ck_effective_level(int cap) { return cap < ck_simd_level() ? cap : ck_simd_level(); }
 
 size_t ck_prepared_bytes(int type, size_t cols, size_t n, int cap) {
-    if (ck_is_block_type(type) && ck_effective_level(cap) >= 1) return n * ck_digits_stride(cols);
+    int level = ck_effective_level(cap);
+    if (ck_is_block_type(type) && level >= 1) return n * ck_digits_stride(type, cols, level);
     return type == CK_Q4_1 ? n * (cols / 32) * sizeof(float) : 0;
 }
 
 void ck_prepare(int type, size_t cols, const float *X, size_t ldx, size_t n, void *prepared, int cap) {
     size_t nb = cols / 32;
-    if (ck_is_block_type(type) && ck_effective_level(cap) >= 1) {
-        for (size_t j = 0; j < n; j++) ck_quantize_digits(X + j * ldx, cols, (uint8_t *)prepared + j * ck_digits_stride(cols));
+    int level = ck_effective_level(cap);
+    if (ck_is_block_type(type) && level >= 1) {
+        size_t stride = ck_digits_stride(type, cols, level);
+        for (size_t j = 0; j < n; j++) ck_quantize_digits(type, X + j * ldx, cols, (uint8_t *)prepared + j * stride, level);
     } else if (type == CK_Q4_1) {
         float *xsum = (float *)prepared;
         for (size_t j = 0; j < n; j++)

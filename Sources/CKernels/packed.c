@@ -33,6 +33,17 @@
 // int16), then X·w = 2^14·P1 + 2^7·P2 + P3 per block, < 32·15·2^20 < 2^31
 // for Q4. Q8_0 sums reach 2^32, so its top plane is scaled in fp32.
 // Q4_0's −8 enters as m = −8·d.
+//
+// AVX2 and 4-bit weights (ck_prepare at level 1 for Q4_0 and Q4_1): two
+// planes instead. Without VNNI every plane is a vpmaddubsw pass, and the
+// planes are the kernel's work; 4-bit weights leave int16 room for full
+// int8 digits (a pair ≤ 2·15·128, eight pairs ≤ 30720), so X = round(x / s)
+// with |X| ≤ 32639 (s = max|x_block| / 32639, error ≤ s/2, about 2^-16 of
+// the block's largest |x|) is written as two balanced base-256 digits
+// X = d1·2^8 + d2, d1 ∈ [-127, 127], d2 ∈ [-128, 127]:
+//   i8 digits[nb][2][32]; f32 scale[nb]; f32 sum[nb] (exact Σx)
+// and X·w = 2^8·P1 + P2 per block. (llama.cpp rounds activations to 8 bits.)
+// Q8_0's u8 weights reach 255, so on AVX2 it keeps the three base-128 planes.
 #include "ckernels.h"
 #include "internal.h"
 
@@ -43,6 +54,10 @@
 // that the accumulators stay in registers.
 #define CK_UNROLL _Pragma("clang loop unroll(full)")
 #define XQ_MAX 1048575
+#define XQ16_MAX 32639
+
+/// Whether the vectors for `type` at kernel `level` take the two-plane form.
+static int two_planes(int type, int level) { return level == 1 && type != CK_Q8_0; }
 
 size_t ck_packed_bytes(int type, size_t rows, size_t cols) {
     if (!ck_is_block_type(type)) return 0;
@@ -78,9 +93,9 @@ void ck_pack(int type, const void *W, size_t rows, size_t cols, void *packed) {
 // Prepared activations
 
 /// Bytes of one prepared vector (64-byte multiple, so vectors stay aligned).
-size_t ck_digits_stride(size_t cols) {
+size_t ck_digits_stride(int type, size_t cols, int level) {
     size_t nb = cols / 32;
-    return (nb * (96 + 16) + 63) & ~(size_t)63;
+    return (nb * (two_planes(type, level) ? 64 + 8 : 96 + 16) + 63) & ~(size_t)63;
 }
 
 #ifdef CK_X86
@@ -121,7 +136,63 @@ CK_TARGET static void digits_avx2(const float *xb, float inv, int8_t *p1, int8_t
 }
 #endif
 
-void ck_quantize_digits(const float *x, size_t cols, uint8_t *buf) {
+#ifdef CK_X86
+/// The two base-256 digits of one block (the scalar loop in
+/// ck_quantize_digits, eight values at a time).
+CK_TARGET static void digits16_avx2(const float *xb, float inv, int8_t *p1, int8_t *p2) {
+    const __m256i c128 = _mm256_set1_epi32(128), c255 = _mm256_set1_epi32(255);
+    const __m256i hi = _mm256_set1_epi32(XQ16_MAX), lo = _mm256_set1_epi32(-XQ16_MAX);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i d[2][4];
+    for (int q = 0; q < 4; q++) {
+        __m256i X = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * q), _mm256_set1_ps(inv)));
+        X = _mm256_max_epi32(_mm256_min_epi32(X, hi), lo);
+        __m256i d2 = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(X, c128), c255), c128);
+        d[0][q] = _mm256_srai_epi32(_mm256_sub_epi32(X, d2), 8);
+        d[1][q] = d2;
+    }
+    int8_t *planes[2] = {p1, p2};
+    for (int p = 0; p < 2; p++) {
+        __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(d[p][0], d[p][1]), _mm256_packs_epi32(d[p][2], d[p][3]));
+        _mm256_storeu_si256((__m256i *)planes[p], _mm256_permutevar8x32_epi32(w, order));
+    }
+}
+#endif
+
+/// The two-plane form of one vector (the layout at the top of this file).
+static void quantize_digits16(const float *x, size_t cols, uint8_t *buf) {
+    size_t nb = cols / 32;
+    int8_t *digits = (int8_t *)buf;
+    float *scale = (float *)(buf + nb * 64), *sum = scale + nb;
+    for (size_t b = 0; b < nb; b++) {
+        const float *xb = x + b * 32;
+        float s;
+        float amax = ck_block_stats(xb, &s);
+        float inv = amax > 0 ? (float)XQ16_MAX / amax : 0;
+        scale[b] = amax / (float)XQ16_MAX;
+        sum[b] = s;
+        int8_t *p1 = digits + b * 64, *p2 = p1 + 32;
+#ifdef CK_X86
+        digits16_avx2(xb, inv, p1, p2);   // level 1 runs on AVX2 CPUs only
+#else
+        for (int j = 0; j < 32; j++) {
+            long v = lrintf(xb[j] * inv);
+            if (v > XQ16_MAX) v = XQ16_MAX;
+            if (v < -XQ16_MAX) v = -XQ16_MAX;
+            int32_t X = (int32_t)v;
+            int32_t d2 = ((X + 128) & 255) - 128;
+            p1[j] = (int8_t)((X - d2) >> 8);
+            p2[j] = (int8_t)d2;
+        }
+#endif
+    }
+}
+
+void ck_quantize_digits(int type, const float *x, size_t cols, uint8_t *buf, int level) {
+    if (two_planes(type, level)) {
+        quantize_digits16(x, cols, buf);
+        return;
+    }
     size_t nb = cols / 32;
     int8_t *digits = (int8_t *)buf;
     float *scale = (float *)(buf + nb * 96), *sum = scale + nb;
@@ -244,16 +315,17 @@ CK_TARGET512 static void group_512_n(int type, const uint8_t *G, size_t nb, cons
 
 // ---------------------------------------------------------------------------
 // AVX2: 8 rows per register (the two halves of a group one after the
-// other), up to 2 vectors per pass (16 registers).
+// other), up to 3 vectors per pass for 4-bit weights (two digit planes) and
+// 2 for Q8_0 (three), so that the accumulators fit the 16 registers.
 
-#define NT_AVX2 2
+#define NT_AVX2 3
 
 CK_TARGET static inline __attribute__((always_inline))
 void half_avx2(int type, const uint8_t *G, size_t nb, int h, const uint8_t *const *xs, float *const *ys,
                const int nt, int valid, int prefetch) {
     const size_t bb = PR * ck_block_bytes(type);
     const __m256i m4 = _mm256_set1_epi8(15);
-    const __m256i ones = _mm256_set1_epi16(1), two7 = _mm256_set1_epi16(128), two14 = _mm256_set1_epi16(16384);
+    const __m256i ones = _mm256_set1_epi16(1), two8 = _mm256_set1_epi16(256);
     __m256 acc[NT_AVX2];
     CK_UNROLL
     for (int j = 0; j < nt; j++) acc[j] = _mm256_setzero_ps();
@@ -264,7 +336,7 @@ void half_avx2(int type, const uint8_t *G, size_t nb, int h, const uint8_t *cons
         __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16 * h)));
         const int32_t *dg[NT_AVX2];
         CK_UNROLL
-        for (int j = 0; j < nt; j++) dg[j] = (const int32_t *)(xs[j] + b * 96);
+        for (int j = 0; j < nt; j++) dg[j] = (const int32_t *)(xs[j] + b * (type == CK_Q8_0 ? 96 : 64));
         if (type == CK_Q8_0) {
             __m256i a1[NT_AVX2], a2[NT_AVX2], a3[NT_AVX2];
             CK_UNROLL
@@ -293,9 +365,9 @@ void half_avx2(int type, const uint8_t *G, size_t nb, int h, const uint8_t *cons
             __m256 m = type == CK_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 32 + 16 * h)))
                                        : _mm256_mul_ps(d, _mm256_set1_ps(-8));
             const uint8_t *q = blk + (type == CK_Q4_1 ? 64 : 32) + 32 * h;
-            __m256i s1[NT_AVX2], s2[NT_AVX2], s3[NT_AVX2];   // int16 pair sums, < 8·2·15·64
+            __m256i s1[NT_AVX2], s2[NT_AVX2];   // int16 pair sums, ≤ 8·2·15·128
             CK_UNROLL
-            for (int j = 0; j < nt; j++) s1[j] = s2[j] = s3[j] = _mm256_setzero_si256();
+            for (int j = 0; j < nt; j++) s1[j] = s2[j] = _mm256_setzero_si256();
             CK_UNROLL
             for (int c = 0; c < 4; c++) {
                 __m256i v = _mm256_loadu_si256((const __m256i *)(q + 64 * c));
@@ -306,15 +378,12 @@ void half_avx2(int type, const uint8_t *G, size_t nb, int h, const uint8_t *cons
                                                                      _mm256_maddubs_epi16(hi, _mm256_set1_epi32(dg[j][c + 4]))));
                     s2[j] = _mm256_add_epi16(s2[j], _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(dg[j][8 + c])),
                                                                      _mm256_maddubs_epi16(hi, _mm256_set1_epi32(dg[j][12 + c]))));
-                    s3[j] = _mm256_add_epi16(s3[j], _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(dg[j][16 + c])),
-                                                                     _mm256_maddubs_epi16(hi, _mm256_set1_epi32(dg[j][20 + c]))));
                 }
             }
             CK_UNROLL
             for (int j = 0; j < nt; j++) {
-                const float *scale = (const float *)(xs[j] + nb * 96), *sum = scale + nb;
-                __m256i t = _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(s1[j], two14), _mm256_madd_epi16(s2[j], two7)),
-                                             _mm256_madd_epi16(s3[j], ones));
+                const float *scale = (const float *)(xs[j] + nb * 64), *sum = scale + nb;
+                __m256i t = _mm256_add_epi32(_mm256_madd_epi16(s1[j], two8), _mm256_madd_epi16(s2[j], ones));
                 acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(d, _mm256_set1_ps(scale[b])), acc[j]);
                 acc[j] = _mm256_fmadd_ps(m, _mm256_set1_ps(sum[b]), acc[j]);
             }
@@ -335,7 +404,8 @@ void half_avx2(int type, const uint8_t *G, size_t nb, int h, const uint8_t *cons
 CK_TARGET static void half_avx2_n(int type, const uint8_t *G, size_t nb, int h, const uint8_t *const *xs,
                                   float *const *ys, int nt, int valid, int prefetch) {
     if (nt == 1) half_avx2(type, G, nb, h, xs, ys, 1, valid, prefetch);
-    else half_avx2(type, G, nb, h, xs, ys, 2, valid, prefetch);
+    else if (nt == 2) half_avx2(type, G, nb, h, xs, ys, 2, valid, prefetch);
+    else half_avx2(type, G, nb, h, xs, ys, 3, valid, prefetch);
 }
 #endif
 
@@ -343,13 +413,13 @@ void ck_matmul_packed(int type, const void *P, size_t cols, size_t rows, size_t 
                       size_t n, const void *prepared, float *Y, size_t ldy, int cap) {
 #ifdef CK_X86
     int level = ck_effective_level(cap);
-    size_t nb = cols / 32, stride = ck_digits_stride(cols), gbytes = PR * nb * ck_block_bytes(type);
+    size_t nb = cols / 32, stride = ck_digits_stride(type, cols, level), gbytes = PR * nb * ck_block_bytes(type);
     const uint8_t *prep = (const uint8_t *)prepared;
     if (row_end > rows) row_end = rows;
     for (size_t g = row_begin / PR; g * PR < row_end; g++) {
         const uint8_t *G = (const uint8_t *)P + g * gbytes;
         size_t valid = row_end - g * PR < PR ? row_end - g * PR : PR;
-        int tile = level == 2 ? 8 : NT_AVX2;
+        int tile = level == 2 ? 8 : type == CK_Q8_0 ? 2 : NT_AVX2;
         for (size_t j0 = 0; j0 < n; j0 += tile) {
             int nt = n - j0 < (size_t)tile ? (int)(n - j0) : tile;
             const uint8_t *xs[8];

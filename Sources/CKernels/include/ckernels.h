@@ -40,7 +40,8 @@ size_t ck_prepared_bytes(int type, size_t cols, size_t n, int cap);
 ///   level 0: per-block sums (Q4_1; nothing for the other formats);
 ///   levels 1 and 2, Q4_0/Q4_1/Q8_0: the packed kernels' form, three int8
 ///     digits of a 21-bit integer per value and block, error ≤ 2^-21 of the
-///     block's largest |x| (see packed.c); nothing for F16/BF16/F32.
+///     block's largest |x|, except Q4_0/Q4_1 at level 1: two digits of a
+///     16-bit integer, error ≤ 2^-16 (see packed.c); nothing for F16/BF16/F32.
 /// cap limits the level (tests pass lower caps to check every path).
 void ck_prepare(int type, size_t cols, const float *X, size_t ldx, size_t n, void *prepared, int cap);
 
@@ -72,7 +73,7 @@ void ck_pack(int type, const void *W, size_t rows, size_t cols, void *packed);
 
 /// ck_matmul_rows for 32-block weights packed by ck_pack, at level 1 (AVX2)
 /// or 2 (AVX-512 VNNI): each weight block is multiplied with up to 8 of the
-/// n vectors (AVX2: 2) before the next block is read. row_begin must be a
+/// n vectors (AVX2: 3, 2 for Q8_0) before the next block is read. row_begin must be a
 /// multiple of CK_PACK_ROWS; prepared comes from ck_prepare at the same cap
 /// (≥ 1, which this CPU must run).
 ///   P: the packed rows x cols matrix   Y: n x rows fp32, row stride ldy
