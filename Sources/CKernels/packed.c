@@ -314,98 +314,133 @@ CK_TARGET512 static void group_512_n(int type, const uint8_t *G, size_t nb, cons
 }
 
 // ---------------------------------------------------------------------------
-// AVX2: 8 rows per register (the two halves of a group one after the
-// other), up to 3 vectors per pass for 4-bit weights (two digit planes) and
-// 2 for Q8_0 (three), so that the accumulators fit the 16 registers.
+// AVX2: 8 rows per register. A pass multiplies nh halves of a group (8 or
+// 16 rows) with nt vectors, nh·nt ≤ 3 for 4-bit weights (two digit planes)
+// and ≤ 2 for Q8_0 (three), so that the accumulators fit the 16 registers:
+// one vector takes both halves at once (twice the independent work per
+// weight byte read), more vectors take one half at a time.
 
 #define NT_AVX2 3
 
 CK_TARGET static inline __attribute__((always_inline))
-void half_avx2(int type, const uint8_t *G, size_t nb, int h, const uint8_t *const *xs, float *const *ys,
-               const int nt, int valid, int prefetch) {
+void rows_avx2(int type, const uint8_t *G, size_t nb, int h0, const int nh, const uint8_t *const *xs,
+               float *const *ys, const int nt, int valid, int prefetch) {
     const size_t bb = PR * ck_block_bytes(type);
     const __m256i m4 = _mm256_set1_epi8(15);
     const __m256i ones = _mm256_set1_epi16(1), two8 = _mm256_set1_epi16(256);
-    __m256 acc[NT_AVX2];
+    __m256 acc[2][NT_AVX2];
     CK_UNROLL
-    for (int j = 0; j < nt; j++) acc[j] = _mm256_setzero_ps();
+    for (int h = 0; h < nh; h++)
+        CK_UNROLL
+        for (int j = 0; j < nt; j++) acc[h][j] = _mm256_setzero_ps();
     for (size_t b = 0; b < nb; b++) {
         const uint8_t *blk = G + b * bb;
-        if (prefetch)
+        if (prefetch) {
+            CK_UNROLL
             for (size_t o = 0; o < bb; o += 64) _mm_prefetch((const char *)(blk + PREFETCH_BYTES + o), _MM_HINT_T0);
-        __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16 * h)));
+        }
+        __m256 d[2];
+        CK_UNROLL
+        for (int h = 0; h < nh; h++) d[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16 * (h0 + h))));
         const int32_t *dg[NT_AVX2];
         CK_UNROLL
         for (int j = 0; j < nt; j++) dg[j] = (const int32_t *)(xs[j] + b * (type == CK_Q8_0 ? 96 : 64));
         if (type == CK_Q8_0) {
-            __m256i a1[NT_AVX2], a2[NT_AVX2], a3[NT_AVX2];
+            __m256i a1[2][NT_AVX2], a2[2][NT_AVX2], a3[2][NT_AVX2];
             CK_UNROLL
-            for (int j = 0; j < nt; j++) a1[j] = a2[j] = a3[j] = _mm256_setzero_si256();
+            for (int h = 0; h < nh; h++)
+                CK_UNROLL
+                for (int j = 0; j < nt; j++) a1[h][j] = a2[h][j] = a3[h][j] = _mm256_setzero_si256();
             CK_UNROLL
             for (int k = 0; k < 8; k++) {
-                __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 32 + 64 * k + 32 * h));
                 CK_UNROLL
-                for (int j = 0; j < nt; j++) {
-                    a1[j] = _mm256_add_epi32(a1[j], _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_set1_epi32(dg[j][k])), ones));
-                    a2[j] = _mm256_add_epi32(a2[j], _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_set1_epi32(dg[j][8 + k])), ones));
-                    a3[j] = _mm256_add_epi32(a3[j], _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_set1_epi32(dg[j][16 + k])), ones));
+                for (int h = 0; h < nh; h++) {
+                    __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 32 + 64 * k + 32 * (h0 + h)));
+                    CK_UNROLL
+                    for (int j = 0; j < nt; j++) {
+                        a1[h][j] = _mm256_add_epi32(a1[h][j], _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_set1_epi32(dg[j][k])), ones));
+                        a2[h][j] = _mm256_add_epi32(a2[h][j], _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_set1_epi32(dg[j][8 + k])), ones));
+                        a3[h][j] = _mm256_add_epi32(a3[h][j], _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_set1_epi32(dg[j][16 + k])), ones));
+                    }
                 }
             }
             CK_UNROLL
             for (int j = 0; j < nt; j++) {
                 const float *scale = (const float *)(xs[j] + nb * 96), *sum = scale + nb;
                 const int32_t *corr_hi = (const int32_t *)(sum + nb), *corr_lo = corr_hi + nb;
-                __m256i hi = _mm256_sub_epi32(a1[j], _mm256_set1_epi32(corr_hi[b]));
-                __m256i lo = _mm256_sub_epi32(_mm256_add_epi32(_mm256_slli_epi32(a2[j], 7), a3[j]),
-                                              _mm256_set1_epi32(corr_lo[b]));
-                __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(16384), _mm256_cvtepi32_ps(lo));
-                acc[j] = _mm256_fmadd_ps(v, _mm256_mul_ps(d, _mm256_set1_ps(scale[b])), acc[j]);
+                CK_UNROLL
+                for (int h = 0; h < nh; h++) {
+                    __m256i hi = _mm256_sub_epi32(a1[h][j], _mm256_set1_epi32(corr_hi[b]));
+                    __m256i lo = _mm256_sub_epi32(_mm256_add_epi32(_mm256_slli_epi32(a2[h][j], 7), a3[h][j]),
+                                                  _mm256_set1_epi32(corr_lo[b]));
+                    __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(16384), _mm256_cvtepi32_ps(lo));
+                    acc[h][j] = _mm256_fmadd_ps(v, _mm256_mul_ps(d[h], _mm256_set1_ps(scale[b])), acc[h][j]);
+                }
             }
         } else {
-            __m256 m = type == CK_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 32 + 16 * h)))
-                                       : _mm256_mul_ps(d, _mm256_set1_ps(-8));
-            const uint8_t *q = blk + (type == CK_Q4_1 ? 64 : 32) + 32 * h;
-            __m256i s1[NT_AVX2], s2[NT_AVX2];   // int16 pair sums, ≤ 8·2·15·128
+            __m256 m[2];
             CK_UNROLL
-            for (int j = 0; j < nt; j++) s1[j] = s2[j] = _mm256_setzero_si256();
+            for (int h = 0; h < nh; h++)
+                m[h] = type == CK_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 32 + 16 * (h0 + h))))
+                                       : _mm256_mul_ps(d[h], _mm256_set1_ps(-8));
+            const uint8_t *q = blk + (type == CK_Q4_1 ? 64 : 32) + 32 * h0;
+            __m256i s1[2][NT_AVX2], s2[2][NT_AVX2];   // int16 pair sums, ≤ 8·2·15·128
+            CK_UNROLL
+            for (int h = 0; h < nh; h++)
+                CK_UNROLL
+                for (int j = 0; j < nt; j++) s1[h][j] = s2[h][j] = _mm256_setzero_si256();
             CK_UNROLL
             for (int c = 0; c < 4; c++) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(q + 64 * c));
-                __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
                 CK_UNROLL
-                for (int j = 0; j < nt; j++) {
-                    s1[j] = _mm256_add_epi16(s1[j], _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(dg[j][c])),
-                                                                     _mm256_maddubs_epi16(hi, _mm256_set1_epi32(dg[j][c + 4]))));
-                    s2[j] = _mm256_add_epi16(s2[j], _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(dg[j][8 + c])),
-                                                                     _mm256_maddubs_epi16(hi, _mm256_set1_epi32(dg[j][12 + c]))));
+                for (int h = 0; h < nh; h++) {
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(q + 64 * c + 32 * h));
+                    __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                    CK_UNROLL
+                    for (int j = 0; j < nt; j++) {
+                        s1[h][j] = _mm256_add_epi16(s1[h][j], _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(dg[j][c])),
+                                                                               _mm256_maddubs_epi16(hi, _mm256_set1_epi32(dg[j][c + 4]))));
+                        s2[h][j] = _mm256_add_epi16(s2[h][j], _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(dg[j][8 + c])),
+                                                                               _mm256_maddubs_epi16(hi, _mm256_set1_epi32(dg[j][12 + c]))));
+                    }
                 }
             }
             CK_UNROLL
             for (int j = 0; j < nt; j++) {
                 const float *scale = (const float *)(xs[j] + nb * 64), *sum = scale + nb;
-                __m256i t = _mm256_add_epi32(_mm256_madd_epi16(s1[j], two8), _mm256_madd_epi16(s2[j], ones));
-                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(d, _mm256_set1_ps(scale[b])), acc[j]);
-                acc[j] = _mm256_fmadd_ps(m, _mm256_set1_ps(sum[b]), acc[j]);
+                CK_UNROLL
+                for (int h = 0; h < nh; h++) {
+                    __m256i t = _mm256_add_epi32(_mm256_madd_epi16(s1[h][j], two8), _mm256_madd_epi16(s2[h][j], ones));
+                    // Σx·m enters beside X·w, so that each block adds to the accumulator once.
+                    __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(d[h], _mm256_set1_ps(scale[b])),
+                                               _mm256_mul_ps(m[h], _mm256_set1_ps(sum[b])));
+                    acc[h][j] = _mm256_add_ps(acc[h][j], v);
+                }
             }
         }
     }
     CK_UNROLL
-    for (int j = 0; j < nt; j++) {
-        if (valid >= 8) {
-            _mm256_storeu_ps(ys[j] + 8 * h, acc[j]);
-        } else {
-            float tmp[8];
-            _mm256_storeu_ps(tmp, acc[j]);
-            for (int r = 0; r < valid; r++) ys[j][8 * h + r] = tmp[r];
+    for (int h = 0; h < nh; h++) {
+        int left = valid - 8 * h;
+        CK_UNROLL
+        for (int j = 0; j < nt; j++) {
+            if (left >= 8) {
+                _mm256_storeu_ps(ys[j] + 8 * (h0 + h), acc[h][j]);
+            } else {
+                float tmp[8];
+                _mm256_storeu_ps(tmp, acc[h][j]);
+                for (int r = 0; r < left; r++) ys[j][8 * (h0 + h) + r] = tmp[r];
+            }
         }
     }
 }
 
-CK_TARGET static void half_avx2_n(int type, const uint8_t *G, size_t nb, int h, const uint8_t *const *xs,
+/// One group's rows (valid of them, from row 8·h0) times nt vectors.
+CK_TARGET static void rows_avx2_n(int type, const uint8_t *G, size_t nb, int h0, int nh, const uint8_t *const *xs,
                                   float *const *ys, int nt, int valid, int prefetch) {
-    if (nt == 1) half_avx2(type, G, nb, h, xs, ys, 1, valid, prefetch);
-    else if (nt == 2) half_avx2(type, G, nb, h, xs, ys, 2, valid, prefetch);
-    else half_avx2(type, G, nb, h, xs, ys, 3, valid, prefetch);
+    if (nh == 2) rows_avx2(type, G, nb, h0, 2, xs, ys, 1, valid, prefetch);
+    else if (nt == 1) rows_avx2(type, G, nb, h0, 1, xs, ys, 1, valid, prefetch);
+    else if (nt == 2) rows_avx2(type, G, nb, h0, 1, xs, ys, 2, valid, prefetch);
+    else rows_avx2(type, G, nb, h0, 1, xs, ys, 3, valid, prefetch);
 }
 #endif
 
@@ -431,9 +466,11 @@ void ck_matmul_packed(int type, const void *P, size_t cols, size_t rows, size_t 
             }
             if (level == 2) {
                 group_512_n(type, G, nb, xs, ys, nt, (__mmask16)((1u << valid) - 1), j0 == 0);
+            } else if (nt == 1 && valid > 8) {
+                rows_avx2_n(type, G, nb, 0, 2, xs, ys, 1, (int)valid, j0 == 0);
             } else {
                 for (int h = 0; h < 2 && 8 * h < (int)valid; h++)
-                    half_avx2_n(type, G, nb, h, xs, ys, nt, (int)valid - 8 * h, j0 == 0 && h == 0);
+                    rows_avx2_n(type, G, nb, h, 1, xs, ys, nt, (int)valid - 8 * h, j0 == 0 && h == 0);
             }
         }
     }
