@@ -335,10 +335,8 @@ void rows_avx2(int type, const uint8_t *G, size_t nb, int h0, const int nh, cons
         for (int j = 0; j < nt; j++) acc[h][j] = _mm256_setzero_ps();
     for (size_t b = 0; b < nb; b++) {
         const uint8_t *blk = G + b * bb;
-        if (prefetch) {
-            CK_UNROLL
+        if (prefetch)
             for (size_t o = 0; o < bb; o += 64) _mm_prefetch((const char *)(blk + PREFETCH_BYTES + o), _MM_HINT_T0);
-        }
         __m256 d[2];
         CK_UNROLL
         for (int h = 0; h < nh; h++) d[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16 * (h0 + h))));
