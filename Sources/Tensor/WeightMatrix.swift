@@ -16,10 +16,13 @@ public struct WeightMatrix: @unchecked Sendable {
     let packed: PackedWeights?
 
     /// Batches at least this large use dequantise-and-sgemm; smaller ones the
-    /// quantised dot-product kernels, which read each weight byte once. The
-    /// two cost about the same at 16 rows on the benchmark machine
-    /// (`continuum bench --prompt-tokens 8/16/24`, see BENCHMARKS.md).
-    public static let gemmThreshold = 16
+    /// quantised dot-product kernels, which read each weight byte once. With
+    /// AVX-512 VNNI the two cost about the same at 16 rows (`continuum bench
+    /// --prompt-tokens 8/16/24`, BENCHMARKS.md "Small batches"); the AVX2
+    /// kernels (two digit planes, 3 vectors a pass) beat dequantise + sgemm
+    /// up to 64–128 rows on the AVX2-only EPYC and lose from 256
+    /// (BENCHMARKS.md "Small batches on AVX2").
+    public static let gemmThreshold = KernelPath.available >= 2 ? 16 : 64
 
     public init(type: WeightType, rows: Int, cols: Int, data: UnsafeRawPointer, owner: AnyObject?) {
         precondition(cols % type.blockSize == 0, "row length \(cols) is not a multiple of \(type)'s block size")

@@ -200,7 +200,11 @@ struct LevelForwardTests {
         let fresh = try LevelState(configuration: config, model: model.configuration)
         let learned = try LevelState(configuration: config, model: model.configuration)
         perturb(learned, seed: 11)
-        for (text, long) in [("What is", false), ("What is the name of the dog that I walked by the river this morning, and where did it go?", true)] {
+        // The long prompt: a question repeated past the prefill paths' thresholds (they depend on the CPU).
+        let question = "What is the name of the dog that I walked by the river this morning, and where did it go?"
+        var longQuestion = question
+        while model.tokenizer.encode(longQuestion).count < max(WeightMatrix.gemmThreshold, Attention.prefillTokens) { longQuestion += " " + question }
+        for (text, long) in [("What is", false), (longQuestion, true)] {
             let q = model.tokenizer.encode(text)
             // One prompt below the prefill paths' threshold, one above it.
             #expect((q.count >= max(WeightMatrix.gemmThreshold, Attention.prefillTokens)) == long, "\(q.count) tokens")

@@ -41,15 +41,28 @@ struct EngineTests {
     }
 
     /// Prompts of fewer and of more than `WeightMatrix.gemmThreshold` (and
-    /// `Attention.prefillTokens`) tokens, so one batch mixes both paths.
+    /// `Attention.prefillTokens`) tokens, so one batch mixes both paths; the
+    /// last is repeated in `mixedBatch` until it reaches the threshold, which
+    /// depends on the CPU.
     static let batchPrompts = ["The capital of France is", "def add(a, b):", "Once upon a time, in a land far away,",
                                "A quick brown fox jumps over the lazy dog and keeps running until the sun sets behind the hills"]
 
-    /// `batchPrompts` in `model`'s tokens, checked to mix both paths.
+    /// `batchPrompts` in `model`'s tokens, plus the last one repeated to at
+    /// least `max(WeightMatrix.gemmThreshold, Attention.prefillTokens)`
+    /// tokens; checked to mix both paths.
     static func mixedBatch(_ model: LlamaModel) -> [[Int]] {
-        let prompts = batchPrompts.map { model.tokenizer.encode($0) }
+        var prompts = batchPrompts.map { model.tokenizer.encode($0) }
+        prompts.append(longPrompt(model, batchPrompts.last!))
         #expect(prompts.contains { $0.count < WeightMatrix.gemmThreshold } && prompts.contains { $0.count >= WeightMatrix.gemmThreshold })
         return prompts
+    }
+
+    /// `sentence` repeated until it is at least as long as the prefill
+    /// paths' thresholds (sgemm products, blocked attention), in tokens.
+    static func longPrompt(_ model: LlamaModel, _ sentence: String) -> [Int] {
+        var text = sentence
+        while model.tokenizer.encode(text).count < max(WeightMatrix.gemmThreshold, Attention.prefillTokens) { text += " " + sentence }
+        return model.tokenizer.encode(text)
     }
 
     @Test("a batch of sequences gives each sequence's own logits, bit for bit")
@@ -75,8 +88,8 @@ struct EngineTests {
     @Test("prefill in one step equals token-by-token decode")
     func prefillVersusDecode() throws {
         let model = try Fixtures.tinyLlama()
-        let ids = model.tokenizer.encode("A quick brown fox jumps over the lazy dog and keeps running")
         // Long enough for the prefill paths (sgemm products, blocked attention).
+        let ids = Self.longPrompt(model, "A quick brown fox jumps over the lazy dog and keeps running")
         try #require(ids.count >= max(WeightMatrix.gemmThreshold, Attention.prefillTokens))
         let whole = try model.forward(tokens: ids, cache: model.makeCache())
         let cache = model.makeCache()
