@@ -158,12 +158,19 @@ public struct LevelTrainer {
         dlogits.withUnsafeMutableBufferPointer { buf in
             for i in 0..<m { total += rowLoss(i, buf.baseAddress! + i * v) }
         }
+        // Rows whose loss has no gradient (the surprise gate zeroed their
+        // logits' gradient) add nothing: the LM head's backward runs over the
+        // others only, and a piece without any has a zero gradient.
+        let active = (0..<m).filter { i in dlogits[(i * v)..<((i + 1) * v)].contains { $0 != 0 } }
+        guard !active.isEmpty else { return Result(totalLoss: total, count: m, gradients: gradients) }
         let inv = 1 / Float(m)
-        for i in dlogits.indices { dlogits[i] *= inv }
-        var dHidden = [Float](repeating: 0, count: m * d)
-        model.weights.output.matmulBackward(dlogits, count: m, into: &dHidden)
+        dlogits.withUnsafeMutableBufferPointer { buf in   // the active rows to the front, scaled: [active, V]
+            for (k, i) in active.enumerated() { for j in 0..<v { buf[k * v + j] = buf[i * v + j] * inv } }
+        }
+        var dHidden = [Float](repeating: 0, count: active.count * d)
+        model.weights.output.matmulBackward(dlogits, count: active.count, into: &dHidden)
         var dNormed = [Float](repeating: 0, count: t * d)
-        for (i, r) in rows.enumerated() { for j in 0..<d { dNormed[(r - from) * d + j] = dHidden[i * d + j] } }
+        for (k, i) in active.enumerated() { for j in 0..<d { dNormed[(rows[i] - from) * d + j] = dHidden[k * d + j] } }
         model.backward(tape: tape, dNormed: dNormed) { layer, hin, dh in
             state.backward(layer: layer, hiddenIn: hin, rows: t, dHidden: dh, gradients: &gradients)
         }
