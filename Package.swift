@@ -66,7 +66,7 @@ let package = Package(
                            .product(name: "Logging", package: "swift-log")]
         ),
         // Shared by the test targets that run a model: the one loader of the tiny Llama and the backbone, fixture paths, gradient checks.
-        .target(name: "TestSupport", dependencies: ["Model"], path: "Tests/TestSupport"),
+        .target(name: "TestSupport", dependencies: ["Model", "Tensor"], path: "Tests/TestSupport"),
         // The one PostgreSQL fixture (a private cluster per test process) for StoreTests and ServiceTests;
         // it needs only the store, so StoreTests link neither the model nor its kernels.
         .target(name: "StoreTestSupport", dependencies: ["Store", .product(name: "Logging", package: "swift-log")],

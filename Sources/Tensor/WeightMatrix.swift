@@ -16,13 +16,15 @@ public struct WeightMatrix: @unchecked Sendable {
     let packed: PackedWeights?
 
     /// Batches at least this large use dequantise-and-sgemm; smaller ones the
-    /// quantised dot-product kernels, which read each weight byte once. With
-    /// AVX-512 VNNI the two cost about the same at 16 rows (`continuum bench
-    /// --prompt-tokens 8/16/24`, BENCHMARKS.md "Small batches"); the AVX2
-    /// kernels (two digit planes, 3 vectors a pass) beat dequantise + sgemm
-    /// up to 64–128 rows on the AVX2-only EPYC and lose from 256
-    /// (BENCHMARKS.md "Small batches on AVX2").
-    public static let gemmThreshold = KernelPath.available >= 2 ? 16 : 64
+    /// quantised dot-product kernels, which read each weight byte once.
+    /// Measured with `continuum bench --prompt-tokens N` (BENCHMARKS.md
+    /// "Small batches on AVX2" and "Small batches with AVX-512"): the packed
+    /// AVX-512 VNNI kernels beat dequantise + sgemm at every size up to 256
+    /// rows on a Zen 4 EPYC (1.1–2× the prefill tokens/s) and tie at 512 (16
+    /// was set before the packed kernels, when the two met at 16 rows); the
+    /// AVX2 kernels (two digit planes, 3 vectors a pass) win up to 64–128
+    /// rows on the AVX2-only EPYC and lose from 256.
+    public static let gemmThreshold = KernelPath.available >= 2 ? 512 : 64
 
     public init(type: WeightType, rows: Int, cols: Int, data: UnsafeRawPointer, owner: AnyObject?) {
         precondition(cols % type.blockSize == 0, "row length \(cols) is not a multiple of \(type)'s block size")

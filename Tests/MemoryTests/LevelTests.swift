@@ -203,11 +203,11 @@ struct LevelForwardTests {
         // The long prompt: a question repeated past the prefill paths' thresholds (they depend on the CPU).
         let question = "What is the name of the dog that I walked by the river this morning, and where did it go?"
         var longQuestion = question
-        while model.tokenizer.encode(longQuestion).count < max(WeightMatrix.gemmThreshold, Attention.prefillTokens) { longQuestion += " " + question }
+        while model.tokenizer.encode(longQuestion).count < Fixtures.prefillRows(model) { longQuestion += " " + question }
         for (text, long) in [("What is", false), (longQuestion, true)] {
             let q = model.tokenizer.encode(text)
             // One prompt below the prefill paths' threshold, one above it.
-            #expect((q.count >= max(WeightMatrix.gemmThreshold, Attention.prefillTokens)) == long, "\(q.count) tokens")
+            #expect((q.count >= Fixtures.prefillRows(model)) == long, "\(q.count) tokens")
             let both = try model.forward([LlamaModel.Step(tokens: q, cache: model.makeCache(), adapter: learned),
                                           LlamaModel.Step(tokens: q, cache: model.makeCache(), adapter: fresh)])
             let alone = try model.forward(tokens: q, cache: model.makeCache())

@@ -40,20 +40,20 @@ struct EngineTests {
         }
     }
 
-    /// Prompts of fewer and of more than `WeightMatrix.gemmThreshold` (and
-    /// `Attention.prefillTokens`) tokens, so one batch mixes both paths; the
-    /// last is repeated in `mixedBatch` until it reaches the threshold, which
-    /// depends on the CPU.
+    /// Prompts of fewer and of more than `Fixtures.prefillRows` tokens (the
+    /// sgemm products' and blocked attention's thresholds), so one batch
+    /// mixes both paths; the last is repeated in `mixedBatch` until it
+    /// reaches them (the products' threshold depends on the CPU).
     static let batchPrompts = ["The capital of France is", "def add(a, b):", "Once upon a time, in a land far away,",
                                "A quick brown fox jumps over the lazy dog and keeps running until the sun sets behind the hills"]
 
     /// `batchPrompts` in `model`'s tokens, plus the last one repeated to at
-    /// least `max(WeightMatrix.gemmThreshold, Attention.prefillTokens)`
-    /// tokens; checked to mix both paths.
+    /// least `Fixtures.prefillRows(model)` tokens; checked to mix both paths.
     static func mixedBatch(_ model: LlamaModel) -> [[Int]] {
         var prompts = batchPrompts.map { model.tokenizer.encode($0) }
         prompts.append(longPrompt(model, batchPrompts.last!))
-        #expect(prompts.contains { $0.count < WeightMatrix.gemmThreshold } && prompts.contains { $0.count >= WeightMatrix.gemmThreshold })
+        #expect(prompts.contains { $0.count < min(WeightMatrix.gemmThreshold, Attention.prefillTokens) }
+                && prompts.contains { $0.count >= Fixtures.prefillRows(model) })
         return prompts
     }
 
@@ -61,7 +61,7 @@ struct EngineTests {
     /// paths' thresholds (sgemm products, blocked attention), in tokens.
     static func longPrompt(_ model: LlamaModel, _ sentence: String) -> [Int] {
         var text = sentence
-        while model.tokenizer.encode(text).count < max(WeightMatrix.gemmThreshold, Attention.prefillTokens) { text += " " + sentence }
+        while model.tokenizer.encode(text).count < Fixtures.prefillRows(model) { text += " " + sentence }
         return model.tokenizer.encode(text)
     }
 
@@ -90,7 +90,7 @@ struct EngineTests {
         let model = try Fixtures.tinyLlama()
         // Long enough for the prefill paths (sgemm products, blocked attention).
         let ids = Self.longPrompt(model, "A quick brown fox jumps over the lazy dog and keeps running")
-        try #require(ids.count >= max(WeightMatrix.gemmThreshold, Attention.prefillTokens))
+        try #require(ids.count >= Fixtures.prefillRows(model))
         let whole = try model.forward(tokens: ids, cache: model.makeCache())
         let cache = model.makeCache()
         var last: [Float] = []

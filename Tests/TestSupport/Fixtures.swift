@@ -10,6 +10,7 @@
 // it with a message saying how to get it, it is never skipped.
 import Foundation
 import Model
+import Tensor
 
 public enum Fixtures {
     /// The Tests directory of the repository.
@@ -45,6 +46,14 @@ public enum Fixtures {
 
     /// The default backbone, loaded once; a clear error when it has not been fetched.
     public static func backbone() throws -> LlamaModel { try real.get() }
+
+    /// Rows from which one step of `model` takes both prefill paths: the
+    /// sgemm products (`WeightMatrix.gemmThreshold`, which depends on the
+    /// CPU; F32 weights always take sgemm) and blocked attention
+    /// (`Attention.prefillTokens`).
+    public static func prefillRows(_ model: LlamaModel) -> Int {
+        max(model.weights.layers[0].wq.type == .f32 ? 0 : WeightMatrix.gemmThreshold, Attention.prefillTokens)
+    }
 
     private static let tiny = Result { try LlamaModel.load(path: tinyLlamaPath) }
     private static let real = Result<LlamaModel, Error> {
