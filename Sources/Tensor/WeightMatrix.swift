@@ -19,7 +19,7 @@ public struct WeightMatrix: @unchecked Sendable {
     /// quantised dot-product kernels, which read each weight byte once.
     /// Measured with `continuum bench --prompt-tokens N` (BENCHMARKS.md
     /// "Small batches on AVX2" and "Small batches with AVX-512"): the packed
-    /// AVX-512 VNNI kernels beat dequantise + sgemm at every size up to 256
+    /// AVX-512 VNNI kernels beat dequantise + sgemm (all but one pair) up to 256
     /// rows on a Zen 4 EPYC (1.1–2.3× the prefill tokens/s) and tie at 512 (16
     /// was set before the packed kernels, when the two met at 16 rows); the
     /// AVX2 kernels (two digit planes, 3 vectors a pass) win up to 64–128
