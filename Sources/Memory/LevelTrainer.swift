@@ -101,14 +101,11 @@ public struct LevelTrainer {
                 sum += Double(e)
             }
             let nll = log(sum) - shifted
-            if nll < minSurprise {
-                for j in 0..<v { logits[j] = 0 }
-            } else {
-                let inv = Float(1 / sum)
-                for j in 0..<v { logits[j] *= inv }
-                logits[target] -= 1
-            }
-            return nll
+            if nll < minSurprise { return (nll, false) }   // gated: no gradient (a NaN loss is not gated: its gradient is caught downstream)
+            let inv = Float(1 / sum)
+            for j in 0..<v { logits[j] *= inv }
+            logits[target] -= 1
+            return (nll, true)
         }
     }
 
@@ -127,17 +124,20 @@ public struct LevelTrainer {
                 if p > 0 { kl += p * (log(p) - log(max(Double(logits[j]), 1e-30))) }
                 logits[j] -= teacher[i][j]   // d KL / d logits = softmax − p
             }
-            return kl
+            return (kl, true)
         }
     }
 
     /// The shared pass over one piece of a stream: forward with a tape over
     /// the piece's rows, per-row loss and dL/dlogits from `rowLoss` (which
-    /// overwrites the row's logits [V] with its gradient and returns the
-    /// row's loss), mean over rows, backward into the levels.
+    /// returns the row's loss and whether it has a gradient, and if so
+    /// overwrites the row's logits [V] with it), mean over rows, backward
+    /// into the levels. Rows without a gradient (the surprise gate's) add
+    /// nothing: the LM head's backward runs over the others only, and a
+    /// piece without any has a zero gradient.
     ///   rows: absolute row indices in stream.processed..<end
     func lossAndGradients(_ stream: LearningStream, through end: Int, rows: [Int], state: LevelState,
-                          gradientContext: Int?, rowLoss: (Int, UnsafeMutablePointer<Float>) -> Double) throws -> Result {
+                          gradientContext: Int?, rowLoss: (Int, UnsafeMutablePointer<Float>) -> (loss: Double, gradient: Bool)) throws -> Result {
         let d = model.configuration.hiddenSize, v = model.configuration.vocabSize
         precondition(end <= stream.rows && end > stream.processed, "a piece runs rows after the processed ones")
         precondition(rows.allSatisfy { (stream.processed..<end).contains($0) }, "a piece's loss rows lie in the piece")
@@ -154,14 +154,14 @@ public struct LevelTrainer {
         var hidden = [Float](repeating: 0, count: m * d)   // [m, D]
         for (i, r) in rows.enumerated() { for j in 0..<d { hidden[i * d + j] = normed[(r - from) * d + j] } }
         var dlogits = model.logits(hidden: hidden, count: m)   // [m, V], becomes dL/dlogits
-        var total = 0.0
+        var total = 0.0, active: [Int] = []   // the rows with a gradient
         dlogits.withUnsafeMutableBufferPointer { buf in
-            for i in 0..<m { total += rowLoss(i, buf.baseAddress! + i * v) }
+            for i in 0..<m {
+                let row = rowLoss(i, buf.baseAddress! + i * v)
+                total += row.loss
+                if row.gradient { active.append(i) }
+            }
         }
-        // Rows whose loss has no gradient (the surprise gate zeroed their
-        // logits' gradient) add nothing: the LM head's backward runs over the
-        // others only, and a piece without any has a zero gradient.
-        let active = (0..<m).filter { i in dlogits[(i * v)..<((i + 1) * v)].contains { $0 != 0 } }
         guard !active.isEmpty else { return Result(totalLoss: total, count: m, gradients: gradients) }
         let inv = 1 / Float(m)
         dlogits.withUnsafeMutableBufferPointer { buf in   // the active rows to the front, scaled: [active, V]
