@@ -132,8 +132,11 @@ extension LevelLearner {
     /// The closed-form write of a consolidation with `transplant`: in each
     /// layer both levels adapt, level `f`'s units (gate and up rows, down
     /// column), strongest first, replace `student`'s level-`m` units that
-    /// contribute least (unused ones first), as many as level `m` is wide.
-    /// A unit's strength is ‖down[:, j]‖·‖up[j, :]‖ (zero for an unused unit);
+    /// contribute least (unused ones first) while they are stronger than the
+    /// unit they replace: level m keeps the strongest units of both, so an
+    /// earlier consolidation's units survive until stronger ones need room.
+    /// A unit's strength is ‖down[:, j]‖·‖up[j, :]‖ (zero for an unused unit;
+    /// a fast unit's up row as rescaled into level m);
     /// its input weights are rescaled from level f's gains to level m's
     /// (gate[j, d]·g_f[d] / g_m[d]), so the written unit computes what it did
     /// in level f, but on RMSNorm(h) rather than on RMSNorm(h + level m's
@@ -149,23 +152,32 @@ extension LevelLearner {
             guard let bm = levels[m].layers.firstIndex(of: layer) else { continue }
             let fast = source.blocks[f][bf]
             var mid = student.blocks[m][bm]
-            // strength[j] = ‖down[:, j]‖·‖up[j, :]‖, down [D, R], up [R, D].
-            func strength(_ b: LevelState.Block, _ r: Int) -> [Float] {
-                (0..<r).map { j in
-                    var dn: Float = 0, un: Float = 0
-                    for i in 0..<d { dn += b.down[i * r + j] * b.down[i * r + j]; un += b.up[j * d + i] * b.up[j * d + i] }
-                    return (dn * un).squareRoot()
-                }
-            }
-            let fs = strength(fast, rf), ms = strength(mid, rm)
-            let incoming = (0..<rf).filter { fs[$0] > 0 }.sorted { fs[$0] > fs[$1] }.prefix(rm)
-            let slots = (0..<rm).sorted { ms[$0] < ms[$1] }.prefix(incoming.count)
             // Gains: level m's, kept away from zero so the rescaling stays finite.
             let scale = (0..<d).map { i -> Float in
                 let gm = mid.gain[i], floor: Float = 1e-2
                 return fast.gain[i] / (abs(gm) < floor ? (gm < 0 ? -floor : floor) : gm)
             }
-            for (j, slot) in zip(incoming, slots) {
+            // strength[j] = ‖down[:, j]‖·‖up[j, :] ⊙ s‖, down [D, R], up [R, D]
+            // (s: the input rescaling a unit gets in level m; 1 for m's own).
+            func strength(_ b: LevelState.Block, _ r: Int, _ s: [Float]?) -> [Float] {
+                (0..<r).map { j in
+                    var dn: Float = 0, un: Float = 0
+                    for i in 0..<d {
+                        let u = b.up[j * d + i] * (s?[i] ?? 1)
+                        dn += b.down[i * r + j] * b.down[i * r + j]
+                        un += u * u
+                    }
+                    return (dn * un).squareRoot()
+                }
+            }
+            let fs = strength(fast, rf, scale), ms = strength(mid, rm, nil)
+            // Level m keeps its rm strongest units of both: fast's strongest
+            // replace m's weakest while they are stronger (earlier nights'
+            // units are kept unless something stronger needs their slot).
+            let incoming = (0..<rf).filter { fs[$0] > 0 }.sorted { fs[$0] > fs[$1] }
+            let weakest = (0..<rm).sorted { ms[$0] < ms[$1] }
+            let pairs = zip(incoming, weakest).prefix { fs[$0.0] > ms[$0.1] }
+            for (j, slot) in pairs {
                 for i in 0..<d {
                     mid.gate[slot * d + i] = fast.gate[j * d + i] * scale[i]
                     mid.up[slot * d + i] = fast.up[j * d + i] * scale[i]

@@ -456,6 +456,45 @@ struct ConsolidationTests {
         #expect(moments[0][0] == learner.moments[0][0][0], "the gain's moments are kept")
     }
 
+    @Test("transplant: mid keeps the strongest units of both; a fast unit weaker than mid's weakest is not written")
+    func transplantKeepsStronger() throws {
+        let learner = try Tiny.learner([.init(name: "mid", chunkSize: 4, width: 2, layers: [1], learningRate: 1e-2),
+                                        .init(name: "fast", chunkSize: 4, width: 2, layers: [1], learningRate: 3e-2)])
+        for _ in 0..<2 { try learner.learn(tokens: Tiny.tokens, learnable: Tiny.mask(1..<30)) }
+        let source = learner.state, d = source.hiddenSize
+        func strength(_ b: LevelState.Block, _ j: Int, gains: [Float]) -> Float {
+            let down = (0..<d).reduce(Float(0)) { $0 + b.down[$1 * 2 + j] * b.down[$1 * 2 + j] }
+            let up = (0..<d).reduce(Float(0)) { $0 + pow(b.up[j * d + $1] * gains[$1], 2) }
+            return (down * up).squareRoot()
+        }
+        let mid = source.blocks[0][0]
+        let ratio = (0..<d).map { source.blocks[1][0].gain[$0] / mid.gain[$0] }
+        let midWeakest = min(strength(mid, 0, gains: [Float](repeating: 1, count: d)), strength(mid, 1, gains: [Float](repeating: 1, count: d)))
+        // Fast's unit 0 ten times mid's weakest, unit 1 a thousandth of it (down columns rescaled to set the strengths).
+        for (j, target) in [(0, 10 * midWeakest), (1, 1e-3 * midWeakest)] {
+            let s = target / strength(source.blocks[1][0], j, gains: ratio)
+            for i in 0..<d { source.blocks[1][0].down[i * 2 + j] *= s }
+        }
+        let fast = source.blocks[1][0]
+        let student = try LevelState(configuration: source.configuration, model: learner.trainer.model.configuration)
+        student.blocks = source.blocks
+        var moments = learner.moments[0]
+        #expect(LevelLearner.transplant(source, from: 1, into: student, level: 0, moments: &moments) == 1)
+        let written = student.blocks[0][0]
+        let weak = strength(mid, 0, gains: [Float](repeating: 1, count: d)) < strength(mid, 1, gains: [Float](repeating: 1, count: d)) ? 0 : 1
+        for i in 0..<d {
+            #expect(written.down[i * 2 + weak] == fast.down[i * 2], "the strong fast unit replaces mid's weaker one")
+            #expect(written.down[i * 2 + (1 - weak)] == mid.down[i * 2 + (1 - weak)], "mid's stronger unit is kept over the weak fast one")
+        }
+        // Nothing stronger than mid's units: nothing written, mid unchanged.
+        for i in 0..<d { source.blocks[1][0].down[i * 2] *= 1e-6 }
+        let again = try LevelState(configuration: source.configuration, model: learner.trainer.model.configuration)
+        again.blocks = learner.state.blocks
+        again.blocks[0] = [mid]
+        #expect(LevelLearner.transplant(source, from: 1, into: again, level: 0, moments: &moments) == 0)
+        #expect(again.blocks[0][0] == mid)
+    }
+
     @Test("sleep moves a fact from the fast level into mid and clears fast")
     func consolidate() throws {
         let model = try Fixtures.backbone()
