@@ -10,7 +10,8 @@
 //   transplant   fast's units written into mid's least-used units (the service's default), alone and + steps
 //   sleep        sleep that distils from context (Sleep.swift), fast cleared
 //   sleep + wake after sleep, the user goes on to teach the other set's turns
-//   two nights   transplant, the other set's turns, transplant again
+//   two nights   transplant, the other set's turns, transplant again (both sets' recall after it)
+// `--wake-only` keeps the rows without distillation (a few minutes in a release build).
 // Reported per row: recall on held-out questions (answer NLL, greedy exact
 // match, free answers), locality (perplexity of unrelated general text and
 // of the set's neighbourhood paragraphs: its topics without its facts),
@@ -79,7 +80,7 @@ struct BenchLearn: ParsableCommand {
     @Option(help: "General text whose perplexity measures forgetting (not the user's).")
     var generalText = "Tests/ModelTests/Fixtures/perplexity.txt"
 
-    @Option(help: "Ablations on the first fact set, comma-separated, from: fast-only, mid-only, chunks-half, chunks-double, m3, sgd, no-gate (min_surprise 0), backbone-keys (keys from the frozen MLP), sleep-no-locality, sleep-teacher-levels, sleep-one-question, sleep-text-answers (the user's text as the answer). 'all' or 'none'.")
+    @Option(help: "Ablations on the first fact set, comma-separated, from: fast-only, mid-only, chunks-half, chunks-double, m3, sgd, no-gate (min_surprise 0), backbone-keys (keys from the frozen MLP), recomputed-prefix (learning semantics before streaming), sleep-no-locality, sleep-teacher-levels, sleep-one-question, sleep-text-answers (the user's text as the answer). 'all' or 'none'.")
     var ablations = "all"
 
     @Option(help: "Optimizer steps of today's consolidation.")
@@ -91,10 +92,13 @@ struct BenchLearn: ParsableCommand {
     @Flag(inversion: .prefixedNo, help: "Measure the in-context rows (the backbone with the turns in its context; slow: a long prompt per question).")
     var inContext = true
 
+    @Flag(help: "Only the rows that need no distillation (in context, wake, fast cleared, transplant, two nights, wake ablations): a quick look at what wake stores and what transplant keeps.")
+    var wakeOnly = false
+
     @Flag(help: "Print per-fact results and sleep's questions on stderr.")
     var verbose = false
 
-    static let allAblations = ["fast-only", "mid-only", "chunks-half", "chunks-double", "m3", "sgd", "no-gate", "backbone-keys",
+    static let allAblations = ["fast-only", "mid-only", "chunks-half", "chunks-double", "m3", "sgd", "no-gate", "backbone-keys", "recomputed-prefix",
                                "sleep-no-locality", "sleep-teacher-levels", "sleep-one-question", "sleep-text-answers"]
 
     func run() throws {
@@ -141,18 +145,21 @@ struct BenchLearn: ParsableCommand {
             decayed.state.blocks[pair.source] = try LevelState(configuration: base, model: model.configuration).blocks[pair.source]
             rows.append(("fast cleared, nothing consolidated", bench.row(try bench.evaluate(decayed.state), from: wakeRow, learner: decayed)))
 
-            let consolidated = try bench.clone(wake)
             var t0 = Date()
-            let report = try consolidated.consolidate(contexts: consolidated.recentTokens,
-                                                      budget: ConsolidationBudget(steps: consolidationSteps, generatedTokens: 32))
-            let consolidationSeconds = Date().timeIntervalSince(t0)
+            var consolidationSeconds = 0.0
+            if !wakeOnly {
+                let consolidated = try bench.clone(wake)
+                let report = try consolidated.consolidate(contexts: consolidated.recentTokens,
+                                                          budget: ConsolidationBudget(steps: consolidationSteps, generatedTokens: 32))
+                consolidationSeconds = Date().timeIntervalSince(t0)
+                log(String(format: "consolidation: %d steps on %d positions in %.1f s; KL %.4f → %.4f", report.steps,
+                           report.positions, consolidationSeconds, report.klBefore, report.klAfter))
+                rows.append(("consolidated (teacher: the levels), fast cleared", bench.row(try bench.evaluate(consolidated.state), from: wakeRow, learner: consolidated)))
+            }
             var transplantSeconds = 0.0
-            log(String(format: "consolidation: %d steps on %d positions in %.1f s; KL %.4f → %.4f", report.steps,
-                       report.positions, consolidationSeconds, report.klBefore, report.klAfter))
-            rows.append(("consolidated (teacher: the levels), fast cleared", bench.row(try bench.evaluate(consolidated.state), from: wakeRow, learner: consolidated)))
             var transplantedOnce: LevelLearner?
             var transplantRow: PersonalisationBench.Row?
-            for steps in [0, consolidationSteps] {
+            for steps in wakeOnly ? [0] : [0, consolidationSteps] {
                 let transplanted = try bench.clone(wake)
                 if steps == 0 { transplantedOnce = transplanted }
                 let t0 = Date()
@@ -178,26 +185,39 @@ struct BenchLearn: ParsableCommand {
                 if verbose { for q in r.questions.prefix(12) { log("  question: \(q)") } }
                 return (learner, seconds)
             }
-            let (asleep, sleepSeconds) = try slept(sleepConfiguration)
-            let sleepRow = bench.row(try bench.evaluate(asleep.state), from: wakeRow, learner: asleep)
-            rows.append(("sleep (teacher: the text in context), fast cleared", sleepRow))
-            if verbose { bench.logFacts(sleepRow.evaluation, "sleep") }
+            var asleep: LevelLearner?
+            var secondNight: String?
+            var sleepSeconds = 0.0
+            if !wakeOnly {
+                let (learner, seconds) = try slept(sleepConfiguration)
+                let sleepRow = bench.row(try bench.evaluate(learner.state), from: wakeRow, learner: learner)
+                rows.append(("sleep (teacher: the text in context), fast cleared", sleepRow))
+                if verbose { bench.logFacts(sleepRow.evaluation, "sleep") }
+                (asleep, sleepSeconds) = (learner, seconds)
+            }
             if benches.count > 1 {
                 let other = benches[(k + 1) % benches.count]
                 t0 = Date()
-                for t in other.turns { try asleep.learn(tokens: t.tokens, learnable: t.learnable) }
-                rows.append(("sleep, then wake on \(other.set.name)'s turns", bench.row(try bench.evaluate(asleep.state), from: wakeRow, learner: asleep)))
+                if let asleep {
+                    for t in other.turns { try asleep.learn(tokens: t.tokens, learnable: t.learnable) }
+                    rows.append(("sleep, then wake on \(other.set.name)'s turns", bench.row(try bench.evaluate(asleep.state), from: wakeRow, learner: asleep)))
+                }
                 // Two nights: transplant, a day of the other set's turns, transplant again (this set's facts must survive both).
                 if let once = transplantedOnce {
                     for t in other.turns { try once.learn(tokens: t.tokens, learnable: t.learnable) }
                     rows.append(("transplant, wake on \(other.set.name)'s turns", bench.row(try bench.evaluate(once.state), from: wakeRow, learner: once)))
-                    _ = try once.consolidate(contexts: once.recentTokens, level: pair.source, into: pair.target,
-                                             budget: ConsolidationBudget(steps: 0, generatedTokens: 0), transplant: true)
+                    let again = try once.consolidate(contexts: once.recentTokens, level: pair.source, into: pair.target,
+                                                     budget: ConsolidationBudget(steps: 0, generatedTokens: 0), transplant: true)
                     rows.append(("transplant, wake on \(other.set.name)'s turns, transplant again", bench.row(try bench.evaluate(once.state), from: wakeRow, learner: once)))
+                    // The second night must keep the second day's facts too.
+                    let (otherBefore, otherAfter) = (try other.evaluate(nil), try other.evaluate(once.state))
+                    secondNight = String(format: "Two nights: after the second transplant (%d units written), %@'s own questions: exact %d/%d, answer NLL %+.1f%%.",
+                                         again.written, other.set.name, otherAfter.exact, other.set.facts.count,
+                                         (otherAfter.meanNLL / otherBefore.meanNLL - 1) * 100)
                 }
             }
             if k == 0 {
-                for a in chosen { if let row = try ablation(a, bench: bench, base: base, wake: wake, wakeRow: wakeRow, sleep: sleepConfiguration, slept: slept) { rows.append(row) } }
+                for a in chosen where !(wakeOnly && a.hasPrefix("sleep-")) { if let row = try ablation(a, bench: bench, base: base, wake: wake, wakeRow: wakeRow, sleep: sleepConfiguration, slept: slept) { rows.append(row) } }
             }
 
             print("## \(bench.set.name): \(n) facts")
@@ -209,11 +229,12 @@ struct BenchLearn: ParsableCommand {
                 print("| \(name) | \(String(format: "%.3f", e.meanNLL)) (\(pct(before.meanNLL, e.meanNLL))) | \(e.exact)/\(n) | \(e.freeAsked ? "\(e.free)/\(n)" : "–") | \(String(format: "%.3f", e.perplexity)) (\(pct(before.perplexity, e.perplexity))) | \(String(format: "%.3f", e.neighbourhood)) (\(pct(before.neighbourhood, e.neighbourhood))) | \(r.msPerToken.map { String(format: "%.1f", $0) } ?? "–") | \(r.stateBytes.map(String.init) ?? "–") | \(r.updates ?? "–") |")
             }
             print("")
+            if let secondNight { print(secondNight) }
             print("Isolation: a second user's logits on the \(n) questions, batched with the taught user: \(isolation.identical)/\(n) bit-identical to the backbone (max |Δ| \(isolation.maxDifference)).")
             print(String(format: "Sleep cost per 1,000 learned tokens (%d here): transplant %.1f s (with its KL report), distill %.1f s, sleep from context %.1f s.",
                          bench.learnedTokens, transplantSeconds * 1000 / Double(bench.learnedTokens),
                          consolidationSeconds * 1000 / Double(bench.learnedTokens), sleepSeconds * 1000 / Double(bench.learnedTokens)))
-            let s = (transplantRow ?? sleepRow).evaluation
+            let s = transplantRow!.evaluation
             let fall = 1 - s.meanNLL / before.meanNLL
             let general = s.perplexity / before.perplexity - 1, near = s.neighbourhood / before.neighbourhood - 1
             print(String(format: "After the service's sleep (transplant, fast cleared): exact %d/%d, answer NLL %+.1f%%, general ppl %+.2f%% (≤ 2%%: %@), neighbourhood ppl %+.2f%% (≤ 5%%: %@); wake only %d/%d.",
@@ -254,6 +275,9 @@ struct BenchLearn: ParsableCommand {
             return (a == "m3" ? "wake, M3 optimizer (learning rates ÷ 1000)" : "wake, momentum SGD (learning rates × 100)", try bench.train(c).1)
         case "no-gate":
             return ("wake, no surprise gate (min_surprise 0)", try bench.train(try LevelConfiguration(levels: base.levels)).1)
+        case "recomputed-prefix":
+            return ("wake, each piece recomputing its prefix with gradients (the rule before streaming)",
+                    try bench.train(base, semantics: .recomputedPrefix(context: 512)).1)
         case "backbone-keys":
             return ("wake, keys from the frozen MLP's rows", try bench.train(base, backboneKeys: true).1)
         case "sleep-no-locality", "sleep-teacher-levels", "sleep-one-question", "sleep-text-answers":
@@ -402,10 +426,12 @@ struct PersonalisationBench {
     }
 
     /// Teaches a fresh user the turns under `configuration`, then evaluates.
-    func train(_ configuration: LevelConfiguration, backboneKeys: Bool = false) throws -> (LevelLearner, Row) {
+    func train(_ configuration: LevelConfiguration, backboneKeys: Bool = false,
+               semantics: LevelLearner.Semantics = .streaming) throws -> (LevelLearner, Row) {
         let state = try LevelState(configuration: configuration, model: model.configuration)
         if backboneKeys { state.initializeKeys(from: model.weights) }
         let learner = try LevelLearner(state: state, model: model)
+        learner.semantics = semantics
         let t0 = Date()
         for t in turns { try learner.learn(tokens: t.tokens, learnable: t.learnable) }
         let seconds = Date().timeIntervalSince(t0)
