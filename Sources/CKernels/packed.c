@@ -20,7 +20,7 @@
 // 4c + i, high nibble: column 16 + 4c + i). Q8_0: q[k][4r + i] is row r's
 // weight at column 4k + i plus 128 (as u8). Same size as the GGUF layout.
 //
-// Prepared activations for Q8_0 (ck_prepare at levels 1 and 2):
+// Prepared activations for Q8_0 on AVX2 (ck_prepare at level 1):
 // per 32-block b, X = round(x / s) with |X| < 2^20 (s = max|x_block| /
 // (2^20 - 1), error ≤ s/2, about 2^-21 of the block's largest |x|) written
 // as three balanced base-128 int8 digits X = d1·2^14 + d2·2^7 + d3,
@@ -32,8 +32,8 @@
 // X·w = 2^14·P1 + 2^7·P2 + P3 per block; the sums reach 2^32, so the top
 // plane is scaled in fp32.
 //
-// 4-bit weights (ck_prepare at levels 1 and 2 for Q4_0 and Q4_1): two
-// planes instead. Every plane is a multiply pass (vpmaddubsw on AVX2,
+// 4-bit weights (ck_prepare at levels 1 and 2 for Q4_0 and Q4_1), and Q8_0
+// on AVX-512 (level 2): two planes instead. Every plane is a multiply pass (vpmaddubsw on AVX2,
 // vpdpbusd on AVX-512), and once several vectors share each weight block the
 // planes are the kernel's work (with 8 vectors on AVX-512, two planes instead
 // of three took batch-8 decode from 537 to 637 tokens/s, one Zen 5 thread,
@@ -42,10 +42,12 @@
 // with |X| ≤ 32639 (s = max|x_block| / 32639, error ≤ s/2, about 2^-16 of
 // the block's largest |x|) is written as two balanced base-256 digits
 // X = d1·2^8 + d2, d1 ∈ [-127, 127], d2 ∈ [-128, 127]:
-//   i8 digits[nb][2][32]; f32 scale[nb]; f32 sum[nb] (exact Σx)
+//   i8 digits[nb][2][32]; f32 scale[nb]; f32 sum[nb] (exact Σx);
+//   i32 corr[nb] = 128·ΣX (undoes Q8_0's +128)
 // and X·w = 2^8·P1 + P2 per block. Q4_0's −8 enters as m = −8·d. (llama.cpp
 // rounds activations to 8 bits.)
-// Q8_0's u8 weights reach 255, so it keeps the three base-128 planes.
+// On AVX2, Q8_0's u8 weights (up to 255) would overflow vpmaddubsw's int16
+// pairs with full int8 digits, so there it keeps the three base-128 planes.
 #include "ckernels.h"
 #include "internal.h"
 
@@ -59,7 +61,7 @@
 #define XQ16_MAX 32639
 
 /// Whether the vectors for `type` at kernel `level` take the two-plane form.
-static int two_planes(int type, int level) { return level >= 1 && type != CK_Q8_0; }
+static int two_planes(int type, int level) { return type == CK_Q8_0 ? level == 2 : level >= 1; }
 
 size_t ck_packed_bytes(int type, size_t rows, size_t cols) {
     if (!ck_is_block_type(type)) return 0;
@@ -97,7 +99,7 @@ void ck_pack(int type, const void *W, size_t rows, size_t cols, void *packed) {
 /// Bytes of one prepared vector (64-byte multiple, so vectors stay aligned).
 size_t ck_digits_stride(int type, size_t cols, int level) {
     size_t nb = cols / 32;
-    return (nb * (two_planes(type, level) ? 64 + 8 : 96 + 16) + 63) & ~(size_t)63;
+    return (nb * (two_planes(type, level) ? 64 + 12 : 96 + 16) + 63) & ~(size_t)63;
 }
 
 #ifdef CK_X86
@@ -166,6 +168,7 @@ static void quantize_digits16(const float *x, size_t cols, uint8_t *buf) {
     size_t nb = cols / 32;
     int8_t *digits = (int8_t *)buf;
     float *scale = (float *)(buf + nb * 64), *sum = scale + nb;
+    int32_t *corr = (int32_t *)(sum + nb);
     for (size_t b = 0; b < nb; b++) {
         const float *xb = x + b * 32;
         float s;
@@ -187,6 +190,9 @@ static void quantize_digits16(const float *x, size_t cols, uint8_t *buf) {
             p2[j] = (int8_t)d2;
         }
 #endif
+        int32_t total = 0;   // Σ X = Σ (2^8·d1 + d2)
+        for (int j = 0; j < 32; j++) total += 256 * p1[j] + p2[j];
+        corr[b] = 128 * total;
     }
 }
 
@@ -249,7 +255,6 @@ void group_512(int type, const uint8_t *G, size_t nb, const uint8_t *const *xs, 
     const size_t bb = PR * ck_block_bytes(type);
     const __m512i m4 = _mm512_set1_epi8(15);
     const __m512 minus8 = _mm512_set1_ps(-8);
-    const __m512 two14 = _mm512_set1_ps(16384);
     __m512 acc[8];
     CK_UNROLL
     for (int j = 0; j < nt; j++) acc[j] = _mm512_setzero_ps();
@@ -277,25 +282,22 @@ void group_512(int type, const uint8_t *G, size_t nb, const uint8_t *const *xs, 
         CK_UNROLL
         for (int j = 0; j < nt; j++) {
             if (type == CK_Q8_0) {
-                // Three base-128 planes: X·w = 2^14·P1 + 2^7·P2 + P3, corrected for the +128.
-                const int32_t *dg = (const int32_t *)(xs[j] + b * 96);
-                const float *scale = (const float *)(xs[j] + nb * 96), *sum = scale + nb;
-                const int32_t *corr_hi = (const int32_t *)(sum + nb), *corr_lo = corr_hi + nb;
+                // Two base-256 planes on the u8 weights (q + 128): X·w = 2^8·P1 + P2 − 128·ΣX,
+                // |·| < 32·255·2^15 + 128·32·2^15 < 2^31 (vpdpbusd adds in int32, so Q8_0 needs
+                // no third plane here, unlike vpmaddubsw's int16 pairs on AVX2).
+                const int32_t *dg = (const int32_t *)(xs[j] + b * 64);
+                const float *scale = (const float *)(xs[j] + nb * 64), *sum = scale + nb;
+                const int32_t *corr = (const int32_t *)(sum + nb);
                 __m512i a1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(dg[0]));
                 __m512i a2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(dg[8]));
-                __m512i a3 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(dg[16]));
                 CK_UNROLL
                 for (int k = 1; k < 8; k++) {
                     a1 = _mm512_dpbusd_epi32(a1, w[k], _mm512_set1_epi32(dg[k]));
                     a2 = _mm512_dpbusd_epi32(a2, w[k], _mm512_set1_epi32(dg[8 + k]));
-                    a3 = _mm512_dpbusd_epi32(a3, w[k], _mm512_set1_epi32(dg[16 + k]));
                 }
                 __m512 ds = _mm512_mul_ps(d, _mm512_set1_ps(scale[b]));
-                __m512i hi = _mm512_sub_epi32(a1, _mm512_set1_epi32(corr_hi[b]));
-                __m512i lo = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(a2, 7), a3),
-                                              _mm512_set1_epi32(corr_lo[b]));
-                __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), two14, _mm512_cvtepi32_ps(lo));
-                acc[j] = _mm512_fmadd_ps(v, ds, acc[j]);
+                __m512i t = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(a1, 8), a2), _mm512_set1_epi32(corr[b]));
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), ds, acc[j]);
             } else {
                 // Two base-256 planes: X·w = 2^8·P1 + P2 (< 32·15·2^15 per block).
                 const int32_t *dg = (const int32_t *)(xs[j] + b * 64);
