@@ -164,7 +164,7 @@ CK_TARGET static void digits16_avx2(const float *xb, float inv, int8_t *p1, int8
 #endif
 
 /// The two-plane form of one vector (the layout at the top of this file).
-static void quantize_digits16(const float *x, size_t cols, uint8_t *buf) {
+static void quantize_digits16(int type, const float *x, size_t cols, uint8_t *buf) {
     size_t nb = cols / 32;
     int8_t *digits = (int8_t *)buf;
     float *scale = (float *)(buf + nb * 64), *sum = scale + nb;
@@ -190,15 +190,17 @@ static void quantize_digits16(const float *x, size_t cols, uint8_t *buf) {
             p2[j] = (int8_t)d2;
         }
 #endif
-        int32_t total = 0;   // Σ X = Σ (2^8·d1 + d2)
-        for (int j = 0; j < 32; j++) total += 256 * p1[j] + p2[j];
-        corr[b] = 128 * total;
+        if (type == CK_Q8_0) {   // 4-bit weights need no correction
+            int32_t total = 0;   // Σ X = Σ (2^8·d1 + d2)
+            for (int j = 0; j < 32; j++) total += 256 * p1[j] + p2[j];
+            corr[b] = 128 * total;
+        }
     }
 }
 
 void ck_quantize_digits(int type, const float *x, size_t cols, uint8_t *buf, int level) {
     if (two_planes(type, level)) {
-        quantize_digits16(x, cols, buf);
+        quantize_digits16(type, x, cols, buf);
         return;
     }
     size_t nb = cols / 32;
