@@ -33,11 +33,11 @@
 // plane is scaled in fp32.
 //
 // 4-bit weights (ck_prepare at levels 1 and 2 for Q4_0 and Q4_1), and Q8_0
-// on AVX-512 (level 2): two planes instead. Every plane is a multiply pass (vpmaddubsw on AVX2,
-// vpdpbusd on AVX-512), and once several vectors share each weight block the
-// planes are the kernel's work (with 8 vectors on AVX-512, two planes instead
-// of three took batch-8 decode from 537 to 637 tokens/s, one Zen 5 thread,
-// medians of 3); on AVX2, 4-bit weights leave int16 room for full
+// on AVX-512 (level 2): two planes instead. Every plane is a multiply pass
+// (vpmaddubsw on AVX2, vpdpbusd on AVX-512), and once several vectors share
+// each weight block the planes are the kernel's work (BENCHMARKS.md,
+// "AVX-512: two digit planes…": batch-8 decode 605 → 764 tokens/s on one
+// Zen 5 thread). On AVX2, 4-bit weights leave int16 room for full
 // int8 digits (a pair ≤ 2·15·128, eight pairs ≤ 30720), so X = round(x / s)
 // with |X| ≤ 32639 (s = max|x_block| / 32639, error ≤ s/2, about 2^-16 of
 // the block's largest |x|) is written as two balanced base-256 digits
@@ -283,36 +283,26 @@ void group_512(int type, const uint8_t *G, size_t nb, const uint8_t *const *xs, 
         }
         CK_UNROLL
         for (int j = 0; j < nt; j++) {
+            // Two base-256 planes: X·w = 2^8·P1 + P2 per block.
+            const int32_t *dg = (const int32_t *)(xs[j] + b * 64);
+            const float *scale = (const float *)(xs[j] + nb * 64), *sum = scale + nb;
+            __m512i a1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(dg[0]));
+            __m512i a2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(dg[8]));
+            CK_UNROLL
+            for (int k = 1; k < 8; k++) {
+                a1 = _mm512_dpbusd_epi32(a1, w[k], _mm512_set1_epi32(dg[k]));
+                a2 = _mm512_dpbusd_epi32(a2, w[k], _mm512_set1_epi32(dg[8 + k]));
+            }
+            __m512 ds = _mm512_mul_ps(d, _mm512_set1_ps(scale[b]));
+            __m512i t = _mm512_add_epi32(_mm512_slli_epi32(a1, 8), a2);
             if (type == CK_Q8_0) {
-                // Two base-256 planes on the u8 weights (q + 128): X·w = 2^8·P1 + P2 − 128·ΣX,
-                // |·| < 32·255·2^15 + 128·32·2^15 < 2^31 (vpdpbusd adds in int32, so Q8_0 needs
-                // no third plane here, unlike vpmaddubsw's int16 pairs on AVX2).
-                const int32_t *dg = (const int32_t *)(xs[j] + b * 64);
-                const float *scale = (const float *)(xs[j] + nb * 64), *sum = scale + nb;
+                // The weights are q + 128: subtract 128·ΣX. |t| < 32·255·2^15 + 128·32·2^15 < 2^31
+                // (vpdpbusd adds in int32, so Q8_0 needs no third plane, unlike vpmaddubsw on AVX2).
                 const int32_t *corr = (const int32_t *)(sum + nb);
-                __m512i a1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(dg[0]));
-                __m512i a2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(dg[8]));
-                CK_UNROLL
-                for (int k = 1; k < 8; k++) {
-                    a1 = _mm512_dpbusd_epi32(a1, w[k], _mm512_set1_epi32(dg[k]));
-                    a2 = _mm512_dpbusd_epi32(a2, w[k], _mm512_set1_epi32(dg[8 + k]));
-                }
-                __m512 ds = _mm512_mul_ps(d, _mm512_set1_ps(scale[b]));
-                __m512i t = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(a1, 8), a2), _mm512_set1_epi32(corr[b]));
+                t = _mm512_sub_epi32(t, _mm512_set1_epi32(corr[b]));
                 acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), ds, acc[j]);
             } else {
-                // Two base-256 planes: X·w = 2^8·P1 + P2 (< 32·15·2^15 per block).
-                const int32_t *dg = (const int32_t *)(xs[j] + b * 64);
-                const float *scale = (const float *)(xs[j] + nb * 64), *sum = scale + nb;
-                __m512i a1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(dg[0]));
-                __m512i a2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(dg[8]));
-                CK_UNROLL
-                for (int k = 1; k < 8; k++) {
-                    a1 = _mm512_dpbusd_epi32(a1, w[k], _mm512_set1_epi32(dg[k]));
-                    a2 = _mm512_dpbusd_epi32(a2, w[k], _mm512_set1_epi32(dg[8 + k]));
-                }
-                __m512 ds = _mm512_mul_ps(d, _mm512_set1_ps(scale[b]));
-                __m512i t = _mm512_add_epi32(_mm512_slli_epi32(a1, 8), a2);
+                // |t| < 32·15·2^15; Σx·m enters beside it.
                 acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), ds, acc[j]);
                 acc[j] = _mm512_fmadd_ps(m, _mm512_set1_ps(sum[b]), acc[j]);
             }
