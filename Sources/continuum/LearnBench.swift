@@ -98,8 +98,10 @@ struct BenchLearn: ParsableCommand {
     @Flag(help: "Print per-fact results and sleep's questions on stderr.")
     var verbose = false
 
-    static let allAblations = ["fast-only", "mid-only", "chunks-half", "chunks-double", "m3", "sgd", "no-gate", "backbone-keys", "recomputed-prefix",
-                               "sleep-no-locality", "sleep-teacher-levels", "sleep-one-question", "sleep-text-answers"]
+    /// The ablations that run sleep from context (`--wake-only` skips them).
+    static let sleepAblations = ["sleep-no-locality", "sleep-teacher-levels", "sleep-one-question", "sleep-text-answers"]
+    static let allAblations = ["fast-only", "mid-only", "chunks-half", "chunks-double", "m3", "sgd", "no-gate", "backbone-keys",
+                               "recomputed-prefix"] + sleepAblations
 
     func run() throws {
         let chosen = ablations == "all" ? Self.allAblations : ablations == "none" ? [] : ablations.split(separator: ",").map(String.init)
@@ -124,11 +126,19 @@ struct BenchLearn: ParsableCommand {
         print("")
 
         func pct(_ a: Double, _ b: Double) -> String { String(format: "%+.1f%%", (b / a - 1) * 100) }
+        // Each set's bare-backbone evaluation, once: its own table and the other set's two-nights line use it.
+        var baselines = [PersonalisationBench.Evaluation?](repeating: nil, count: benches.count)
+        func baseline(_ i: Int) throws -> PersonalisationBench.Evaluation {
+            if let b = baselines[i] { return b }
+            let b = try benches[i].evaluate(nil)
+            baselines[i] = b
+            return b
+        }
         for (k, bench) in benches.enumerated() {
             let n = bench.set.facts.count
             log("\(bench.set.name): \(bench.turns.count) teaching turns, \(bench.learnedTokens) learnable tokens; \(bench.general.count) tokens of general text, \(bench.neighbourhood.count) of neighbourhood text")
             var rows: [(String, PersonalisationBench.Row)] = []
-            let before = try bench.evaluate(nil)
+            let before = try baseline(k)
             rows.append(("backbone, nothing in context", PersonalisationBench.Row(evaluation: before)))
             if inContext {
                 rows.append(("backbone, the asked fact's turns in context", PersonalisationBench.Row(evaluation: try bench.evaluate(nil, context: .askedFact))))
@@ -145,9 +155,9 @@ struct BenchLearn: ParsableCommand {
             decayed.state.blocks[pair.source] = try LevelState(configuration: base, model: model.configuration).blocks[pair.source]
             rows.append(("fast cleared, nothing consolidated", bench.row(try bench.evaluate(decayed.state), from: wakeRow, learner: decayed)))
 
-            var t0 = Date()
             var consolidationSeconds = 0.0
             if !wakeOnly {
+                let t0 = Date()
                 let consolidated = try bench.clone(wake)
                 let report = try consolidated.consolidate(contexts: consolidated.recentTokens,
                                                           budget: ConsolidationBudget(steps: consolidationSteps, generatedTokens: 32))
@@ -196,8 +206,7 @@ struct BenchLearn: ParsableCommand {
                 (asleep, sleepSeconds) = (learner, seconds)
             }
             if benches.count > 1 {
-                let other = benches[(k + 1) % benches.count]
-                t0 = Date()
+                let o = (k + 1) % benches.count, other = benches[o]
                 if let asleep {
                     for t in other.turns { try asleep.learn(tokens: t.tokens, learnable: t.learnable) }
                     rows.append(("sleep, then wake on \(other.set.name)'s turns", bench.row(try bench.evaluate(asleep.state), from: wakeRow, learner: asleep)))
@@ -210,14 +219,14 @@ struct BenchLearn: ParsableCommand {
                                                      budget: ConsolidationBudget(steps: 0, generatedTokens: 0), transplant: true)
                     rows.append(("transplant, wake on \(other.set.name)'s turns, transplant again", bench.row(try bench.evaluate(once.state), from: wakeRow, learner: once)))
                     // The second night must keep the second day's facts too.
-                    let (otherBefore, otherAfter) = (try other.evaluate(nil), try other.evaluate(once.state))
+                    let (otherBefore, otherAfter) = (try baseline(o), try other.evaluate(once.state))
                     secondNight = String(format: "Two nights: after the second transplant (%d units written), %@'s own questions: exact %d/%d, answer NLL %+.1f%%.",
                                          again.written, other.set.name, otherAfter.exact, other.set.facts.count,
                                          (otherAfter.meanNLL / otherBefore.meanNLL - 1) * 100)
                 }
             }
             if k == 0 {
-                for a in chosen where !(wakeOnly && a.hasPrefix("sleep-")) { if let row = try ablation(a, bench: bench, base: base, wake: wake, wakeRow: wakeRow, sleep: sleepConfiguration, slept: slept) { rows.append(row) } }
+                for a in chosen where !(wakeOnly && Self.sleepAblations.contains(a)) { if let row = try ablation(a, bench: bench, base: base, wake: wake, wakeRow: wakeRow, sleep: sleepConfiguration, slept: slept) { rows.append(row) } }
             }
 
             print("## \(bench.set.name): \(n) facts")

@@ -467,9 +467,9 @@ struct ConsolidationTests {
             let up = (0..<d).reduce(Float(0)) { $0 + pow(b.up[j * d + $1] * gains[$1], 2) }
             return (down * up).squareRoot()
         }
-        let mid = source.blocks[0][0]
+        let mid = source.blocks[0][0], ones = [Float](repeating: 1, count: d)
         let ratio = (0..<d).map { source.blocks[1][0].gain[$0] / mid.gain[$0] }
-        let midWeakest = min(strength(mid, 0, gains: [Float](repeating: 1, count: d)), strength(mid, 1, gains: [Float](repeating: 1, count: d)))
+        let midWeakest = min(strength(mid, 0, gains: ones), strength(mid, 1, gains: ones))
         // Fast's unit 0 ten times mid's weakest, unit 1 a thousandth of it (down columns rescaled to set the strengths).
         for (j, target) in [(0, 10 * midWeakest), (1, 1e-3 * midWeakest)] {
             let s = target / strength(source.blocks[1][0], j, gains: ratio)
@@ -481,7 +481,7 @@ struct ConsolidationTests {
         var moments = learner.moments[0]
         #expect(LevelLearner.transplant(source, from: 1, into: student, level: 0, moments: &moments) == 1)
         let written = student.blocks[0][0]
-        let weak = strength(mid, 0, gains: [Float](repeating: 1, count: d)) < strength(mid, 1, gains: [Float](repeating: 1, count: d)) ? 0 : 1
+        let weak = strength(mid, 0, gains: ones) < strength(mid, 1, gains: ones) ? 0 : 1
         for i in 0..<d {
             #expect(written.down[i * 2 + weak] == fast.down[i * 2], "the strong fast unit replaces mid's weaker one")
             #expect(written.down[i * 2 + (1 - weak)] == mid.down[i * 2 + (1 - weak)], "mid's stronger unit is kept over the weak fast one")
